@@ -1,0 +1,3 @@
+"""fedllm: federated fine-tuning of large language models."""
+
+__version__ = "0.1.0"

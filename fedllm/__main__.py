@@ -1,0 +1,3 @@
+from fedllm.cli import main
+
+raise SystemExit(main())

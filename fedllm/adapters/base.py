@@ -1,0 +1,54 @@
+"""The adapter contract: what is trainable in the ONE resident model, and how its update
+travels. State is a flat `dict[str, Tensor]` keyed by parameter name, in a fixed order."""
+from __future__ import annotations
+
+import torch
+
+from fedllm.wire import Message, WireContext
+
+State = dict[str, torch.Tensor]
+
+
+class Adapter:
+    def attach(self, model: torch.nn.Module, seed: int) -> torch.nn.Module:
+        """Injects the trainable parameters once; deterministic given `seed`."""
+        raise NotImplementedError
+
+    def trainable(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def prepare_local_round(self, model: torch.nn.Module) -> None:
+        """Called before every local round (e.g. to re-assert frozen tensors)."""
+
+    def state(self, model: torch.nn.Module) -> State:
+        return {n: p.detach().clone() for n, p in self.trainable(model).items()}
+
+    @torch.no_grad()
+    def load(self, model: torch.nn.Module, state: State) -> None:
+        params = self.trainable(model)
+        if params.keys() != state.keys():
+            missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
+            raise ValueError(f"adapter state does not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        for name, p in params.items():
+            p.copy_(state[name])
+
+    # The wire format of an update (upload) and of the global state (download).
+    def encode(self, update: State, ctx: WireContext) -> Message:
+        return Message(dict(update))
+
+    def decode(self, message: Message, ctx: WireContext) -> State:
+        return message.tensors
+
+    def encode_global(self, state: State) -> Message:
+        return Message(dict(state))
+
+    def decode_global(self, message: Message) -> State:
+        return message.tensors
+
+    def metadata(self, model: torch.nn.Module) -> dict:
+        """Facts about the adapter recorded in the run's metadata (e.g. checksums)."""
+        return {}
+
+    def export(self, model: torch.nn.Module, path: str) -> None:
+        """Writes the current adapter in PEFT format (`PeftModel.from_pretrained` loads it)."""
+        model.save_pretrained(path)

@@ -1,0 +1,66 @@
+"""fedllm run | resume | export | plot | list"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fedllm.registry import RecipeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedllm", description="Federated fine-tuning of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe (dotted key=value overrides after it)")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value")
+    resume = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    resume.add_argument("run_dir")
+    export = sub.add_parser("export", help="write a run's global adapter in PEFT format")
+    export.add_argument("run_dir")
+    export.add_argument("out")
+    export.add_argument("--round", default="last", help="round number or 'last'")
+    export.add_argument("--to", default="peft", choices=["peft"], dest="fmt")
+    plot = sub.add_parser("plot", help="PNG curves of loss, eval and bytes per round")
+    plot.add_argument("run_dir")
+    sub.add_parser("list", help="every registered plugin and its options")
+    return parser
+
+
+def list_plugins() -> str:
+    import fedllm.plugins  # noqa: F401
+    from fedllm.models import PRESETS
+    from fedllm.registry import ALL
+
+    lines = [f"model presets: {', '.join(sorted(PRESETS))}"]
+    for kind, registry in ALL.items():
+        lines.append(f"{kind}:")
+        lines.append(registry.describe() or "  (none)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "list":
+            print(list_plugins())
+            return 0
+        if args.command == "plot":
+            from fedllm.metrics import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+            return 0
+        from fedllm import engine
+
+        if args.command == "run":
+            print(f"run directory: {engine.run_recipe(args.recipe, args.overrides)}")
+        elif args.command == "resume":
+            print(f"run directory: {engine.resume_run(args.run_dir)}")
+        elif args.command == "export":
+            print(f"exported to {engine.export_run(args.run_dir, args.out, args.round, args.fmt)}")
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"fedllm: error: {err}", file=sys.stderr)
+        return 2
+    return 0

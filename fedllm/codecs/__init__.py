@@ -1,0 +1,3 @@
+"""Codecs transform a message on the wire (compression, privacy). Each registers in
+`fedllm.registry.CODECS` and has `encode(message, ctx) -> message` and
+`decode(message, ctx) -> message`; the recipe's `codecs:` list chains them in order."""

@@ -1,0 +1,91 @@
+"""Run outputs: metrics.jsonl (one line per round), ledger.jsonl (bytes up/down per client
+per round), optional trackers through accelerate, and PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_jsonl(path: Path, keep_rounds_below: int) -> None:
+    """On resume: forget lines of rounds after the checkpoint (they are re-run)."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r["round"] < keep_rounds_below]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, enabled: bool, accelerator=None):
+        self.run_dir, self.enabled, self.accelerator = Path(run_dir), enabled, accelerator
+
+    def _append(self, name: str, rows: list[dict]) -> None:
+        with open(self.run_dir / name, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+            f.flush()
+
+    def log_round(self, round: int, stats: list[dict], extra: dict) -> dict:
+        accepted = [s for s in stats if s["accepted"]]
+        weight = sum(s["num_samples"] for s in accepted)
+        row = {
+            "round": round,
+            "clients": len(stats),
+            "dropped": len(stats) - len(accepted),
+            "train_loss": sum(s["train_loss"] * s["num_samples"] for s in accepted) / weight if weight else None,
+            "bytes_up": int(sum(s["bytes_up"] for s in stats)),
+            "bytes_down": int(sum(s["bytes_down"] for s in stats)),
+            **extra,
+        }
+        if self.enabled:
+            self._append("ledger.jsonl", [
+                {"round": round, "client": s["client"], "bytes_up": int(s["bytes_up"]), "bytes_down": int(s["bytes_down"])}
+                for s in stats
+            ])
+            self._append("metrics.jsonl", [row])
+            if self.accelerator is not None and self.accelerator.trackers:
+                self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=round)
+        return row
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Writes plots/{loss,eval,bytes}.png from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    if not rows:
+        raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no rounds to plot")
+    out = Path(run_dir) / "plots"
+    out.mkdir(exist_ok=True)
+    rounds = [r["round"] + 1 for r in rows]
+    figures = {
+        "loss": [("train_loss", "train loss"), ("eval_loss", "eval loss")],
+        "eval": [("token_accuracy", "eval token accuracy")],
+        "bytes": [("cum_bytes_up", "cumulative bytes up"), ("cum_bytes_down", "cumulative bytes down")],
+    }
+    cumulative = {"cum_bytes_up": 0, "cum_bytes_down": 0}
+    for r in rows:
+        for key in cumulative:
+            cumulative[key] += r[key.removeprefix("cum_")]
+            r[key] = cumulative[key]
+    written = []
+    for name, series in figures.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in series:
+            points = [(x, r[key]) for x, r in zip(rounds, rows) if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+        ax.set_xlabel("round")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=100)
+        plt.close(fig)
+        written.append(out / f"{name}.png")
+    return written

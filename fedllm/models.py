@@ -1,0 +1,118 @@
+"""Base model + tokenizer: a hub id or local path (the real `from_pretrained` path), or a
+built-in preset built from a config with a locally made tokenizer (no download)."""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from fedllm.registry import RecipeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# A minimal chat template so the `chat` data format also works with presets.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] != 'user' and m['role'] != 'system' %}"
+    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer (256 byte symbols + <s> </s> <pad>): covers any text, needs no
+    training and no download, identical on every machine."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=4096
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_llama(vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+            pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False,
+        )
+    )
+
+
+def _tiny_gpt2(vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
+            pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
+        )
+    )
+
+
+PRESETS = {"tiny-llama": _tiny_llama, "tiny-gpt2": _tiny_gpt2}
+
+
+def load_tokenizer(cfg) -> PreTrainedTokenizerFast:
+    if cfg.name in PRESETS:
+        return byte_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _quantization_config(cfg):
+    if cfg.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        raise RecipeError(
+            f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); none is visible. "
+            "Set model.quantization=none to train in full precision on this machine."
+        )
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RecipeError("model.quantization needs bitsandbytes: pip install 'fedllm[gpu]'") from None
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[cfg.dtype] if cfg.dtype != "float32" else torch.bfloat16,
+    )
+
+
+def load_model(cfg, tokenizer, seed: int, device=None):
+    """The ONE resident base model. Presets are initialised from `seed`, so every process
+    (and `fedllm export`) rebuilds bit-identical base weights."""
+    if cfg.name in PRESETS:
+        if cfg.quantization != "none":
+            raise RecipeError(f"model.quantization={cfg.quantization} is for real checkpoints, not the '{cfg.name}' preset")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = PRESETS[cfg.name](len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        model = model.to(DTYPES[cfg.dtype])
+    else:
+        quant = _quantization_config(cfg)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name, revision=cfg.revision, dtype=DTYPES[cfg.dtype], quantization_config=quant,
+            trust_remote_code=cfg.trust_remote_code, device_map={"": device} if quant is not None else None,
+        )
+        if quant is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if device is not None and cfg.quantization == "none":
+        model.to(device)
+    return model

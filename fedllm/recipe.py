@@ -1,0 +1,181 @@
+"""YAML recipe -> typed config. One file is the single source of truth; `a.b=value` overrides
+use dotted paths. Unknown keys are errors naming the valid keys and the nearest match."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedllm.registry import ALL, RecipeError, explain_validation_error
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Plugin = dict[str, Any]  # {"name": ..., **that plugin's own options}, checked against the registry
+
+
+class ModelConfig(Section):
+    name: str = "tiny-llama"  # hub id, local path, or a built-in preset (fedllm list)
+    revision: Optional[str] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    path: str = "bundled:quickstart"  # hub dataset name, local json/jsonl/csv/parquet file or dir
+    subset: Optional[str] = None  # the hub dataset's configuration name
+    split: str = "train"
+    format: Literal["alpaca", "dolly", "chat", "text"] = "dolly"
+    max_length: int = Field(256, gt=8)
+    max_samples: Optional[int] = Field(None, gt=0)
+    eval_path: Optional[str] = None  # a separate eval set; else eval_fraction of `path` is held out
+    eval_split: Optional[str] = None
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    partitioner: Plugin = {"name": "iid"}
+
+
+class FederationConfig(Section):
+    rounds: int = Field(10, gt=0)
+    num_clients: int = Field(10, gt=0)
+    clients_per_round: Optional[int] = Field(None, gt=0)
+    fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
+    sampler: Plugin = {"name": "uniform"}
+    client_store_budget_mb: float = Field(1024.0, ge=0.0)  # per-client state spills to disk past this
+
+    def sampled_per_round(self) -> int:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise RecipeError("set only one of 'federation.clients_per_round' and 'federation.fraction'")
+        if self.clients_per_round is not None:
+            k = self.clients_per_round
+        elif self.fraction is not None:
+            k = max(1, round(self.fraction * self.num_clients))
+        else:
+            k = self.num_clients
+        if k > self.num_clients:
+            raise RecipeError(
+                f"'federation.clients_per_round' is {k} but there are only {self.num_clients} clients"
+            )
+        return k
+
+
+class ClientConfig(Section):
+    # names follow transformers.TrainingArguments where the meaning is the same
+    max_steps: Optional[int] = Field(10, gt=0)  # local optimizer steps per round
+    num_train_epochs: Optional[float] = Field(None, gt=0)  # or local epochs per round
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    min_learning_rate: float = Field(0.0, ge=0)  # end of the cosine schedule across rounds
+    lr_scheduler_type: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of rounds with linear warm-up
+    optim: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    keep_optimizer_state: bool = False  # carry each client's optimizer moments across its rounds
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fp16: bool = False
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=0)  # rounds between evaluations; 0 = only after the last round
+    per_device_eval_batch_size: int = Field(8, gt=0)
+    max_batches: Optional[int] = Field(None, gt=0)
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+    name: Optional[str] = None  # run directory name; default <recipe>-<timestamp>
+    checkpoint_every: int = Field(1, ge=0)  # 0 = only the final round
+    keep_last: int = Field(2, ge=0)  # checkpoints kept on disk; 0 = all
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    progress: bool = True
+
+
+class Recipe(Section):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    adapter: Plugin = {"name": "lora"}
+    strategy: Plugin = {"name": "fedavg"}
+    codecs: list[Plugin] = []
+    federation: FederationConfig = FederationConfig()
+    client: ClientConfig = ClientConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    def check_plugins(self) -> "Recipe":
+        """Validates every plugin section against its registry; fills in their defaults."""
+        import fedllm.plugins  # noqa: F401  registers every built-in plugin
+
+        self.adapter = {"name": self.adapter.get("name"), **ALL["adapters"].validate(self.adapter, "adapter")}
+        self.strategy = {"name": self.strategy.get("name"), **ALL["strategies"].validate(self.strategy, "strategy")}
+        self.codecs = [
+            {"name": c.get("name"), **ALL["codecs"].validate(c, f"codecs[{i}]")} for i, c in enumerate(self.codecs)
+        ]
+        p = self.data.partitioner
+        self.data.partitioner = {"name": p.get("name"), **ALL["partitioners"].validate(p, "data.partitioner")}
+        s = self.federation.sampler
+        self.federation.sampler = {"name": s.get("name"), **ALL["samplers"].validate(s, "federation.sampler")}
+        self.federation.sampled_per_round()
+        if self.client.max_steps is None and self.client.num_train_epochs is None:
+            raise RecipeError("set 'client.max_steps' (local steps per round) or 'client.num_train_epochs'")
+        if self.client.bf16 and self.client.fp16:
+            raise RecipeError("set at most one of 'client.bf16' and 'client.fp16'")
+        return self
+
+
+def _valid_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[str]]:
+    keys = {prefix: list(model.model_fields)}
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys.update(_valid_keys(field.annotation, prefix + (name,)))
+    return keys
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override '{text}' is not of the form key.path=value (e.g. federation.rounds=20)")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    try:
+        recipe = Recipe(**(raw or {}))
+    except pydantic.ValidationError as err:
+        raise RecipeError(explain_validation_error(err, "", _valid_keys(Recipe))) from None
+    return recipe.check_plugins()
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"recipe file '{path}' does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe '{path}' must be a YAML mapping of sections")
+    return recipe_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

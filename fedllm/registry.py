@@ -1,0 +1,149 @@
+"""One registry per plugin kind; a plugin's constructor signature is its option schema.
+
+    @STRATEGIES.register("fedprox")
+    class FedProx:
+        def __init__(self, mu: float = 0.01): ...
+
+`STRATEGIES.build({"name": "fedprox", "mu": 0.1})` validates the options against the
+signature (unknown keys and wrong types are errors that name the key and the fix) and
+calls the constructor with them: a plugin never sees the whole recipe.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pydantic
+
+
+class RecipeError(ValueError):
+    """A recipe (or a plugin option) that cannot be used as written."""
+
+
+def nearest(word: str, choices) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    annotation: Any
+    default: Any
+    required: bool
+
+    def describe(self) -> str:
+        kind = getattr(self.annotation, "__name__", None) or str(self.annotation).replace("typing.", "")
+        return f"{self.name}: {kind}" + ("  (required)" if self.required else f" = {self.default!r}")
+
+
+def _options_of(factory: Callable) -> list[Option]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    hints = inspect.get_annotations(target, eval_str=True)
+    options = []
+    for param in inspect.signature(target).parameters.values():
+        if param.name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        required = param.default is inspect.Parameter.empty
+        options.append(Option(param.name, hints.get(param.name, Any), None if required else param.default, required))
+    return options
+
+
+class Registry:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._factories: dict[str, Callable] = {}
+        self._schemas: dict[str, type[pydantic.BaseModel]] = {}
+
+    def register(self, name: str):
+        def decorate(factory):
+            if name in self._factories:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._factories[name] = factory
+            return factory
+
+        return decorate
+
+    def names(self) -> list[str]:
+        import fedllm.plugins  # noqa: F401
+
+        return sorted(self._factories)
+
+    def get(self, name: str) -> Callable:
+        if name not in self._factories:
+            import fedllm.plugins  # noqa: F401  built-in plugins register on first use
+        if name not in self._factories:
+            raise RecipeError(
+                f"unknown {self.kind} '{name}'{nearest(name, self._factories)} "
+                f"Known {self.kind}s: {', '.join(self.names()) or '(none)'}."
+            )
+        return self._factories[name]
+
+    def options(self, name: str) -> list[Option]:
+        return _options_of(self.get(name))
+
+    def _schema(self, name: str) -> type[pydantic.BaseModel]:
+        if name not in self._schemas:
+            fields = {
+                o.name: (o.annotation, ... if o.required else o.default) for o in self.options(name)
+            }
+            self._schemas[name] = pydantic.create_model(
+                f"{self.kind}_{name}_options", __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
+            )
+        return self._schemas[name]
+
+    def validate(self, spec: dict[str, Any], where: str) -> dict[str, Any]:
+        """Checks `{"name": ..., **options}` and returns the options, typed and with defaults."""
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise RecipeError(f"'{where}' needs a 'name:' (one of: {', '.join(self.names())})")
+        name = spec["name"]
+        self.get(name)
+        options = {k: v for k, v in spec.items() if k != "name"}
+        try:
+            validated = self._schema(name)(**options)
+        except pydantic.ValidationError as err:
+            valid = [o.name for o in self.options(name)]
+            raise RecipeError(explain_validation_error(err, where, {(): valid})) from None
+        return {k: getattr(validated, k) for k in type(validated).model_fields}
+
+    def build(self, spec: dict[str, Any], where: str | None = None, **context):
+        """Validates the spec and constructs the plugin; `context` are extra constructor args
+        the engine supplies (never recipe keys)."""
+        options = self.validate(spec, where or self.kind)
+        return self.get(spec["name"])(**options, **context)
+
+    def describe(self) -> str:
+        lines = []
+        for name in self.names():
+            doc = inspect.getdoc(self._factories[name]) or ""
+            lines.append(f"  {name}: {doc.splitlines()[0] if doc else ''}".rstrip())
+            for option in self.options(name):
+                lines.append(f"      {option.describe()}")
+        return "\n".join(lines)
+
+
+def explain_validation_error(err: pydantic.ValidationError, where: str, valid_keys: dict[tuple, list[str]]) -> str:
+    """Turns pydantic's report into lines that name the recipe key and the fix."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join((where,) + loc) if where else ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            valid = valid_keys.get(loc[:-1], [])
+            lines.append(f"unknown key '{key}'{nearest(loc[-1], valid)} Valid keys here: {', '.join(valid)}.")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}'.")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r}).")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+ADAPTERS = Registry("adapter")
+STRATEGIES = Registry("strategy")
+CODECS = Registry("codec")
+PARTITIONERS = Registry("partitioner")
+SAMPLERS = Registry("sampler")
+
+ALL = {"adapters": ADAPTERS, "strategies": STRATEGIES, "codecs": CODECS, "partitioners": PARTITIONERS, "samplers": SAMPLERS}

@@ -1,0 +1,19 @@
+"""Which clients take part in a round. Seeded by (seed, round) so that resume and every
+rank draw the same clients without talking to each other."""
+from __future__ import annotations
+
+import numpy as np
+
+from fedllm.registry import SAMPLERS
+
+
+def round_rng(seed: int, round: int, *more: int) -> np.random.Generator:
+    return np.random.default_rng([seed, round, *more])
+
+
+@SAMPLERS.register("uniform")
+class Uniform:
+    """k clients uniformly without replacement, a fresh draw every round."""
+
+    def sample(self, round: int, num_clients: int, k: int, seed: int) -> list[int]:
+        return sorted(round_rng(seed, round).choice(num_clients, size=k, replace=False).tolist())
