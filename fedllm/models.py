@@ -39,12 +39,18 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+# Wider than the usual 0.02 so that a random-init preset can reach confident logits
+# through adapters alone (the frozen LM head caps |logit| near init_range·hidden).
+INIT_RANGE = 0.1
+
+
 def _tiny_llama(vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
     return LlamaForCausalLM(
         LlamaConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
             pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False,
+            initializer_range=INIT_RANGE,
         )
     )
 
@@ -53,7 +59,7 @@ def _tiny_gpt2(vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
     return GPT2LMHeadModel(
         GPT2Config(
             vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=1024,
-            pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
+            pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, initializer_range=INIT_RANGE,
         )
     )
 

@@ -148,11 +148,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    defaults = Recipe().model_dump(mode="json")
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
+        node, default = raw, defaults
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            default = default.get(part, {}) if isinstance(default, dict) else {}
+            # a section the file leaves out starts from its defaults (e.g. adapter: {name: lora})
+            node = node.setdefault(part, dict(default) if isinstance(default, dict) else {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{text}': '{part}' is not a section")
         node[path[-1]] = value

@@ -23,7 +23,9 @@ class RecipeError(ValueError):
 
 
 def nearest(word: str, choices) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    choices = list(choices)
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    match = match or [c for c in choices if word.startswith(c) or c.startswith(word)][:1]  # rank -> r
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
