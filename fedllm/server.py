@@ -24,7 +24,9 @@ class WeightedSum:
     and the sum does not depend (beyond fp64 rounding) on how clients split over ranks."""
 
     def __init__(self, template: State):
-        self.shapes = {k: t.shape for k, t in template.items()}
+        # a canonical (sorted) layout: dicts read back from safetensors come in no fixed
+        # order, and ranks all-reduce this buffer element by element
+        self.shapes = {k: template[k].shape for k in sorted(template)}
         self.flat = torch.zeros(sum(t.numel() for t in template.values()) + 1, dtype=torch.float64)
 
     def add(self, update: State, weight: float) -> None:

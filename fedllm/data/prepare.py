@@ -1,0 +1,83 @@
+"""From `data:` recipe section to tokenized client shards: load, check, hold out eval,
+partition, tokenize once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+
+import fedllm.data.partition  # noqa: F401  registers the partitioners
+from fedllm.data.formats import FORMATS, check_columns, to_spans
+from fedllm.data.loading import load_rows, take_sample
+from fedllm.data.tokenize import tokenize_examples
+from fedllm.recipe import DataConfig
+from fedllm.registry import PARTITIONERS, RecipeError
+
+# independent random streams from the one recipe seed
+SAMPLE_STREAM, EVAL_STREAM = 1, 2
+
+
+@dataclass
+class PreparedData:
+    """Tokenized examples (`{input_ids, labels}` dicts) per client, and the eval set."""
+
+    clients: list[list[dict]]
+    eval: list[dict]
+    client_sizes: list[int]
+    num_dropped: int  # examples whose response was truncated away entirely
+
+
+def _hold_out(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    n_eval = max(1, round(fraction * len(rows))) if fraction > 0 else 0
+    if n_eval >= len(rows):
+        raise RecipeError(
+            f"data.eval_fraction={fraction} of {len(rows)} rows leaves no training rows; lower it or use more data"
+        )
+    order = np.random.default_rng((seed, EVAL_STREAM)).permutation(len(rows))
+    return rows.select(np.sort(order[n_eval:]).tolist()), rows.select(np.sort(order[:n_eval]).tolist())
+
+
+def _split_train_eval(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    rows = take_sample(load_rows(cfg.path, cfg.subset, cfg.split), cfg.max_samples, (seed, SAMPLE_STREAM))
+    check_columns(rows.column_names, cfg.format)
+    if cfg.eval_path is None and cfg.eval_split is None:
+        return _hold_out(rows, cfg.eval_fraction, seed)
+    # a separate eval set: another file, or another split of the same dataset (its subset too)
+    if cfg.eval_path is None or cfg.eval_path == cfg.path:
+        eval_rows = load_rows(cfg.path, cfg.subset, cfg.eval_split or "train")
+    else:
+        eval_rows = load_rows(cfg.eval_path, None, cfg.eval_split or "train")
+    check_columns(eval_rows.column_names, cfg.format)
+    return rows, eval_rows
+
+
+def _encode(rows: datasets.Dataset, cfg: DataConfig, tokenizer) -> list[dict | None]:
+    if len(rows) == 0:
+        return []
+    spans = [to_spans(row, cfg.format, tokenizer) for row in rows.to_list()]
+    special_tokens = not FORMATS[cfg.format].templated
+    return tokenize_examples(spans, tokenizer, cfg.max_length, add_special_tokens=special_tokens)
+
+
+def prepare_data(cfg: DataConfig, tokenizer, num_clients: int, seed: int) -> PreparedData:
+    """Loads `cfg.path`, holds out the eval set (before partitioning, so no client trains on
+    it), deals the training rows out with `cfg.partitioner` and tokenizes them with
+    completion-only labels."""
+    train, eval_rows = _split_train_eval(cfg, seed)
+    shards = PARTITIONERS.build(cfg.partitioner, where="data.partitioner").partition(train, num_clients, seed)
+    encoded, encoded_eval = _encode(train, cfg, tokenizer), _encode(eval_rows, cfg, tokenizer)
+    clients = [[encoded[i] for i in shard if encoded[i] is not None] for shard in shards]
+    empty = [c for c, examples in enumerate(clients) if not examples]
+    if empty:
+        raise RecipeError(
+            f"client {empty[0]} has no example left after truncation to data.max_length={cfg.max_length}; "
+            "raise data.max_length"
+        )
+    num_dropped = sum(e is None for e in encoded) + sum(e is None for e in encoded_eval)
+    return PreparedData(
+        clients=clients,
+        eval=[e for e in encoded_eval if e is not None],
+        client_sizes=[len(c) for c in clients],
+        num_dropped=num_dropped,
+    )
