@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run directory: {engine.resume_run(args.run_dir)}")
         elif args.command == "export":
             print(f"exported to {engine.export_run(args.run_dir, args.out, args.round, args.fmt)}")
-    except (RecipeError, FileNotFoundError) as err:
+    except (RecipeError, FileNotFoundError, OSError) as err:  # OSError: a model/dataset that cannot be loaded
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -15,7 +15,7 @@ import fedllm.plugins  # noqa: F401
 from fedllm.data import prepare_data
 from fedllm.distributed import barrier, broadcast_int, is_distributed, process_state
 from fedllm.metrics import MetricsLog, truncate_jsonl
-from fedllm.models import load_model, load_tokenizer
+from fedllm.models import check_quantization, load_model, load_tokenizer
 from fedllm.recipe import Recipe, dump_recipe, load_recipe
 from fedllm.registry import ADAPTERS, CODECS, SAMPLERS, STRATEGIES
 from fedllm.server import evaluate, run_round
@@ -35,6 +35,7 @@ def new_run_dir(recipe: Recipe, recipe_name: str, device) -> Path:
 
 def build_model(recipe: Recipe, device=None):
     """Tokenizer, base model and attached adapter: a pure function of the recipe."""
+    check_quantization(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     base = load_model(recipe.model, tokenizer, recipe.seed, device)
     if recipe.client.gradient_checkpointing:

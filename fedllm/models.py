@@ -76,19 +76,29 @@ def load_tokenizer(cfg) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _quantization_config(cfg):
+def check_quantization(cfg) -> None:
+    """Fails fast, before any download, where the quantization asked for cannot run."""
     if cfg.quantization == "none":
-        return None
+        return
+    if cfg.name in PRESETS:
+        raise RecipeError(f"model.quantization={cfg.quantization} is for real checkpoints, not the '{cfg.name}' preset")
     if not torch.cuda.is_available():
         raise RecipeError(
             f"model.quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes); none is visible. "
             "Set model.quantization=none to train in full precision on this machine."
         )
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise RecipeError("model.quantization needs bitsandbytes: pip install 'fedllm[gpu]'") from None
+
+
+def _quantization_config(cfg):
+    check_quantization(cfg)
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -100,9 +110,8 @@ def _quantization_config(cfg):
 def load_model(cfg, tokenizer, seed: int, device=None):
     """The ONE resident base model. Presets are initialised from `seed`, so every process
     (and `fedllm export`) rebuilds bit-identical base weights."""
+    check_quantization(cfg)
     if cfg.name in PRESETS:
-        if cfg.quantization != "none":
-            raise RecipeError(f"model.quantization={cfg.quantization} is for real checkpoints, not the '{cfg.name}' preset")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = PRESETS[cfg.name](len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
