@@ -24,6 +24,17 @@ from fedllm.state import ClientStore, checkpoint_dirs, read_checkpoint, write_ch
 log = logging.getLogger("fedllm")
 
 
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """{"client": {"learning_rate": ..}} -> {"client.learning_rate": ..}, scalars only (trackers' hparams)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
 def new_run_dir(recipe: Recipe, recipe_name: str, device) -> Path:
     if recipe.output.name:
         return Path(recipe.output.dir) / recipe.output.name
@@ -76,7 +87,7 @@ class Federation:
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=self.device.type == "cpu", log_with=self.recipe.output.report_to, project_dir=str(self.run_dir))
-        accelerator.init_trackers(self.run_dir.name, config=json.loads(json.dumps(self.recipe.model_dump(mode="json"))))
+        accelerator.init_trackers(self.run_dir.name, config=flat_config(self.recipe.model_dump(mode="json")))
         return accelerator
 
     # ---- life cycle -------------------------------------------------------------------

@@ -94,3 +94,14 @@ def test_keep_optimizer_state_stores_each_clients_moments(recipe_file, tmp_path)
     assert len(fed.store) > 0
     state = fed.store.get(fed.store.ids()[0])
     assert any(k.endswith("exp_avg_sq") for k in state) and any(k.endswith(".step") for k in state)
+
+
+def test_report_to_tensorboard_logs_the_round_metrics(recipe_file):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, rows = run(recipe_file, output={"report_to": ["tensorboard"]}, federation={"rounds": 2})
+    events = EventAccumulator(str(next(run_dir.rglob("events.out.tfevents*"))))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("eval_loss")]
+    assert logged == pytest.approx([r["eval_loss"] for r in rows])
