@@ -105,3 +105,14 @@ def test_report_to_tensorboard_logs_the_round_metrics(recipe_file):
     events.Reload()
     logged = [e.value for e in events.Scalars("eval_loss")]
     assert logged == pytest.approx([r["eval_loss"] for r in rows])
+
+
+def test_gradient_checkpointing_gives_the_same_training_and_bf16_runs(recipe_file, tmp_path):
+    plain, _ = run(recipe_file, federation={"rounds": 1}, output={"name": "plain"})
+    ckpt, _ = run(recipe_file, federation={"rounds": 1}, client={"gradient_checkpointing": True}, output={"name": "ckpt"})
+    a = load_file(str(plain / "final/adapter_model.safetensors"))
+    b = load_file(str(ckpt / "final/adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    _, rows = run(recipe_file, federation={"rounds": 2}, client={"bf16": True}, output={"name": "bf16"})
+    assert all(r["dropped"] == 0 for r in rows) and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
