@@ -15,7 +15,7 @@ Span = tuple[str, bool]  # (text, trained)
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{extra}\n\n### Response:\n"
 )
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. "
@@ -24,7 +24,7 @@ ALPACA_NO_INPUT = (
 )
 # Alpaca's section headers without its 150-byte preamble: with byte-level tokenizers and
 # max_length 256 the preamble would take most of the sequence.
-DOLLY_WITH_CONTEXT = "### Instruction:\n{instruction}\n\n### Context:\n{context}\n\n### Response:\n"
+DOLLY_WITH_CONTEXT = "### Instruction:\n{instruction}\n\n### Context:\n{extra}\n\n### Response:\n"
 DOLLY_NO_CONTEXT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
@@ -32,24 +32,18 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _instruction_spans(row: dict, extra_column: str, response_column: str, with_extra: str, without_extra: str) -> list[Span]:
+    instruction, extra = _text(row["instruction"]), _text(row.get(extra_column))
+    prompt = with_extra.format(instruction=instruction, extra=extra) if extra else without_extra.format(instruction=instruction)
+    return [(prompt, False), (_text(row[response_column]), True)]
+
+
 def _alpaca(row: dict, tokenizer) -> list[Span]:
-    instruction, extra = _text(row["instruction"]), _text(row.get("input"))
-    prompt = (
-        ALPACA_WITH_INPUT.format(instruction=instruction, input=extra)
-        if extra
-        else ALPACA_NO_INPUT.format(instruction=instruction)
-    )
-    return [(prompt, False), (_text(row["output"]), True)]
+    return _instruction_spans(row, "input", "output", ALPACA_WITH_INPUT, ALPACA_NO_INPUT)
 
 
 def _dolly(row: dict, tokenizer) -> list[Span]:
-    instruction, context = _text(row["instruction"]), _text(row.get("context"))
-    prompt = (
-        DOLLY_WITH_CONTEXT.format(instruction=instruction, context=context)
-        if context
-        else DOLLY_NO_CONTEXT.format(instruction=instruction)
-    )
-    return [(prompt, False), (_text(row["response"]), True)]
+    return _instruction_spans(row, "context", "response", DOLLY_WITH_CONTEXT, DOLLY_NO_CONTEXT)
 
 
 def _plain_text(row: dict, tokenizer) -> list[Span]:
