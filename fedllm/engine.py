@@ -168,16 +168,14 @@ def export_adapter(fed, out: Path) -> None:
     write_export(fed.adapter, fed.model, fed.tokenizer, fed.global_state, out)
 
 
-def write_export(adapter, model, tokenizer, global_state, out: Path) -> None:
+def write_export(adapter, model, tokenizer, global_state, out: Path, fmt: str = "peft") -> None:
     adapter.load(model, {k: t.to(next(model.parameters()).device) for k, t in global_state.items()})
-    adapter.export(model, str(out))
+    adapter.export(model, str(out), fmt)
     tokenizer.save_pretrained(str(out))
 
 
 def export_run(run_dir: str, out: str, round: str = "last", fmt: str = "peft") -> Path:
-    """Writes the global adapter of a checkpointed round in PEFT format."""
-    if fmt != "peft":
-        raise ValueError(f"unknown export format '{fmt}'; available: peft")
+    """Writes the global adapter of a checkpointed round (`peft`) or the merged model (`merged`)."""
     run_dir = Path(run_dir)
     done = {int(p.name.split("_")[1]): p for p in checkpoint_dirs(run_dir)}
     if not done:
@@ -188,7 +186,7 @@ def export_run(run_dir: str, out: str, round: str = "last", fmt: str = "peft") -
     recipe = load_recipe(run_dir / "recipe.yaml")
     tokenizer, model, adapter = build_model(recipe)
     parts, _ = read_checkpoint(done[wanted])
-    write_export(adapter, model, tokenizer, parts["global"], Path(out))
+    write_export(adapter, model, tokenizer, parts["global"], Path(out), fmt)
     return Path(out)
 
 

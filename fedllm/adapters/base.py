@@ -49,6 +49,14 @@ class Adapter:
         """Facts about the adapter recorded in the run's metadata (e.g. checksums)."""
         return {}
 
-    def export(self, model: torch.nn.Module, path: str) -> None:
-        """Writes the current adapter in PEFT format (`PeftModel.from_pretrained` loads it)."""
-        model.save_pretrained(path)
+    export_formats = ("peft", "merged")
+
+    def export(self, model: torch.nn.Module, path: str, fmt: str = "peft") -> None:
+        """`peft`: the current adapter, loadable with `PeftModel.from_pretrained(base, path)`.
+        `merged`: the base weights with the update merged in (consumes the peft wrapper)."""
+        if fmt == "peft":
+            model.save_pretrained(path)
+        elif fmt == "merged":
+            model.merge_and_unload().save_pretrained(path)
+        else:
+            raise ValueError(f"unknown export format '{fmt}'; this adapter writes: {', '.join(self.export_formats)}")

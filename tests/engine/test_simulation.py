@@ -116,3 +116,19 @@ def test_gradient_checkpointing_gives_the_same_training_and_bf16_runs(recipe_fil
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
     _, rows = run(recipe_file, federation={"rounds": 2}, client={"bf16": True}, output={"name": "bf16"})
     assert all(r["dropped"] == 0 for r in rows) and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+
+
+def test_merged_export_reproduces_the_adapted_logits(recipe_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, _ = run(recipe_file, federation={"rounds": 1})
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tokenizer, model, adapter = build_model(recipe)
+    from fedllm.state import checkpoint_dirs, read_checkpoint
+
+    adapter.load(model, read_checkpoint(checkpoint_dirs(run_dir)[-1])[0]["global"])
+    merged = AutoModelForCausalLM.from_pretrained(str(export_run(str(run_dir), str(tmp_path / "merged"), fmt="merged")))
+    ids = tokenizer(["### Instruction: merge me"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, model(**ids).logits, rtol=1e-4, atol=1e-5)
