@@ -93,14 +93,14 @@ def local_round(
     hooks: ClientHooks | None = None,
     optimizer_state: State | None = None,
 ) -> LocalResult:
-    """Trains `params` (already holding x^t) on `examples`; returns Δ and the loss."""
+    """Trains `params` (already holding x^t) on `examples`; returns Δ and the loss.
+    `hooks` have already seen `begin`; the loop calls their `before_step`."""
     torch.manual_seed(seed)  # dropout and anything else stochastic in the forward pass
     rng = np.random.default_rng(seed)
     optimizer = make_optimizer(cfg, list(params.values()), lr)
     if optimizer_state:
         load_optimizer_state(optimizer, optimizer_state)
     hooks = hooks or ClientHooks()
-    hooks.begin(params, global_state)
     precision = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
     autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
@@ -111,13 +111,26 @@ def local_round(
     losses = []
     for i, batch in enumerate(micro_batches(examples, cfg.per_device_train_batch_size, count, rng)):
         inputs = {k: v.to(device) for k, v in collate(batch, pad_token_id).items()}
-        with autocast:
-            loss = model(**inputs).loss
-        scaler.scale(loss / accumulate).backward()
-        losses.append(loss.detach())
+
+        def backward():
+            with autocast:
+                loss = model(**inputs).loss
+            scaler.scale(loss / accumulate).backward()
+            return loss.detach()
+
+        def regrad():
+            if accumulate != 1 or cfg.fp16:
+                raise ValueError(
+                    "this strategy recomputes gradients within a step: set client.gradient_accumulation_steps=1 "
+                    "and use bf16 rather than fp16 (no loss scaling)"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            backward()
+
+        losses.append(backward())
         if (i + 1) % accumulate == 0:
             scaler.unscale_(optimizer)
-            hooks.before_step(params)
+            hooks.before_step(params, regrad)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
             scaler.step(optimizer)

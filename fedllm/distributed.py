@@ -51,3 +51,23 @@ def broadcast_int(value: int, device: torch.device) -> int:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_messages(kept: list[tuple[int, dict, float]], template: dict, device) -> list[tuple[int, dict, float]]:
+    """Every rank's (client_id, message, weight) triples, on every rank, ordered by client id
+    (so robust rules see the same list whatever the number of ranks)."""
+    keys = sorted(template)
+    if is_distributed():
+        rows = torch.stack([
+            torch.cat([torch.tensor([cid, w], dtype=torch.float64)] + [m[k].reshape(-1).double().cpu() for k in keys])
+            for cid, m, w in kept
+        ]) if kept else torch.zeros(0, 2 + sum(template[k].numel() for k in keys), dtype=torch.float64)
+        kept = []
+        for row in all_gather_rows(rows, device):
+            message, offset = {}, 2
+            for k in keys:
+                n = template[k].numel()
+                message[k] = row[offset : offset + n].float().reshape(template[k].shape)
+                offset += n
+            kept.append((int(row[0]), message, float(row[1])))
+    return sorted(kept, key=lambda item: item[0])

@@ -17,7 +17,7 @@ from fedllm.distributed import barrier, broadcast_int, is_distributed, process_s
 from fedllm.metrics import MetricsLog, truncate_jsonl
 from fedllm.models import check_quantization, load_model, load_tokenizer
 from fedllm.recipe import Recipe, dump_recipe, load_recipe
-from fedllm.registry import ADAPTERS, CODECS, SAMPLERS, STRATEGIES
+from fedllm.registry import ADAPTERS, ATTACKS, CODECS, SAMPLERS, STRATEGIES
 from fedllm.server import evaluate, run_round
 from fedllm.state import ClientStore, checkpoint_dirs, read_checkpoint, write_checkpoint
 
@@ -72,6 +72,10 @@ class Federation:
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
         self.sampler = SAMPLERS.build(recipe.federation.sampler, "federation.sampler")
         self.codecs = [CODECS.build(c, f"codecs[{i}]") for i, c in enumerate(recipe.codecs)]
+        self.attack = ATTACKS.build(recipe.byzantine, "byzantine") if recipe.byzantine else None
+        self.byzantine = self.attack.choose(recipe.federation.num_clients, recipe.seed) if self.attack else set()
+        for client_id in sorted(self.byzantine):
+            self.data.clients[client_id] = self.attack.poison_data(self.data.clients[client_id], recipe.seed + client_id)
         self.global_state = self.adapter.state(self.model)
         self.server_state = self.strategy.init(self.global_state)
         # Ranks share per-client state through the run directory (budget 0: the disk is the store).
@@ -108,6 +112,7 @@ class Federation:
             "client_sizes": self.data.client_sizes,
             "eval_examples": len(self.data.eval),
             "adapter": self.adapter.metadata(self.model),
+            "byzantine_clients": sorted(self.byzantine),
         }
 
     def resume(self) -> None:

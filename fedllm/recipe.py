@@ -106,6 +106,7 @@ class Recipe(Section):
     adapter: Plugin = {"name": "lora"}
     strategy: Plugin = {"name": "fedavg"}
     codecs: list[Plugin] = []
+    byzantine: Optional[Plugin] = None  # simulated attackers: {name: <attack>, ...} (experiments only)
     federation: FederationConfig = FederationConfig()
     client: ClientConfig = ClientConfig()
     eval: EvalConfig = EvalConfig()
@@ -120,6 +121,8 @@ class Recipe(Section):
         self.codecs = [
             {"name": c.get("name"), **ALL["codecs"].validate(c, f"codecs[{i}]")} for i, c in enumerate(self.codecs)
         ]
+        if self.byzantine is not None:
+            self.byzantine = {"name": self.byzantine.get("name"), **ALL["attacks"].validate(self.byzantine, "byzantine")}
         p = self.data.partitioner
         self.data.partitioner = {"name": p.get("name"), **ALL["partitioners"].validate(p, "data.partitioner")}
         s = self.federation.sampler

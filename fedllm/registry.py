@@ -147,5 +147,9 @@ STRATEGIES = Registry("strategy")
 CODECS = Registry("codec")
 PARTITIONERS = Registry("partitioner")
 SAMPLERS = Registry("sampler")
+ATTACKS = Registry("attack")
 
-ALL = {"adapters": ADAPTERS, "strategies": STRATEGIES, "codecs": CODECS, "partitioners": PARTITIONERS, "samplers": SAMPLERS}
+ALL = {
+    "adapters": ADAPTERS, "strategies": STRATEGIES, "codecs": CODECS, "partitioners": PARTITIONERS,
+    "samplers": SAMPLERS, "attacks": ATTACKS,
+}

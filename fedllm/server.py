@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fedllm.client import client_seed, local_round, round_learning_rate
+from fedllm.client import client_seed, local_round, num_micro_batches, round_learning_rate
 from fedllm.data import collate
-from fedllm.distributed import all_gather_rows, all_reduce_sum_
-from fedllm.strategies.base import RoundInfo, State
+from fedllm.distributed import all_gather_messages, all_gather_rows, all_reduce_sum_
+from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, State, split_prefix, with_prefix
 from fedllm.wire import Message, WireContext, deserialize, serialize
 
 log = logging.getLogger("fedllm")
@@ -62,16 +62,56 @@ def is_finite(update: State) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in update.values())
 
 
-def send_update(fed, update: State, ctx: WireContext) -> tuple[State, int]:
-    """Client → server: adapter encoding, the codec chain, real bytes, and back."""
+def send_update(fed, update: State, extras: State, ctx: WireContext) -> tuple[State, int]:
+    """Client → server: adapter encoding (+ the strategy's extras), the codec chain, real
+    bytes, and back. Returns what the server decodes: the update and the prefixed extras."""
     message = fed.adapter.encode(update, ctx)
+    message.tensors.update(with_prefix(extras))
     for codec in fed.codecs:
         message = codec.encode(message, ctx)
     wire = serialize(message)
     message = deserialize(wire)
     for codec in reversed(fed.codecs):
         message = codec.decode(message, ctx)
-    return fed.adapter.decode(message, ctx), len(wire)
+    plain, extras = split_prefix(message.tensors)
+    return {**fed.adapter.decode(Message(plain, message.meta), ctx), **with_prefix(extras)}, len(wire)
+
+
+def broadcast_round(fed) -> tuple[State, State, int]:
+    """Server → clients: the global state (+ the strategy's broadcast tensors) as real bytes.
+    Returns x^t and the broadcast as a client decodes them, and the message size."""
+    message = fed.adapter.encode_global(fed.global_state)
+    message.tensors.update(with_prefix(fed.strategy.broadcast(fed.server_state)))
+    wire = serialize(message)
+    message = deserialize(wire)
+    plain, broadcast = split_prefix(message.tensors)
+    x_t = fed.adapter.decode_global(Message(plain, message.meta))
+    on_device = lambda state: {k: t.to(fed.device) for k, t in state.items()}  # noqa: E731
+    return on_device(x_t), on_device(broadcast), len(wire)
+
+
+def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr: float):
+    """One client's local round on the resident model; returns its decoded message and stats."""
+    r = fed.recipe
+    fed.adapter.load(fed.model, x_t)
+    fed.adapter.prepare_local_round(fed.model)
+    examples = fed.data.clients[client_id]
+    stored_optim, stored_strategy = split_prefix(fed.store.get(client_id) or {})
+    hooks = fed.strategy.client_hooks(round, client_id) or ClientHooks()
+    steps = num_micro_batches(r.client, len(examples)) // r.client.gradient_accumulation_steps
+    hooks.begin(fed.params, ClientContext(round, client_id, x_t, broadcast, stored_strategy, lr, steps))
+    result = local_round(
+        fed.model, fed.params, x_t, examples, r.client, lr=lr, seed=client_seed(r.seed, round, client_id),
+        pad_token_id=fed.pad_token_id, device=fed.device, hooks=hooks,
+        optimizer_state=stored_optim if r.client.keep_optimizer_state else None,
+    )
+    extras, client_state = hooks.finish(fed.params, result.update)
+    to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {})}
+    if to_store:
+        fed.store.put(client_id, to_store)
+    message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed))
+    weight = 1.0 if fed.strategy.uniform_weights else float(result.num_samples)
+    return message, weight, result, bytes_up
 
 
 def run_round(fed, round: int, progress=None) -> RoundResult:
@@ -79,49 +119,73 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     r = fed.recipe
     sampled = fed.sampler.sample(round, r.federation.num_clients, r.federation.sampled_per_round(), r.seed)
     mine = sampled[fed.rank :: fed.world_size]  # a deterministic split of the round's clients
-
-    download = serialize(fed.adapter.encode_global(fed.global_state))
-    x_t = {k: t.to(fed.device) for k, t in fed.adapter.decode_global(deserialize(download)).items()}
+    x_t, broadcast, bytes_down = broadcast_round(fed)
     lr = round_learning_rate(r.client, round, r.federation.rounds)
-    total = WeightedSum(x_t)
-    rows = []
+    # linear strategies stream a running sum; robust rules and attacks need every message
+    gather = not fed.strategy.linear or fed.attack is not None
+    total, kept, rows = None, [], []
     for client_id in mine:
-        fed.adapter.load(fed.model, x_t)
-        fed.adapter.prepare_local_round(fed.model)
-        result = local_round(
-            fed.model, fed.params, x_t, fed.data.clients[client_id], r.client,
-            lr=lr, seed=client_seed(r.seed, round, client_id), pad_token_id=fed.pad_token_id, device=fed.device,
-            hooks=fed.strategy.client_hooks(round, client_id),
-            optimizer_state=fed.store.get(client_id) if r.client.keep_optimizer_state else None,
-        )
-        if result.optimizer_state is not None:
-            fed.store.put(client_id, result.optimizer_state)
-        update, bytes_up = send_update(fed, result.update, WireContext(round, client_id, r.seed))
-        accepted = is_finite(update)
-        if accepted:
-            total.add(update, result.num_samples)
-        else:
+        message, weight, result, bytes_up = run_client(fed, round, client_id, x_t, broadcast, lr)
+        accepted = is_finite(message)
+        if not accepted:
             log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", round, client_id)
-        rows.append([client_id, result.num_samples, result.train_loss, bytes_up, len(download), accepted, result.steps])
+        elif gather:
+            kept.append((client_id, message, weight))
+        else:
+            total = total or WeightedSum(message)
+            total.add(message, weight)
+        rows.append([client_id, result.num_samples, result.train_loss, bytes_up, bytes_down, accepted, result.steps])
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{result.train_loss:.3f}")
 
-    all_reduce_sum_(total.flat, fed.device)
-    stats_tensor = all_gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STAT_COLUMNS)), fed.device)
-    stats = [dict(zip(STAT_COLUMNS, row)) for row in stats_tensor.tolist()]
-    for s in stats:
-        s["client"], s["accepted"] = int(s["client"]), bool(s["accepted"])
+    stats = gather_stats(rows, fed.device)
     accepted = [s["client"] for s in stats if s["accepted"]]
     if not accepted:
         log.warning("round %d: no client update was accepted; the global model is unchanged", round)
         return RoundResult(fed.global_state, fed.server_state, stats, time.perf_counter() - start)
-    info = RoundInfo(round, accepted, total.total_weight, r.federation.num_clients)
+    if gather:
+        template = kept[0][1] if kept else message_template(fed, x_t, broadcast, round, lr)
+        kept = all_gather_messages(kept, template, fed.device)
+        if fed.attack is not None:
+            kept = fed.attack.poison_updates(kept, fed.byzantine, round)
+        updates = kept if not fed.strategy.linear else weighted_mean(kept, template)
+        weight = sum(w for _, _, w in kept)
+    else:
+        total = total or WeightedSum(message_template(fed, x_t, broadcast, round, lr))
+        all_reduce_sum_(total.flat, fed.device)
+        updates, weight = total.mean(), total.total_weight
+    info = RoundInfo(round, accepted, weight, r.federation.num_clients, lr=lr, local_steps=r.client.max_steps or 0)
     new_global, server_state = fed.strategy.aggregate(
-        {k: t.float() for k, t in fed.global_state.items()}, total.mean(), fed.server_state, info
+        {k: t.float() for k, t in fed.global_state.items()}, updates, fed.server_state, info
     )
     new_global = {k: new_global[k].to(fed.global_state[k].dtype) for k in fed.global_state}
     return RoundResult(new_global, server_state, stats, time.perf_counter() - start)
+
+
+def gather_stats(rows: list, device) -> list[dict]:
+    table = all_gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STAT_COLUMNS)), device)
+    stats = [dict(zip(STAT_COLUMNS, row)) for row in table.tolist()]
+    for s in stats:
+        s["client"], s["accepted"] = int(s["client"]), bool(s["accepted"])
+    return stats
+
+
+def message_template(fed, x_t: State, broadcast: State, round: int, lr: float) -> State:
+    """The keys and shapes of a decoded client message, for a rank that has none this round
+    but still takes part in the collectives: the update plus the strategy's extras."""
+    hooks = fed.strategy.client_hooks(round, -1) or ClientHooks()
+    zeros = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in x_t.items()}
+    hooks.begin(fed.params, ClientContext(round, -1, x_t, broadcast, {}, lr, 1))
+    extras, _ = hooks.finish(fed.params, zeros)
+    return {**zeros, **with_prefix(extras)}
+
+
+def weighted_mean(kept: list[tuple[int, State, float]], template: State) -> State:
+    total = WeightedSum(template)
+    for _, message, weight in kept:
+        total.add(message, weight)
+    return total.mean()
 
 
 @torch.no_grad()

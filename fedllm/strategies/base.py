@@ -1,54 +1,94 @@
 """The strategy contract: math on `dict[str, Tensor]`, no processes, devices or files.
 
-The engine hands `aggregate` the sample-weighted mean of the clients' updates
-(Δ_i = x_i − x^t, streamed as a running sum, or all-reduced across ranks) when the
-strategy is `linear`, and every (update, weight) pair otherwise (robust rules).
+Server side: `init` makes the server state; `broadcast` picks server tensors sent down with
+the global state (SCAFFOLD's c, a server momentum); `aggregate` makes the next global
+state. A `linear` strategy receives the weighted mean of the clients' messages (streamed as
+a running sum, all-reduced across ranks); a non-linear one (robust rules) receives every
+`(client_id, message, weight)`. Client side: `client_hooks` returns the hooks the local
+training loop calls; their `finish` may add tensors to the upload (`extras`) and return
+the client's new stored state (kept server-side in the client store).
+
+Messages are keyed by the adapter's parameter names; a strategy's extras and broadcast
+tensors travel under the `strategy/` prefix and reach `aggregate` the same way.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 State = dict[str, torch.Tensor]
+PREFIX = "strategy/"
 
 
 @dataclass
 class RoundInfo:
     round: int  # 0-based index of the round being aggregated
-    clients: list[int]  # the clients whose updates were accepted this round
-    total_weight: float  # sum of their weights (sample counts)
+    clients: list[int]  # the clients whose messages were accepted this round
+    total_weight: float  # sum of their weights
     num_clients: int  # N, the size of the federation
+    lr: float = 0.0  # the clients' learning rate this round (η_l)
+    local_steps: int = 0  # local optimizer steps per client (K)
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class ClientContext:
+    round: int
+    client_id: int
+    global_state: State  # x^t, on the training device
+    broadcast: State  # the strategy's server tensors sent down this round (unprefixed)
+    client_state: State  # this client's stored strategy state ({} before its first round)
+    lr: float
+    steps: int  # optimizer steps this local round
+
+
 class ClientHooks:
-    """Client-side part of a strategy, called by the local training loop.
+    """Client-side part of a strategy, called by the local training loop."""
 
-    `begin` sees the global point x^t before the first local step; `before_step` may edit
-    the gradients of the trainable parameters (after backward, before clipping)."""
-
-    def begin(self, params: dict[str, torch.nn.Parameter], global_state: State) -> None:
+    def begin(self, params: dict[str, torch.nn.Parameter], ctx: ClientContext) -> None:
         pass
 
-    def before_step(self, params: dict[str, torch.nn.Parameter]) -> None:
-        pass
+    def before_step(self, params: dict[str, torch.nn.Parameter], regrad: Callable[[], None]) -> None:
+        """After backward, before clipping and the optimizer step: may edit `p.grad`.
+        `regrad()` recomputes the gradients on the same micro-batch at the parameters'
+        current values (for ascent/perturbation steps); it needs gradient accumulation 1."""
+
+    def finish(self, params: dict[str, torch.nn.Parameter], update: State) -> tuple[State, State | None]:
+        """Returns (extra tensors to upload, the client's new stored state or None)."""
+        return {}, None
 
 
 class Strategy:
     linear = True
+    uniform_weights = False  # True: every accepted client weighs 1 instead of its sample count
 
     def init(self, global_state: State) -> State:
-        """Server state (momenta, moments, ...), saved with every checkpoint."""
+        """Server state (momenta, moments, control variates...), saved with every checkpoint."""
+        return {}
+
+    def broadcast(self, server_state: State) -> State:
         return {}
 
     def client_hooks(self, round: int, client_id: int) -> ClientHooks | None:
         return None
 
-    def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo) -> tuple[State, State]:
+    def aggregate(self, global_state: State, updates, server_state: State, info: RoundInfo) -> tuple[State, State]:
+        """`updates`: the weighted mean message (linear) or a list of (client_id, message, weight)."""
         raise NotImplementedError
 
 
 def add_scaled(x: State, d: State, scale: float) -> State:
-    """x + scale·d, in the dtype of x (updates are fp32)."""
+    """x + scale·d over the keys of x, in the dtype of x (updates are fp32)."""
     return {k: (x[k].float() + scale * d[k].float()).to(x[k].dtype) for k in x}
+
+
+def with_prefix(state: State, prefix: str = PREFIX) -> State:
+    return {prefix + k: t for k, t in state.items()}
+
+
+def split_prefix(state: State, prefix: str = PREFIX) -> tuple[State, State]:
+    """(entries without the prefix, entries with it — prefix removed)."""
+    plain = {k: t for k, t in state.items() if not k.startswith(prefix)}
+    return plain, {k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}

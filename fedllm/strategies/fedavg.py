@@ -24,11 +24,11 @@ class ProximalTerm(ClientHooks):
     def __init__(self, mu: float):
         self.mu = mu
 
-    def begin(self, params, global_state):
-        self.anchor = {k: global_state[k].to(p.device, p.dtype) for k, p in params.items()}
+    def begin(self, params, ctx):
+        self.anchor = {k: ctx.global_state[k].to(p.device, p.dtype) for k, p in params.items()}
 
     @torch.no_grad()
-    def before_step(self, params):
+    def before_step(self, params, regrad):
         for k, p in params.items():
             if p.grad is not None:
                 p.grad.add_(p.detach() - self.anchor[k], alpha=self.mu)

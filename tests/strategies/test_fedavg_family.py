@@ -2,7 +2,7 @@ import torch
 
 from fedllm.registry import STRATEGIES
 from fedllm.server import WeightedSum
-from fedllm.strategies.base import RoundInfo
+from fedllm.strategies.base import ClientContext, RoundInfo
 
 INFO = RoundInfo(round=0, clients=[0, 1], total_weight=4.0, num_clients=2)
 
@@ -32,6 +32,7 @@ def test_fedprox_hook_adds_mu_times_distance_to_the_global_point():
     hooks = STRATEGIES.build({"name": "fedprox", "mu": 0.5}).client_hooks(0, 0)
     p = torch.nn.Parameter(torch.tensor([3.0, -1.0]))
     p.grad = torch.tensor([0.1, 0.1])
-    hooks.begin({"w": p}, {"w": torch.tensor([1.0, 1.0])})
-    hooks.before_step({"w": p})
+    ctx = ClientContext(0, 0, {"w": torch.tensor([1.0, 1.0])}, {}, {}, lr=0.1, steps=1)
+    hooks.begin({"w": p}, ctx)
+    hooks.before_step({"w": p}, regrad=None)
     assert torch.allclose(p.grad, torch.tensor([0.1 + 0.5 * 2.0, 0.1 + 0.5 * -2.0]))
