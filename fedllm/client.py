@@ -79,6 +79,21 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: State) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
+def mean_gradient(model, params: dict[str, torch.nn.Parameter], examples: list[dict], batch_size: int, pad_token_id: int, device) -> State:
+    """∇ of the mean loss over `examples` at the current parameters (grads left cleared)."""
+    for p in params.values():
+        p.grad = None
+    model.train()
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        inputs = {k: v.to(device) for k, v in collate(batch, pad_token_id).items()}
+        (model(**inputs).loss * (len(batch) / len(examples))).backward()
+    grads = {k: p.grad.detach().float().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    return grads
+
+
 def local_round(
     model: torch.nn.Module,
     params: dict[str, torch.nn.Parameter],
@@ -92,6 +107,7 @@ def local_round(
     device: torch.device,
     hooks: ClientHooks | None = None,
     optimizer_state: State | None = None,
+    steps: int | None = None,
 ) -> LocalResult:
     """Trains `params` (already holding x^t) on `examples`; returns Δ and the loss.
     `hooks` have already seen `begin`; the loop calls their `before_step`."""
@@ -107,7 +123,7 @@ def local_round(
 
     model.train()
     accumulate = cfg.gradient_accumulation_steps
-    count = num_micro_batches(cfg, len(examples))
+    count = num_micro_batches(cfg, len(examples)) if steps is None else steps * accumulate
     losses = []
     for i, batch in enumerate(micro_batches(examples, cfg.per_device_train_batch_size, count, rng)):
         inputs = {k: v.to(device) for k, v in collate(batch, pad_token_id).items()}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedllm.client import client_seed, local_round, num_micro_batches, round_learning_rate
+from fedllm.client import client_seed, local_round, mean_gradient, num_micro_batches, round_learning_rate
 from fedllm.data import collate
 from fedllm.distributed import all_gather_messages, all_gather_rows, all_reduce_sum_
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, State, split_prefix, with_prefix
@@ -98,12 +98,17 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
     examples = fed.data.clients[client_id]
     stored_optim, stored_strategy = split_prefix(fed.store.get(client_id) or {})
     hooks = fed.strategy.client_hooks(round, client_id) or ClientHooks()
-    steps = num_micro_batches(r.client, len(examples)) // r.client.gradient_accumulation_steps
-    hooks.begin(fed.params, ClientContext(round, client_id, x_t, broadcast, stored_strategy, lr, steps))
+    steps = hooks.num_steps(num_micro_batches(r.client, len(examples)) // r.client.gradient_accumulation_steps)
+
+    def gradient(limit: int | None = None) -> State:
+        chosen = examples[:limit]
+        return mean_gradient(fed.model, fed.params, chosen, r.client.per_device_train_batch_size, fed.pad_token_id, fed.device)
+
+    hooks.begin(fed.params, ClientContext(round, client_id, x_t, broadcast, stored_strategy, lr, steps, gradient))
     result = local_round(
         fed.model, fed.params, x_t, examples, r.client, lr=lr, seed=client_seed(r.seed, round, client_id),
         pad_token_id=fed.pad_token_id, device=fed.device, hooks=hooks,
-        optimizer_state=stored_optim if r.client.keep_optimizer_state else None,
+        optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps,
     )
     extras, client_state = hooks.finish(fed.params, result.update)
     to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {})}

@@ -42,10 +42,15 @@ class ClientContext:
     client_state: State  # this client's stored strategy state ({} before its first round)
     lr: float
     steps: int  # optimizer steps this local round
+    gradient: Callable[[int | None], State] | None = None  # ∇ of the mean loss on the first n local examples (all: None), at x^t
 
 
 class ClientHooks:
     """Client-side part of a strategy, called by the local training loop."""
+
+    def num_steps(self, default: int) -> int:
+        """Local optimizer steps this round (0: no training, e.g. FedAMD's anchors)."""
+        return default
 
     def begin(self, params: dict[str, torch.nn.Parameter], ctx: ClientContext) -> None:
         pass
