@@ -121,7 +121,8 @@ def local_round(
     autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
 
-    model.train()
+    if not model.training:  # walking every module costs per client, and the mode rarely changes
+        model.train()
     accumulate = cfg.gradient_accumulation_steps
     count = num_micro_batches(cfg, len(examples)) if steps is None else steps * accumulate
     losses = []

@@ -29,12 +29,14 @@ class WeightedSum:
         self.shapes = {k: template[k].shape for k in sorted(template)}
         self.flat = torch.zeros(sum(t.numel() for t in template.values()) + 1, dtype=torch.float64)
 
+    def flatten(self, update: State) -> torch.Tensor:
+        return torch.cat([update[k].reshape(-1).to("cpu", torch.float64) for k in self.shapes])
+
     def add(self, update: State, weight: float) -> None:
-        offset = 0
-        for k, shape in self.shapes.items():
-            n = shape.numel()
-            self.flat[offset : offset + n].add_(update[k].reshape(-1).to("cpu", torch.float64), alpha=weight)
-            offset += n
+        self.add_flat(self.flatten(update), weight)
+
+    def add_flat(self, flat: torch.Tensor, weight: float) -> None:
+        self.flat[:-1].add_(flat, alpha=weight)
         self.flat[-1] += weight
 
     @property
@@ -59,7 +61,7 @@ class RoundResult:
 
 
 def is_finite(update: State) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in update.values())
+    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in update.values()])).all())
 
 
 def send_update(fed, update: State, extras: State, ctx: WireContext) -> tuple[State, int]:
@@ -93,7 +95,7 @@ def broadcast_round(fed) -> tuple[State, State, int]:
 def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr: float):
     """One client's local round on the resident model; returns its decoded message and stats."""
     r = fed.recipe
-    fed.adapter.load(fed.model, x_t)
+    fed.adapter.load(fed.model, x_t, fed.params)
     fed.adapter.prepare_local_round(fed.model)
     examples = fed.data.clients[client_id]
     stored_optim, stored_strategy = split_prefix(fed.store.get(client_id) or {})
@@ -131,14 +133,18 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     total, kept, rows = None, [], []
     for client_id in mine:
         message, weight, result, bytes_up = run_client(fed, round, client_id, x_t, broadcast, lr)
-        accepted = is_finite(message)
+        if gather:
+            accepted = is_finite(message)
+            if accepted:
+                kept.append((client_id, message, weight))
+        else:  # one flat copy serves the finiteness check and the running sum
+            total = total or WeightedSum(message)
+            flat = total.flatten(message)
+            accepted = bool(torch.isfinite(flat).all())
+            if accepted:
+                total.add_flat(flat, weight)
         if not accepted:
             log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", round, client_id)
-        elif gather:
-            kept.append((client_id, message, weight))
-        else:
-            total = total or WeightedSum(message)
-            total.add(message, weight)
         rows.append([client_id, result.num_samples, result.train_loss, bytes_up, bytes_down, accepted, result.steps])
         if progress is not None:
             progress.update(1)

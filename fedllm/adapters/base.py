@@ -24,8 +24,9 @@ class Adapter:
         return {n: p.detach().clone() for n, p in self.trainable(model).items()}
 
     @torch.no_grad()
-    def load(self, model: torch.nn.Module, state: State) -> None:
-        params = self.trainable(model)
+    def load(self, model: torch.nn.Module, state: State, params: dict[str, torch.nn.Parameter] | None = None) -> None:
+        """Copies `state` into the trainable tensors (`params`: their cached dict, if known)."""
+        params = self.trainable(model) if params is None else params
         if params.keys() != state.keys():
             missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
             raise ValueError(f"adapter state does not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")

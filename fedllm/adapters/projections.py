@@ -41,8 +41,9 @@ def generate(seeds: Sequence[int], block: int, d: int, device: torch.device | st
     out = torch.empty(len(seeds), d, dtype=torch.float32, device=device)
     for row, seed in zip(out, seeds):
         row.uniform_(-edge, edge, generator=torch.Generator(device=device).manual_seed(generator_seed(seed, block)))
-    # inverse-CDF sampling, as torch.nn.init.trunc_normal_: u ~ U(2Φ(−a)−1, 2Φ(a)−1) ↦ √2·erf⁻¹(u),
-    # done once for the whole chunk rather than per row
+    # inverse-CDF sampling, u ~ U(2Φ(−a)−1, 2Φ(a)−1) ↦ √2·erf⁻¹(u), written out rather than
+    # torch.nn.init.trunc_normal_ (the official code's call): that one changed algorithm across
+    # torch versions (rejection sampling in 2.13), which would silently change every basis
     return out.erfinv_().mul_(math.sqrt(2)).clamp_(-a, a)
 
 

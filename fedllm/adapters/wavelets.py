@@ -53,16 +53,19 @@ def _wrap_index(n: int, taps: int, device) -> torch.Tensor:
 def analysis(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """(..., n) -> (..., 2, n/2): the low-pass, then the high-pass coefficients (n even)."""
     *lead, n = x.shape
-    extended = x.reshape(-1, 1, n).index_select(-1, _wrap_index(n, filters.shape[-1], x.device))
-    return F.conv1d(extended, filters, stride=2).reshape(*lead, 2, n // 2)
+    flat = x.reshape(-1, 1, n)
+    if filters.shape[-1] > 2:  # Haar's windows never wrap: skip the copy
+        flat = flat.index_select(-1, _wrap_index(n, filters.shape[-1], x.device))
+    return F.conv1d(flat, filters, stride=2).reshape(*lead, 2, n // 2)
 
 
 def synthesis(c: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """(..., 2, m) -> (..., 2m): the adjoint of `analysis`, i.e. its inverse."""
     *lead, _, m = c.shape
-    full = F.conv_transpose1d(c.reshape(-1, 2, m), filters, stride=2)[:, 0]  # (N, 2m + taps - 2)
-    # fold the periodic extension back onto the n samples it copied (adjoint of the gather)
-    out = full.new_zeros(full.shape[0], 2 * m).index_add(1, _wrap_index(2 * m, filters.shape[-1], c.device), full)
+    out = F.conv_transpose1d(c.reshape(-1, 2, m), filters, stride=2)[:, 0]  # (N, 2m + taps - 2)
+    if filters.shape[-1] > 2:
+        # fold the periodic extension back onto the samples it copied (adjoint of the gather)
+        out = out.new_zeros(out.shape[0], 2 * m).index_add(1, _wrap_index(2 * m, filters.shape[-1], c.device), out)
     return out.reshape(*lead, 2 * m)
 
 
