@@ -108,6 +108,7 @@ def local_round(
     hooks: ClientHooks | None = None,
     optimizer_state: State | None = None,
     steps: int | None = None,
+    on_step=None,
 ) -> LocalResult:
     """Trains `params` (already holding x^t) on `examples`; returns Δ and the loss.
     `hooks` have already seen `begin`; the loop calls their `before_step`."""
@@ -153,6 +154,8 @@ def local_round(
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step()
 
     with torch.no_grad():
         update = {k: p.detach().float() - global_state[k].to(p.device).float() for k, p in params.items()}

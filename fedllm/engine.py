@@ -145,9 +145,11 @@ class Federation:
         rounds = range(self.start_round, r.federation.rounds)
         bar = tqdm(rounds, desc="rounds", disable=not (self.is_main and r.output.progress), dynamic_ncols=True)
         for t in bar:
-            with tqdm(total=-(-r.federation.sampled_per_round() // self.world_size), desc=f"round {t + 1} clients",
-                      leave=False, disable=not (self.is_main and r.output.progress), dynamic_ncols=True) as clients_bar:
-                result = run_round(self, t, clients_bar)
+            mine = -(-r.federation.sampled_per_round() // self.world_size)
+            steps = r.client.max_steps * mine if r.client.max_steps else None
+            with tqdm(total=steps, desc=f"round {t + 1} local steps", leave=False, dynamic_ncols=True,
+                      disable=not (self.is_main and r.output.progress)) as steps_bar:
+                result = run_round(self, t, steps_bar)
             self.global_state, self.server_state = result.global_state, result.server_state
             last = t + 1 == r.federation.rounds
             extra = {"seconds": result.seconds}

@@ -92,7 +92,7 @@ def broadcast_round(fed) -> tuple[State, State, int]:
     return on_device(x_t), on_device(broadcast), len(wire)
 
 
-def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr: float):
+def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr: float, on_step=None):
     """One client's local round on the resident model; returns its decoded message and stats."""
     r = fed.recipe
     fed.adapter.load(fed.model, x_t, fed.params)
@@ -110,7 +110,7 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
     result = local_round(
         fed.model, fed.params, x_t, examples, r.client, lr=lr, seed=client_seed(r.seed, round, client_id),
         pad_token_id=fed.pad_token_id, device=fed.device, hooks=hooks,
-        optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps,
+        optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps, on_step=on_step,
     )
     extras, client_state = hooks.finish(fed.params, result.update)
     to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {})}
@@ -122,6 +122,7 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
 
 
 def run_round(fed, round: int, progress=None) -> RoundResult:
+    """One round; `progress` (a tqdm bar, optional) advances by local steps."""
     start = time.perf_counter()
     r = fed.recipe
     sampled = fed.sampler.sample(round, r.federation.num_clients, r.federation.sampled_per_round(), r.seed)
@@ -132,7 +133,8 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     gather = not fed.strategy.linear or fed.attack is not None
     total, kept, rows = None, [], []
     for client_id in mine:
-        message, weight, result, bytes_up = run_client(fed, round, client_id, x_t, broadcast, lr)
+        on_step = (lambda: progress.update(1)) if progress is not None else None
+        message, weight, result, bytes_up = run_client(fed, round, client_id, x_t, broadcast, lr, on_step)
         if gather:
             accepted = is_finite(message)
             if accepted:
@@ -147,8 +149,7 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
             log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", round, client_id)
         rows.append([client_id, result.num_samples, result.train_loss, bytes_up, bytes_down, accepted, result.steps])
         if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{result.train_loss:.3f}")
+            progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{result.train_loss:.3f}")
 
     stats = gather_stats(rows, fed.device)
     accepted = [s["client"] for s in stats if s["accepted"]]

@@ -63,16 +63,17 @@ class WaRALinear(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW x in fp32, even under bf16/fp16 autocast: DWT, the shared pair on both subbands, inverse DWT."""
+        filters = self.filters.float()  # a model cast to bf16 after attach casts the buffer too
         with torch.autocast(x.device.type, enabled=False):
-            coeffs = analysis(pad_to_even(x.float(), self.odd_padding), self.filters)  # (..., 2, d_in/2)
+            coeffs = analysis(pad_to_even(x.float(), self.odd_padding), filters)  # (..., 2, d_in/2)
             coeffs = coeffs @ self.wara_A.float().t() @ self.wara_B.float().t()  # (..., 2, d_out/2)
-            return synthesis(coeffs, self.filters)[..., : self.d_out] * self.scale
+            return synthesis(coeffs, filters)[..., : self.d_out] * self.scale
 
     def _subband_rows(self, m: torch.Tensor) -> torch.Tensor:
         """(k, n/2) -> (2k, n): the rows of m·L stacked on those of m·H (Lᵀ, Hᵀ = the synthesis)."""
         coeffs = m.new_zeros(2, m.shape[0], 2, m.shape[1])
         coeffs[0, :, 0], coeffs[1, :, 1] = m, m
-        return synthesis(coeffs, self.filters).reshape(2 * m.shape[0], -1)
+        return synthesis(coeffs, self.filters.float()).reshape(2 * m.shape[0], -1)
 
     @torch.no_grad()
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
