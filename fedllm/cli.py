@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("out")
     export.add_argument("--round", default="last", help="round number or 'last'")
-    export.add_argument("--to", default="peft", choices=["peft", "merged"], dest="fmt")
+    export.add_argument("--to", default=None, choices=["peft", "merged"], dest="fmt", help="default: the adapter's own (peft where possible)")
     plot = sub.add_parser("plot", help="PNG curves of loss, eval and bytes per round")
     plot.add_argument("run_dir")
     sub.add_parser("list", help="every registered plugin and its options")

@@ -172,7 +172,8 @@ class Federation:
 
 
 def export_adapter(fed, out: Path) -> None:
-    write_export(fed.adapter, fed.model, fed.tokenizer, fed.global_state, out)
+    # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
+    write_export(fed.adapter, fed.model, fed.tokenizer, fed.global_state, out, fed.adapter.export_formats[0])
 
 
 def write_export(adapter, model, tokenizer, global_state, out: Path, fmt: str = "peft") -> None:
@@ -181,7 +182,7 @@ def write_export(adapter, model, tokenizer, global_state, out: Path, fmt: str = 
     tokenizer.save_pretrained(str(out))
 
 
-def export_run(run_dir: str, out: str, round: str = "last", fmt: str = "peft") -> Path:
+def export_run(run_dir: str, out: str, round: str = "last", fmt: str | None = None) -> Path:
     """Writes the global adapter of a checkpointed round (`peft`) or the merged model (`merged`)."""
     run_dir = Path(run_dir)
     done = {int(p.name.split("_")[1]): p for p in checkpoint_dirs(run_dir)}
@@ -193,7 +194,7 @@ def export_run(run_dir: str, out: str, round: str = "last", fmt: str = "peft") -
     recipe = load_recipe(run_dir / "recipe.yaml")
     tokenizer, model, adapter = build_model(recipe)
     parts, _ = read_checkpoint(done[wanted])
-    write_export(adapter, model, tokenizer, parts["global"], Path(out), fmt)
+    write_export(adapter, model, tokenizer, parts["global"], Path(out), fmt or adapter.export_formats[0])
     return Path(out)
 
 

@@ -5,13 +5,17 @@ sent as K coordinates on bases that every party regenerates from seeds (§3.2); 
 rebuilds Σ_k γ_k v_k per block and averages.
 
 Two scalings (`scaling`):
-- `unbiased` (the paper): γ_k = ⟨Δ_g, v_k⟩ / (K_g·σ²_g), σ²_g the variance of the truncated
-  normal (≈ 1/(3 d_g)), so E[Σ γ_k v_k] = Δ_g. Server lr 1, no clipping.
-- `official` (the code): a norm-adaptive budget of M_g = max(⌊‖Δ_g‖/max‖Δ‖·K⌋, 2) seeds out
-  of K per block, γ_k = (d_g/M_g)·⟨Δ_g, v_k⟩ (so E = Δ_g/3), every (seed, block) term clipped
-  to norm 10 and applied with server lr 10. The code clips the clients' *summed* term per
-  seed; here each client's term is clipped in `decode` (the engine decodes one message at a
-  time), which equals the code whenever no term reaches the clip.
+- `unbiased` (the paper's estimator): γ_k = ⟨Δ_g, v_k⟩ / (K_g·σ²_g), σ²_g the variance of
+  the truncated normal (≈ 1/(3 d_g)), so E[Σ γ_k v_k] = Δ_g. Server lr 1, no clipping.
+- `official` (what produced the reported numbers): a norm-adaptive budget of
+  M_g = max(⌊‖Δ_g‖/max‖Δ‖·K⌋, 2) seeds out of K per block, γ_k = (d_g/M_g)·⟨Δ_g, v_k⟩ (so
+  E = d_g·σ²_g·Δ_g ≈ Δ_g/3), every (seed, block) term clipped to norm 10 and applied with
+  server lr 10. The code clips the clients' *summed* term per seed; here each client's term
+  is clipped in `decode` (the engine decodes one message at a time), which equals the code
+  whenever no term reaches the clip.
+Seeds (`seed_pool`): the paper's clients draw their own K seeds and send them
+(`per_client`); the code shares one pool of K seeds for the whole run (`shared`, nothing
+sent but seed indices); `per_round` shares a fresh pool per round.
 
 `server_lr` lives here, in `decode`: keep the strategy's own server_lr at 1 (fedavg).
 """
@@ -95,6 +99,12 @@ def block_norm(update: dict[str, torch.Tensor], block: Block) -> float:
     return math.sqrt(sum(float(torch.linalg.vector_norm(update[n].float())) ** 2 for n in block.names))
 
 
+def flatten(update: dict[str, torch.Tensor], block: Block) -> torch.Tensor:
+    if len(block.names) == 1:
+        return update[block.names[0]].reshape(-1)  # a view: no copy of a large matrix
+    return torch.cat([update[n].reshape(-1) for n in block.names])
+
+
 def unflatten(flat: torch.Tensor, block: Block) -> dict[str, torch.Tensor]:
     out, offset = {}, 0
     for name, shape in zip(block.names, block.shapes):
@@ -142,7 +152,6 @@ class Ferret(FullParameters):
         params = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
         self.blocks = make_blocks(params, self.block_rule)
         self.ks = split_k(self.k, [b.size for b in self.blocks], self.k_per)
-        self.seed = seed
         self.follow(model)
         return model
 
@@ -189,8 +198,7 @@ class Ferret(FullParameters):
         coords, index = [], []
         for g, (block, k, m) in enumerate(zip(self.blocks, self.ks, counts)):
             chosen = self.chosen(ctx, g, k, m)
-            flat = torch.cat([update[n].reshape(-1) for n in block.names]) if len(block.names) > 1 else update[block.names[0]].reshape(-1)
-            gamma = self.bases.project(flat, [pool[i] for i in chosen], g, self.orthogonalize)
+            gamma = self.bases.project(flatten(update, block), [pool[i] for i in chosen], g, self.orthogonalize)
             # the engine's update is x_i − x^t; the paper's Δ = w_start − w_end is its negative
             coords.append(gamma.mul_(-self.scale(block.size, m)).cpu())
             index += chosen
@@ -210,7 +218,10 @@ class Ferret(FullParameters):
         index = t["index"].tolist() if "index" in t else [i for k in self.ks for i in range(k)]
         coords = t["coords"]
         if not (len(coords) == len(index) == sum(counts)) or len(counts) != len(self.blocks):
-            raise ValueError(f"a ferret message of {len(coords)} coordinates does not fit the block map ({len(self.blocks)} blocks, {sum(counts)} coordinates)")
+            raise ValueError(
+                f"a ferret message of {len(coords)} coordinates does not fit the block map "
+                f"({len(self.blocks)} blocks, {sum(counts)} coordinates)"
+            )
         self.bases.cache.enter(self.scope(ctx))
         out, offset = {}, 0
         for g, (block, m) in enumerate(zip(self.blocks, counts)):

@@ -38,7 +38,7 @@ class FullParameters(Adapter):
             raise RecipeError(f"adapter.trainable='{self.pattern}' matches no parameter of the model")
         for name, p in model.named_parameters():
             if name in chosen and not p.is_floating_point():
-                raise RecipeError(f"'{name}' is {p.dtype}: full-parameter tuning needs unquantized weights (model.quantization=none)")
+                raise RecipeError(f"'{name}' is {p.dtype}: full-parameter tuning needs model.quantization=none")
             p.requires_grad_(name in chosen)
         return model
 
