@@ -80,6 +80,7 @@ class ClientConfig(Section):
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     keep_optimizer_state: bool = False  # carry each client's optimizer moments across its rounds
     gradient_checkpointing: bool = False
+    trainer: Literal["builtin", "hf"] = "builtin"  # hf: a transformers.Trainer runs each local round
     bf16: bool = False
     fp16: bool = False
 

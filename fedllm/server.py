@@ -107,7 +107,7 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
         return mean_gradient(fed.model, fed.params, chosen, r.client.per_device_train_batch_size, fed.pad_token_id, fed.device)
 
     hooks.begin(fed.params, ClientContext(round, client_id, x_t, broadcast, stored_strategy, lr, steps, gradient))
-    result = local_round(
+    result = local_trainer(r.client)(
         fed.model, fed.params, x_t, examples, r.client, lr=lr, seed=client_seed(r.seed, round, client_id),
         pad_token_id=fed.pad_token_id, device=fed.device, hooks=hooks,
         optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps, on_step=on_step,
@@ -119,6 +119,15 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
     message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed))
     weight = 1.0 if fed.strategy.uniform_weights else float(result.num_samples)
     return message, weight, result, bytes_up
+
+
+def local_trainer(cfg):
+    """The local round's runner: the built-in loop, or a transformers.Trainer (`client.trainer: hf`)."""
+    if cfg.trainer == "hf":
+        from fedllm.integrations.transformers import trainer_local_round
+
+        return trainer_local_round
+    return local_round
 
 
 def run_round(fed, round: int, progress=None) -> RoundResult:

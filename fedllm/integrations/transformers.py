@@ -1,0 +1,377 @@
+"""FederatedCallback: a `transformers.Trainer` (or TRL `SFTTrainer`) script becomes one
+federated client per process.
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=my_silo,
+                      callbacks=[FederatedCallback(strategy="fedprox", local_steps=20)])
+    # accelerate launch --multi_gpu --num_processes W my_script.py
+
+Every process (rank) is one client training on its own data. Every `local_steps` optimizer
+steps the callback runs one federated round over torch.distributed: the update
+Δ = w − x^t goes through the adapter's `encode`, the codec chain and real serialization
+(the ledger's bytes), is decoded, summed over ranks (all-reduce of the weighted sum, or an
+all-gather for non-linear strategies), aggregated by the strategy on every rank alike, and
+the new global state is loaded into the model. Optimizer and scheduler keep running.
+
+Per-step gradient synchronisation: accelerate wraps the model in DistributedDataParallel,
+which would average the gradients of all ranks at every optimizer step (the Trainer only
+uses `no_sync` for the non-final micro-batches of an accumulation). At `on_train_begin` the
+callback sets `require_backward_grad_sync = False` on the Trainer's DDP wrapper
+(`trainer.model_wrapped`) — the flag `DDP.no_sync()` toggles, so the Trainer's own
+`no_sync` contexts restore it to False — and `args.average_tokens_across_devices = False`
+(else each rank's loss is normalised by the tokens of all ranks). DeepSpeed and FSDP shard
+one model over the ranks and are refused.
+
+Strategy hooks run at `on_pre_optimizer_step`, which transformers calls AFTER its gradient
+clipping: a correction (FedProx μ(w − x^t), SCAFFOLD c − c_i) is then not clipped. For the
+built-in loop's order (hooks, then clipping) set `TrainingArguments(max_grad_norm=0)` and
+`FederatedCallback(max_grad_norm=...)`: the callback clips after the hooks.
+
+Data: accelerate shards the dataset each process passes to its Trainer (rank r reads
+batches r, r+W, ... of it). One dataset loaded by every process thus becomes an IID split
+over the clients; a silo that loads its own data sees 1/W of it per Trainer epoch. Every
+rank must run the same number of steps (set `max_steps`): the rounds are collectives.
+
+Resume: `on_save` writes `checkpoint-<step>/fedllm/` (x^t, server state, round; per rank
+the client state, local weights and optimizer moments, which the Trainer saves for rank 0
+only); `on_train_begin` restores them when the Trainer resumes. Exact at any step for hooks
+without state inside a round (FedProx, SCAFFOLD); SCAFFOLD-M's gradient sum restarts.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from fedllm.client import (
+    LocalResult, load_optimizer_state, make_optimizer, micro_batches, num_micro_batches, optimizer_state_to_tensors,
+)
+from fedllm.data import collate
+from fedllm.distributed import all_gather_messages, all_gather_rows, all_reduce_sum_, barrier, is_distributed
+from fedllm.registry import ADAPTERS, CODECS, STRATEGIES
+from fedllm.server import WeightedSum, broadcast_round, gather_stats, is_finite, send_update
+from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, State, split_prefix, with_prefix
+from fedllm.wire import WireContext
+
+log = logging.getLogger("fedllm")
+
+STATE_DIR = "fedllm"  # inside the Trainer's checkpoint-<step>/ folder
+
+
+def build_plugin(registry, spec, where: str):
+    """A plugin instance from an instance, a name, or a `{"name": ..., **options}` dict."""
+    if spec is None or not isinstance(spec, (str, dict)):
+        return spec
+    return registry.build({"name": spec} if isinstance(spec, str) else spec, where)
+
+
+def owning_trainer(callback: TrainerCallback) -> Trainer:
+    # Callbacks are not handed their Trainer, and the DDP wrapper, the accelerator and
+    # `Trainer.log` (the only way to reach the `report_to` trackers, which run before user
+    # callbacks) live on it: find it once, at the start of training.
+    for obj in gc.get_objects():
+        if issubclass(type(obj), Trainer) and callback in obj.callback_handler.callbacks:
+            return obj
+    raise RuntimeError("FederatedCallback must be passed to a transformers.Trainer (callbacks=[...])")
+
+
+def switch_off_gradient_sync(trainer: Trainer) -> bool:
+    """Stops DDP from averaging gradients across ranks; True if there was a wrapper."""
+    kind = str(trainer.accelerator.distributed_type)
+    if "DEEPSPEED" in kind or "FSDP" in kind:
+        raise ValueError(f"FederatedCallback needs one whole model per process (plain DDP), not {kind}")
+    wrapped = trainer.model_wrapped
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        wrapped.require_backward_grad_sync = False
+        return True
+    return False
+
+
+class ReplayLastBatch:
+    """A strategy hook's `regrad`: recomputes the gradients of the last micro-batch at the
+    parameters' current values. The Trainer does not hand the batch to callbacks, so a
+    forward pre-hook keeps the arguments of the model's last call (the loss is then the
+    model's own: no label smoothing or `compute_loss_func`)."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], args):
+        self.model, self.params, self.args, self.last = model, params, args, None
+        self.handle = model.register_forward_pre_hook(self.keep, with_kwargs=True)
+
+    def keep(self, module, args, kwargs):
+        self.last = (args, kwargs)
+
+    def __call__(self) -> None:
+        if self.args.gradient_accumulation_steps != 1 or self.args.fp16:
+            raise ValueError("this strategy recomputes gradients within a step: use gradient_accumulation_steps=1, no fp16")
+        for p in self.params.values():
+            p.grad = None
+        args, kwargs = self.last
+        with torch.enable_grad():
+            out = self.model(*args, **kwargs)
+            (out["loss"] if isinstance(out, dict) else out[0]).backward()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class FederatedCallback(TrainerCallback):
+    """Turns each process of a Trainer run into a federated client.
+
+    `recipe`: a fedllm Recipe (its adapter, strategy, codecs, seed and `client.max_steps`
+    as `local_steps`), or give them one by one: `strategy` and `adapter` as instances,
+    registered names or `{"name": ..., **options}` dicts, `codecs` a list of those.
+    `local_steps`: optimizer steps between two synchronisations. `num_samples`: this
+    client's FedAvg weight (default: the length of the Trainer's train dataset).
+    `client_id`: default the process rank. `max_grad_norm`: clip after the strategy hooks
+    (use with `TrainingArguments(max_grad_norm=0)`)."""
+
+    def __init__(self, recipe=None, *, strategy="fedavg", adapter="lora", codecs=(), local_steps: int | None = None,
+                 num_samples: int | None = None, client_id: int | None = None, seed: int = 0,
+                 max_grad_norm: float | None = None):
+        if recipe is not None:
+            strategy, adapter, codecs = recipe.strategy, recipe.adapter, recipe.codecs
+            local_steps, seed = local_steps or recipe.client.max_steps, recipe.seed
+        if not local_steps or local_steps <= 0:
+            raise ValueError("FederatedCallback needs local_steps > 0 (optimizer steps between synchronisations)")
+        self.strategy = build_plugin(STRATEGIES, strategy, "strategy")
+        self.adapter = build_plugin(ADAPTERS, adapter, "adapter")
+        self.codecs = [build_plugin(CODECS, c, f"codecs[{i}]") for i, c in enumerate(codecs)]
+        self.local_steps, self.num_samples, self.client_id, self.seed = local_steps, num_samples, client_id, seed
+        self.max_grad_norm = max_grad_norm
+        self.round = 0
+        self.trainer = None
+
+    # ---- Trainer events -----------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self.trainer = owning_trainer(self)
+        self.model, self.device = model, args.device
+        self.world_size = torch.distributed.get_world_size() if is_distributed() else 1
+        rank = torch.distributed.get_rank() if is_distributed() else 0
+        self.client_id = rank if self.client_id is None else self.client_id
+        self.check_schedule(args, state)
+        if switch_off_gradient_sync(self.trainer):
+            log.info("FederatedCallback: DDP gradient all-reduce off; ranks meet every %d steps", self.local_steps)
+        args.average_tokens_across_devices = False  # read at every step: each client's loss is its own
+        if self.num_samples is None:
+            dataset = getattr(train_dataloader, "dataset", None)
+            self.num_samples = len(dataset) if hasattr(dataset, "__len__") else 1
+        self.params = self.adapter.trainable(model)
+        self.regrad = ReplayLastBatch(model, self.params, args)
+        self.resumed_lr = None
+        if state.global_step > 0:
+            self.load_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR)
+        else:
+            self.round = 0
+            self.global_state = {k: p.detach().cpu().clone() for k, p in self.params.items()}
+            self.server_state = self.strategy.init({k: t.float() for k, t in self.global_state.items()})
+            self.client_state = {}
+        self.begin_round()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.hooks.before_step(self.params, self.regrad)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.max_grad_norm)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.local_steps == 0:
+            metrics = self.synchronise()
+            self.trainer.log(metrics)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.save_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # a schedule that ends mid-round ends with one last (shorter) round, so that the
+        # model the script saves is the global one; an interrupted run does not sync
+        if state.global_step >= state.max_steps and state.global_step % self.local_steps:
+            self.trainer.log(self.synchronise())
+        self.regrad.remove()
+
+    # ---- one round --------------------------------------------------------------------
+    def begin_round(self) -> None:
+        """x^t and the strategy's broadcast as a client decodes them; the hooks begin."""
+        self.adapter.prepare_local_round(self.model)
+        self.x_t, broadcast, self.bytes_down = broadcast_round(self)
+        self.hooks = self.strategy.client_hooks(self.round, self.client_id) or ClientHooks()
+        if self.hooks.num_steps(self.local_steps) != self.local_steps:
+            raise ValueError("this strategy changes a client's number of local steps; the Trainer cannot skip steps")
+        # the lr of the round's first step (a resume mid-round brings back the round's own)
+        lr = self.resumed_lr if self.resumed_lr is not None else self.trainer.optimizer.param_groups[0]["lr"]
+        self.resumed_lr = None
+        ctx = ClientContext(self.round, self.client_id, self.x_t, broadcast, self.client_state, lr, self.local_steps,
+                            gradient=self.no_full_gradient)
+        self.hooks.begin(self.params, ctx)
+        self.lr = lr
+
+    @torch.no_grad()
+    def synchronise(self) -> dict:
+        """Ends the round on every rank with the identical new global state; returns its metrics."""
+        update = {k: p.detach().float() - self.x_t[k].float() for k, p in self.params.items()}
+        extras, client_state = self.hooks.finish(self.params, update)
+        if client_state is not None:
+            self.client_state = {k: t.detach().cpu() for k, t in client_state.items()}
+        message, bytes_up = send_update(self, update, extras, WireContext(self.round, self.client_id, self.seed))
+        weight = 1.0 if self.strategy.uniform_weights else float(self.num_samples)
+        accepted = is_finite(message)
+        if not accepted:
+            log.warning("round %d: client %d has a non-finite update (NaN/Inf); dropped", self.round, self.client_id)
+        row = [self.client_id, self.num_samples, math.nan, bytes_up, self.bytes_down, accepted, self.local_steps]
+        stats = gather_stats([row], self.device)
+        clients = [s["client"] for s in stats if s["accepted"]]
+        if clients:
+            updates, total = self.combine(message, weight, accepted)
+            info = RoundInfo(self.round, clients, total, self.world_size, lr=self.lr, local_steps=self.local_steps)
+            new_global, self.server_state = self.strategy.aggregate(
+                {k: t.float() for k, t in self.global_state.items()}, updates, self.server_state, info)
+            self.global_state = {k: new_global[k].to(t.dtype).cpu() for k, t in self.global_state.items()}
+        self.adapter.load(self.model, {k: t.to(self.device) for k, t in self.global_state.items()}, self.params)
+        self.round += 1
+        self.begin_round()
+        return {
+            "fed/round": self.round, "fed/clients": len(clients),
+            "fed/bytes_up": sum(s["bytes_up"] for s in stats), "fed/bytes_down": sum(s["bytes_down"] for s in stats),
+        }
+
+    def combine(self, message: State, weight: float, accepted: bool):
+        """The strategy's input: the weighted mean over ranks (linear) or every message."""
+        if self.strategy.linear:
+            total = WeightedSum(message)
+            if accepted:
+                total.add(message, weight)
+            all_reduce_sum_(total.flat, self.device)
+            return total.mean(), total.total_weight
+        kept = all_gather_messages([(self.client_id, message, weight)] if accepted else [], message, self.device)
+        return kept, sum(w for _, _, w in kept)
+
+    # ---- what the hooks may ask for ---------------------------------------------------------
+    def no_full_gradient(self, limit=None):
+        raise NotImplementedError("strategies that need a client's full-data gradient (FedAMD) run in the engine only")
+
+    # ---- checks --------------------------------------------------------------------------
+    def check_schedule(self, args, state) -> None:
+        # every rank must run the same number of steps, or the collectives would deadlock
+        steps = all_gather_rows(torch.tensor([[float(state.max_steps)]], dtype=torch.float64), args.device)
+        if steps.min() != steps.max():
+            raise ValueError(f"ranks plan different numbers of steps {steps.flatten().tolist()}: set max_steps")
+        if args.save_strategy == "steps" and args.save_steps % self.local_steps:
+            log.warning("save_steps=%s is not a multiple of local_steps=%d: a resume mid-round re-begins the strategy "
+                        "hooks from x^t (exact for stateless hooks such as FedProx)", args.save_steps, self.local_steps)
+        if self.max_grad_norm and args.max_grad_norm > 0:
+            log.warning("both the Trainer (max_grad_norm=%s) and the callback clip", args.max_grad_norm)
+
+    # ---- checkpoint -------------------------------------------------------------------------
+    def save_state(self, folder: Path) -> None:
+        """Rank 0: x^t of the current round, the server state, the round. Every rank: its
+        client state, its local weights and optimizer moments — the Trainer saves only rank
+        0's model and optimizer, and DDP broadcasts rank 0's weights when it wraps the model."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if not is_distributed() or torch.distributed.get_rank() == 0:
+            save_file({k: t.contiguous() for k, t in self.global_state.items()}, str(folder / "global.safetensors"))
+            save_file({k: t.contiguous().cpu() for k, t in self.server_state.items()}, str(folder / "server_state.safetensors"))
+            meta = {"round": self.round, "local_steps": self.local_steps, "world_size": self.world_size, "lr": self.lr}
+            (folder / "meta.json").write_text(json.dumps(meta))
+        local = {k: p.detach() for k, p in self.params.items()}
+        client = {**with_prefix(self.client_state, "state/"), **with_prefix(local, "local/"),
+                  **with_prefix(optimizer_state_to_tensors(self.trainer.optimizer), "optim/")}
+        save_file({k: t.contiguous().cpu() for k, t in client.items()}, str(folder / f"client_{self.client_id}.safetensors"))
+        barrier()
+
+    def load_state(self, folder: Path) -> None:
+        if not (folder / "meta.json").exists():
+            raise FileNotFoundError(f"resuming without fedllm state: {folder} is missing (the callback saves it into "
+                                    "args.output_dir/checkpoint-<step>/; resume from there)")
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta["local_steps"] != self.local_steps or meta["world_size"] != self.world_size:
+            raise ValueError(f"checkpoint was made with {meta}; this run has local_steps={self.local_steps}, "
+                             f"world_size={self.world_size}")
+        self.round, self.resumed_lr = meta["round"], meta["lr"]
+        dtypes = {k: p.dtype for k, p in self.params.items()}
+        self.global_state = {k: t.to(dtypes[k]) for k, t in load_file(str(folder / "global.safetensors")).items()}
+        self.server_state = load_file(str(folder / "server_state.safetensors"))
+        client = load_file(str(folder / f"client_{self.client_id}.safetensors"))
+        rest, self.client_state = split_prefix(client, "state/")
+        rest, local = split_prefix(rest, "local/")
+        _, optim = split_prefix(rest, "optim/")
+        self.adapter.load(self.model, {k: t.to(self.device) for k, t in local.items()}, self.params)
+        if optim:
+            load_optimizer_state(self.trainer.optimizer, optim)
+
+
+# ---- `client.trainer: hf` — the simulation engine's local round run by a Trainer ----------------
+class HookStep(TrainerCallback):
+    """The built-in loop's step order inside a Trainer whose own clipping is off: strategy
+    hooks, then clipping, then the optimizer step."""
+
+    def __init__(self, params, hooks: ClientHooks, max_grad_norm, replay: ReplayLastBatch, on_step=None):
+        self.params, self.hooks, self.max_grad_norm, self.replay, self.on_step = params, hooks, max_grad_norm, replay, on_step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.hooks.before_step(self.params, self.replay)
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params.values(), self.max_grad_norm)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.on_step is not None:
+            self.on_step()
+
+
+def client_training_args(cfg, steps: int, device: torch.device, output_dir: str) -> TrainingArguments:
+    """The recipe's `client:` section as TrainingArguments (same names, same meaning)."""
+    return TrainingArguments(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay, bf16=cfg.bf16, fp16=cfg.fp16,
+        max_grad_norm=0.0,  # HookStep clips, after the strategy hooks
+        train_sampling_strategy="sequential",  # the examples come already in the built-in loop's order
+        average_tokens_across_devices=False, use_cpu=device.type == "cpu", save_strategy="no", report_to=[],
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+    )
+
+
+def trainer_local_round(model, params, global_state, examples, cfg, *, lr, seed, pad_token_id, device, hooks=None,
+                        optimizer_state=None, steps=None, on_step=None) -> LocalResult:
+    """`fedllm.client.local_round` with a `transformers.Trainer` doing the steps: the same
+    micro-batches in the same order, optimizer, clipping and hook order, so the update
+    matches the built-in loop's to float rounding. The resident model is trained in place."""
+    if is_distributed():
+        # accelerate would wrap the resident model in DDP, whose construction is a collective
+        # that ranks running different numbers of clients never all reach
+        raise ValueError("client.trainer=hf runs the simulation in one process; use client.trainer=builtin with ranks")
+    hooks = hooks or ClientHooks()
+    accumulate = cfg.gradient_accumulation_steps
+    steps = num_micro_batches(cfg, len(examples)) // accumulate if steps is None else steps
+    if steps == 0:  # e.g. FedAMD's anchors: no local step, nothing for a Trainer to do
+        zeros = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+        return LocalResult(zeros, len(examples), float("nan"), 0, None)
+    rng = np.random.default_rng(seed)  # the built-in loop's batch order
+    ordered = [e for batch in micro_batches(examples, cfg.per_device_train_batch_size, steps * accumulate, rng) for e in batch]
+    optimizer = make_optimizer(cfg, list(params.values()), lr)
+    if optimizer_state:
+        load_optimizer_state(optimizer, optimizer_state)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # the engine schedules lr across rounds
+    replay = ReplayLastBatch(model, params, None)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = client_training_args(cfg, steps, device, scratch)
+        replay.args = args
+        trainer = Trainer(model=model, args=args, train_dataset=ordered, optimizers=(optimizer, constant),
+                          data_collator=lambda batch: collate(batch, pad_token_id),
+                          callbacks=[HookStep(params, hooks, cfg.max_grad_norm, replay, on_step)])
+        trainer.model_accepts_loss_kwargs = False  # per-micro-batch mean loss / accumulation, as the built-in loop
+        trainer.remove_callback(PrinterCallback)  # no log lines per client round
+        torch.manual_seed(seed)  # dropout, as the built-in loop
+        output = trainer.train()
+    replay.remove()
+    with torch.no_grad():
+        update = {k: p.detach().float() - global_state[k].to(p.device).float() for k, p in params.items()}
+    return LocalResult(
+        update=update, num_samples=len(examples), train_loss=output.training_loss, steps=steps,
+        optimizer_state=optimizer_state_to_tensors(optimizer) if cfg.keep_optimizer_state else None,
+    )
