@@ -30,12 +30,13 @@ class MetricsLog:
 
     def log_round(self, round: int, stats: list[dict], extra: dict) -> dict:
         accepted = [s for s in stats if s["accepted"]]
-        weight = sum(s["num_samples"] for s in accepted)
+        trained = [s for s in accepted if s["steps"] > 0]  # e.g. FedAMD's anchors take no step
+        weight = sum(s["num_samples"] for s in trained)
         row = {
             "round": round,
             "clients": len(stats),
             "dropped": len(stats) - len(accepted),
-            "train_loss": sum(s["train_loss"] * s["num_samples"] for s in accepted) / weight if weight else None,
+            "train_loss": sum(s["train_loss"] * s["num_samples"] for s in trained) / weight if weight else None,
             "bytes_up": int(sum(s["bytes_up"] for s in stats)),
             "bytes_down": int(sum(s["bytes_down"] for s in stats)),
             **extra,

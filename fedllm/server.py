@@ -113,12 +113,10 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
         optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps, on_step=on_step,
     )
     extras, client_state = hooks.finish(fed.params, result.update)
-    to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {})}
-    if to_store:
-        fed.store.put(client_id, to_store)
     message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed))
     weight = 1.0 if fed.strategy.uniform_weights else float(result.num_samples)
-    return message, weight, result, bytes_up
+    to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {})}
+    return message, weight, result, bytes_up, to_store
 
 
 def local_trainer(cfg):
@@ -143,7 +141,7 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     total, kept, rows = None, [], []
     for client_id in mine:
         on_step = (lambda: progress.update(1)) if progress is not None else None
-        message, weight, result, bytes_up = run_client(fed, round, client_id, x_t, broadcast, lr, on_step)
+        message, weight, result, bytes_up, to_store = run_client(fed, round, client_id, x_t, broadcast, lr, on_step)
         if gather:
             accepted = is_finite(message)
             if accepted:
@@ -156,6 +154,8 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
                 total.add_flat(flat, weight)
         if not accepted:
             log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", round, client_id)
+        elif to_store:  # a dropped client's state does not advance either
+            fed.store.put(client_id, to_store)
         rows.append([client_id, result.num_samples, result.train_loss, bytes_up, bytes_down, accepted, result.steps])
         if progress is not None:
             progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{result.train_loss:.3f}")

@@ -102,7 +102,7 @@ class Robust(Strategy):
 
 @STRATEGIES.register("median")
 class Median(Robust):
-    """Coordinate-wise median of the client updates (needs n ≥ 2f+1)."""
+    """Coordinate-wise median of the client updates (n ≥ 2f+1)."""
 
     def __init__(self, f: int = 0, nnm: bool = False, momentum: float = 0.0, server_lr: float = 1.0):
         super().__init__(f, nnm, momentum, server_lr)
@@ -113,7 +113,7 @@ class Median(Robust):
 
 @STRATEGIES.register("trimmed_mean")
 class TrimmedMean(Robust):
-    """Coordinate-wise mean without the `trim` (default f) largest and smallest values."""
+    """Coordinate-wise trimmed mean: drops the `trim` (default f) largest and smallest values."""
 
     def __init__(self, f: int = 0, trim: int | None = None, nnm: bool = False, momentum: float = 0.0, server_lr: float = 1.0):
         super().__init__(f, nnm, momentum, server_lr)
@@ -125,7 +125,7 @@ class TrimmedMean(Robust):
 
 @STRATEGIES.register("krum")
 class Krum(Robust):
-    """The update closest to its n−f−2 nearest neighbours (needs n ≥ 2f+3)."""
+    """Krum: the update with the least squared distance to its n−f−2 nearest (n ≥ 2f+3)."""
 
     def __init__(self, f: int = 0, nnm: bool = False, momentum: float = 0.0, server_lr: float = 1.0):
         super().__init__(f, nnm, momentum, server_lr)
@@ -136,7 +136,7 @@ class Krum(Robust):
 
 @STRATEGIES.register("multi_krum")
 class MultiKrum(Robust):
-    """Mean of the m (default n−f) updates with the best Krum scores (needs n ≥ 2f+3)."""
+    """Multi-Krum: mean of the m (default n−f) updates with the best Krum scores (n ≥ 2f+3)."""
 
     def __init__(self, f: int = 0, m: int | None = None, nnm: bool = False, momentum: float = 0.0, server_lr: float = 1.0):
         super().__init__(f, nnm, momentum, server_lr)
@@ -148,7 +148,7 @@ class MultiKrum(Robust):
 
 @STRATEGIES.register("bulyan")
 class Bulyan(Robust):
-    """Krum-selected n−2f updates, then a coordinate-wise trimmed mean around the median (n ≥ 4f+3)."""
+    """Bulyan: n−2f updates picked by repeated Krum, then a trimmed mean around their median (n ≥ 4f+3)."""
 
     def __init__(self, f: int = 0, nnm: bool = False, momentum: float = 0.0, server_lr: float = 1.0):
         super().__init__(f, nnm, momentum, server_lr)
@@ -159,7 +159,7 @@ class Bulyan(Robust):
 
 @STRATEGIES.register("geometric_median")
 class GeometricMedian(Robust):
-    """Geometric median of the updates by smoothed Weiszfeld (RFA; ν, iterations)."""
+    """Geometric median of the updates by smoothed Weiszfeld iterations (RFA)."""
 
     def __init__(self, f: int = 0, nu: float = 0.1, iterations: int = 3, nnm: bool = False, momentum: float = 0.0, server_lr: float = 1.0):
         super().__init__(f, nnm, momentum, server_lr)
@@ -174,7 +174,7 @@ class GeometricMedian(Robust):
 
 @STRATEGIES.register("centered_clip")
 class CenteredClip(Robust):
-    """From the previous aggregate v, `iterations` times v += mean clip_τ(x_i − v)."""
+    """Centered clipping: from the previous aggregate v, `iterations` times v += mean clip_τ(x_i − v)."""
 
     keeps_previous = True
 

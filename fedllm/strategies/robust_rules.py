@@ -1,6 +1,8 @@
 """Byzantine-robust aggregation rules: pure functions of the stacked client vectors
 X ∈ R^{n×d} (one row per client message, the whole adapter flattened) and f, the number of
-Byzantine rows to tolerate. Each rule checks its requirement on n and f first.
+Byzantine rows to tolerate. A rule taking f checks its requirement on n first (`require`);
+the strategies in robust.py check it for the two that do not (geometric median, centered
+clipping: n ≥ 2f+1).
 
 References: coordinate-wise median and trimmed mean (Yin et al., ICML 2018); Krum and
 Multi-Krum (Blanchard et al., NeurIPS 2017); Bulyan (El Mhamdi et al., ICML 2018); geometric

@@ -43,13 +43,14 @@ def stepped(x: State, d: State, scale: float) -> State:
     return {k: x[k] + scale * d[k].to(x[k].dtype) for k in x}
 
 
-def on_params(state: State, params: dict[str, torch.nn.Parameter], default: State | None = None) -> State:
-    """`state[k]` (or `default[k]`, or zeros) on each parameter's device, at least fp32."""
+def on_params(state: State, params: dict[str, torch.nn.Parameter]) -> State:
+    """A copy of `state[k]` (or zeros) on each parameter's device, at least
+    fp32 — a copy, because the broadcast dict is shared by every client of the round."""
     out = {}
     for k, p in params.items():
-        t = state.get(k, default.get(k) if default else None)
+        t = state.get(k)
         dtype = torch.promote_types(p.dtype, torch.float32)
-        out[k] = torch.zeros_like(p, dtype=dtype) if t is None else t.to(p.device, dtype)
+        out[k] = torch.zeros_like(p, dtype=dtype) if t is None else t.to(p.device, dtype, copy=True)
     return out
 
 
