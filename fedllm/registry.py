@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,7 +38,10 @@ class Option:
     required: bool
 
     def describe(self) -> str:
-        kind = getattr(self.annotation, "__name__", None) or str(self.annotation).replace("typing.", "")
+        if typing.get_origin(self.annotation) is typing.Literal:
+            kind = "|".join(map(str, typing.get_args(self.annotation)))
+        else:
+            kind = getattr(self.annotation, "__name__", None) or str(self.annotation).replace("typing.", "")
         return f"{self.name}: {kind}" + ("  (required)" if self.required else f" = {self.default!r}")
 
 
