@@ -20,6 +20,9 @@ class LocalResult:
     train_loss: float
     steps: int
     optimizer_state: State | None
+    # bytes the local round itself exchanged with the server (split learning), counted on the wire
+    split_bytes_up: int = 0
+    split_bytes_down: int = 0
 
 
 def client_seed(seed: int, round: int, client_id: int) -> int:

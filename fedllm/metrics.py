@@ -19,6 +19,13 @@ def truncate_jsonl(path: Path, keep_rounds_below: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def split_totals(stats: list[dict]) -> dict:
+    """The split-learning share of the bytes (already inside bytes_up/down); only where
+    some local round exchanged any, so plain runs keep their columns."""
+    up, down = (int(sum(s.get(k, 0) for s in stats)) for k in ("split_bytes_up", "split_bytes_down"))
+    return {"split_bytes_up": up, "split_bytes_down": down} if up or down else {}
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, accelerator=None):
         self.run_dir, self.enabled, self.accelerator = Path(run_dir), enabled, accelerator
@@ -39,11 +46,13 @@ class MetricsLog:
             "train_loss": sum(s["train_loss"] * s["num_samples"] for s in trained) / weight if weight else None,
             "bytes_up": int(sum(s["bytes_up"] for s in stats)),
             "bytes_down": int(sum(s["bytes_down"] for s in stats)),
+            **split_totals(stats),
             **extra,
         }
         if self.enabled:
             self._append("ledger.jsonl", [
-                {"round": round, "client": s["client"], "bytes_up": int(s["bytes_up"]), "bytes_down": int(s["bytes_down"])}
+                {"round": round, "client": s["client"], "bytes_up": int(s["bytes_up"]), "bytes_down": int(s["bytes_down"]),
+                 **split_totals([s])}
                 for s in stats
             ])
             self._append("metrics.jsonl", [row])

@@ -16,7 +16,11 @@ from fedllm.wire import Message, WireContext, deserialize, serialize
 
 log = logging.getLogger("fedllm")
 
-STAT_COLUMNS = ("client", "num_samples", "train_loss", "bytes_up", "bytes_down", "accepted", "steps")
+# bytes_up/down are a client's whole traffic; split_bytes_* the part its local round itself
+# exchanged with the server (split learning's activations and gradients), 0 for a plain loop
+STAT_COLUMNS = (
+    "client", "num_samples", "train_loss", "bytes_up", "bytes_down", "accepted", "steps", "split_bytes_up", "split_bytes_down",
+)
 
 
 class WeightedSum:
@@ -107,10 +111,13 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
         return mean_gradient(fed.model, fed.params, chosen, r.client.per_device_train_batch_size, fed.pad_token_id, fed.device)
 
     hooks.begin(fed.params, ClientContext(round, client_id, x_t, broadcast, stored_strategy, lr, steps, gradient))
-    result = local_trainer(r.client)(
+    # an adapter whose local training is not the plain loop (split learning) brings its own
+    train = getattr(fed.adapter, "local_round", None)
+    extra = {"round": round, "client_id": client_id} if train is not None else {}
+    result = (train or local_trainer(r.client))(
         fed.model, fed.params, x_t, examples, r.client, lr=lr, seed=client_seed(r.seed, round, client_id),
         pad_token_id=fed.pad_token_id, device=fed.device, hooks=hooks,
-        optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps, on_step=on_step,
+        optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps, on_step=on_step, **extra,
     )
     extras, client_state = hooks.finish(fed.params, result.update)
     message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed))
@@ -156,7 +163,11 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
             log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", round, client_id)
         elif to_store:  # a dropped client's state does not advance either
             fed.store.put(client_id, to_store)
-        rows.append([client_id, result.num_samples, result.train_loss, bytes_up, bytes_down, accepted, result.steps])
+        split_up, split_down = result.split_bytes_up, result.split_bytes_down
+        rows.append([
+            client_id, result.num_samples, result.train_loss, bytes_up + split_up, bytes_down + split_down, accepted,
+            result.steps, split_up, split_down,
+        ])
         if progress is not None:
             progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{result.train_loss:.3f}")
 
