@@ -196,6 +196,7 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
 
 
 def gather_stats(rows: list, device) -> list[dict]:
+    """Every rank's per-client rows (one value per STAT_COLUMNS entry), as dicts."""
     table = all_gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STAT_COLUMNS)), device)
     stats = [dict(zip(STAT_COLUMNS, row)) for row in table.tolist()]
     for s in stats:

@@ -223,7 +223,7 @@ class FederatedCallback(TrainerCallback):
         accepted = is_finite(message)
         if not accepted:
             log.warning("round %d: client %d has a non-finite update (NaN/Inf); dropped", self.round, self.client_id)
-        row = [self.client_id, self.num_samples, math.nan, bytes_up, self.bytes_down, accepted, self.local_steps]
+        row = [self.client_id, self.num_samples, math.nan, bytes_up, self.bytes_down, accepted, self.local_steps, 0, 0]
         stats = gather_stats([row], self.device)
         clients = [s["client"] for s in stats if s["accepted"]]
         if clients:
