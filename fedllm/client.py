@@ -114,7 +114,7 @@ def local_round(
     on_step=None,
 ) -> LocalResult:
     """Trains `params` (already holding x^t) on `examples`; returns Δ and the loss.
-    `hooks` have already seen `begin`; the loop calls their `before_step`."""
+    `hooks` have already seen `begin`; the loop calls their `backward` and `before_step`."""
     torch.manual_seed(seed)  # dropout and anything else stochastic in the forward pass
     rng = np.random.default_rng(seed)
     optimizer = make_optimizer(cfg, list(params.values()), lr)
@@ -139,6 +139,10 @@ def local_round(
             scaler.scale(loss / accumulate).backward()
             return loss.detach()
 
+        def loss_of(sub_batch: dict) -> torch.Tensor:
+            with autocast:
+                return model(**sub_batch).loss
+
         def regrad():
             if accumulate != 1 or cfg.fp16:
                 raise ValueError(
@@ -148,8 +152,10 @@ def local_round(
             optimizer.zero_grad(set_to_none=True)
             backward()
 
-        losses.append(backward())
+        losses.append(hooks.backward(inputs, loss_of, backward))
         if (i + 1) % accumulate == 0:
+            if cfg.fp16 and all(p.grad is None for p in params.values()):
+                raise ValueError("the strategy's hooks compute their own gradients, without fp16 loss scaling: use client.bf16")
             scaler.unscale_(optimizer)
             hooks.before_step(params, regrad)
             if cfg.max_grad_norm:

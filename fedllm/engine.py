@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 import fedllm.plugins  # noqa: F401
+from fedllm.client import num_micro_batches
 from fedllm.data import prepare_data
 from fedllm.distributed import barrier, broadcast_int, is_distributed, process_state
 from fedllm.metrics import MetricsLog, truncate_jsonl
@@ -20,6 +21,7 @@ from fedllm.recipe import Recipe, dump_recipe, load_recipe
 from fedllm.registry import ADAPTERS, ATTACKS, CODECS, SAMPLERS, STRATEGIES
 from fedllm.server import evaluate, run_round
 from fedllm.state import ClientStore, checkpoint_dirs, read_checkpoint, write_checkpoint
+from fedllm.strategies.base import RunInfo
 
 log = logging.getLogger("fedllm")
 
@@ -72,6 +74,7 @@ class Federation:
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
         self.sampler = SAMPLERS.build(recipe.federation.sampler, "federation.sampler")
         self.codecs = [CODECS.build(c, f"codecs[{i}]") for i, c in enumerate(recipe.codecs)]
+        self.strategy.setup(self.run_info())  # before init: e.g. a noise level chosen for the planned rounds
         self.attack = ATTACKS.build(recipe.byzantine, "byzantine") if recipe.byzantine else None
         self.byzantine = self.attack.choose(recipe.federation.num_clients, recipe.seed) if self.attack else set()
         for client_id in sorted(self.byzantine):
@@ -93,6 +96,17 @@ class Federation:
         accelerator = Accelerator(cpu=self.device.type == "cpu", log_with=self.recipe.output.report_to, project_dir=str(self.run_dir))
         accelerator.init_trackers(self.run_dir.name, config=flat_config(self.recipe.model_dump(mode="json")))
         return accelerator
+
+    def run_info(self) -> RunInfo:
+        r = self.recipe
+        sizes = list(self.data.client_sizes)
+        return RunInfo(
+            rounds=r.federation.rounds, num_clients=r.federation.num_clients,
+            clients_per_round=r.federation.sampled_per_round(), sampler=r.federation.sampler["name"],
+            client_sizes=sizes,
+            local_steps=[num_micro_batches(r.client, n) // r.client.gradient_accumulation_steps for n in sizes],
+            batch_size=r.client.per_device_train_batch_size * r.client.gradient_accumulation_steps, seed=r.seed,
+        )
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -145,6 +159,12 @@ class Federation:
         rounds = range(self.start_round, r.federation.rounds)
         bar = tqdm(rounds, desc="rounds", disable=not (self.is_main and r.output.progress), dynamic_ncols=True)
         for t in bar:
+            reason = self.strategy.stop_reason(t, self.server_state)
+            if reason:
+                log.warning("stopping before round %d: %s", t + 1, reason)
+                if t > self.start_round and not (r.output.checkpoint_every and t % r.output.checkpoint_every == 0):
+                    self.checkpoint(t)  # the last completed round must be on disk
+                break
             mine = -(-r.federation.sampled_per_round() // self.world_size)
             steps = r.client.max_steps * mine if r.client.max_steps else None
             with tqdm(total=steps, desc=f"round {t + 1} local steps", leave=False, dynamic_ncols=True,
@@ -152,7 +172,10 @@ class Federation:
                 result = run_round(self, t, steps_bar)
             self.global_state, self.server_state = result.global_state, result.server_state
             last = t + 1 == r.federation.rounds
-            extra = {"seconds": result.seconds}
+            extra = {"seconds": result.seconds, **self.strategy.metrics(self.server_state)}
+            for codec in self.codecs:
+                if hasattr(codec, "accounting"):  # e.g. RQM's ε after t + 1 rounds
+                    extra.update(codec.accounting(t + 1))
             if self.data.eval and ((r.eval.every and (t + 1) % r.eval.every == 0) or last):
                 extra.update(evaluate(self, self.data.eval))
             row = self.metrics.log_round(t, result.stats, extra)

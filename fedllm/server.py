@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,6 +18,7 @@ log = logging.getLogger("fedllm")
 
 # bytes_up/down are a client's whole traffic; split_bytes_* the part its local round itself
 # exchanged with the server (split learning's activations and gradients), 0 for a plain loop
+CODEC_PREFIX = "codec/"  # a codec's per-client state in the client store: codec/<index>/<key>
 STAT_COLUMNS = (
     "client", "num_samples", "train_loss", "bytes_up", "bytes_down", "accepted", "steps", "split_bytes_up", "split_bytes_down",
 )
@@ -68,13 +69,18 @@ def is_finite(update: State) -> bool:
     return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in update.values()])).all())
 
 
-def send_update(fed, update: State, extras: State, ctx: WireContext) -> tuple[State, int]:
+def send_update(fed, update: State, extras: State, ctx: WireContext, codec_state: State | None = None) -> tuple[State, int]:
     """Client → server: adapter encoding (+ the strategy's extras), the codec chain, real
-    bytes, and back. Returns what the server decodes: the update and the prefixed extras."""
+    bytes, and back. Returns what the server decodes: the update and the prefixed extras.
+    `codec_state` (the client's stored codec state, `codec/<i>/...`) is updated in place."""
     message = fed.adapter.encode(update, ctx)
     message.tensors.update(with_prefix(extras))
-    for codec in fed.codecs:
-        message = codec.encode(message, ctx)
+    codec_state = {} if codec_state is None else codec_state
+    for i, codec in enumerate(fed.codecs):
+        prefix = f"{CODEC_PREFIX}{i}/"
+        own = split_prefix(codec_state, prefix)[1]
+        message = codec.encode(message, replace(ctx, state=own))
+        codec_state.update(with_prefix(own, prefix))
     wire = serialize(message)
     message = deserialize(wire)
     for codec in reversed(fed.codecs):
@@ -102,7 +108,8 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
     fed.adapter.load(fed.model, x_t, fed.params)
     fed.adapter.prepare_local_round(fed.model)
     examples = fed.data.clients[client_id]
-    stored_optim, stored_strategy = split_prefix(fed.store.get(client_id) or {})
+    stored, stored_codecs = split_prefix(fed.store.get(client_id) or {}, CODEC_PREFIX)
+    stored_optim, stored_strategy = split_prefix(stored)
     hooks = fed.strategy.client_hooks(round, client_id) or ClientHooks()
     steps = hooks.num_steps(num_micro_batches(r.client, len(examples)) // r.client.gradient_accumulation_steps)
 
@@ -120,9 +127,10 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
         optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps, on_step=on_step, **extra,
     )
     extras, client_state = hooks.finish(fed.params, result.update)
-    message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed))
+    codec_state = with_prefix(stored_codecs, CODEC_PREFIX)
+    message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed), codec_state)
     weight = 1.0 if fed.strategy.uniform_weights else float(result.num_samples)
-    to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {})}
+    to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {}), **codec_state}
     return message, weight, result, bytes_up, to_store
 
 

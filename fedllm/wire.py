@@ -23,6 +23,10 @@ class WireContext:
     round: int
     client_id: int
     seed: int
+    # Client side only: this codec's per-client state (e.g. an error-feedback residual),
+    # kept in the client store between the client's rounds; the codec edits it in place.
+    # Decoding gets None: the server may use only what the message carries.
+    state: dict | None = field(default=None, compare=False)
 
 
 def serialize(message: Message) -> bytes:

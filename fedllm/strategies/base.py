@@ -8,6 +8,10 @@ a running sum, all-reduced across ranks); a non-linear one (robust rules) receiv
 training loop calls; their `finish` may add tensors to the upload (`extras`) and return
 the client's new stored state (kept server-side in the client store).
 
+Before round 0 the engine calls `setup(run)` with the run's shape (`RunInfo`); after every
+round it logs `metrics(server_state)`, and before every round it asks `stop_reason(round,
+server_state)` — a privacy budget ends the run cleanly there (checkpoint, final export).
+
 Messages are keyed by the adapter's parameter names; a strategy's extras and broadcast
 tensors travel under the `strategy/` prefix and reach `aggregate` the same way.
 """
@@ -34,6 +38,20 @@ class RoundInfo:
 
 
 @dataclass
+class RunInfo:
+    """The shape of a run, given to plugins (strategy, codecs) once before round 0."""
+
+    rounds: int  # planned rounds
+    num_clients: int  # N
+    clients_per_round: int  # m
+    sampler: str  # the client sampler's registered name
+    client_sizes: list[int]  # examples per client
+    local_steps: list[int]  # optimizer steps per local round, per client (before hooks' num_steps)
+    batch_size: int  # examples per optimizer step (per-device batch × accumulation)
+    seed: int
+
+
+@dataclass
 class ClientContext:
     round: int
     client_id: int
@@ -55,19 +73,31 @@ class ClientHooks:
     def begin(self, params: dict[str, torch.nn.Parameter], ctx: ClientContext) -> None:
         pass
 
+    def backward(self, inputs: dict[str, torch.Tensor], loss_of: Callable[[dict], torch.Tensor],
+                 default: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One micro-batch: leave its gradient for `before_step` and return its mean loss.
+        `default()` is the usual backward into `p.grad`; `loss_of(sub_batch)` runs the forward
+        on any slice of `inputs` (DP-SGD: one backward per example, each clipped)."""
+        return default()
+
     def before_step(self, params: dict[str, torch.nn.Parameter], regrad: Callable[[], None]) -> None:
         """After backward, before clipping and the optimizer step: may edit `p.grad`.
         `regrad()` recomputes the gradients on the same micro-batch at the parameters'
         current values (for ascent/perturbation steps); it needs gradient accumulation 1."""
 
     def finish(self, params: dict[str, torch.nn.Parameter], update: State) -> tuple[State, State | None]:
-        """Returns (extra tensors to upload, the client's new stored state or None)."""
+        """Returns (extra tensors to upload, the client's new stored state or None). May edit
+        `update` in place (DP clipping, a client momentum sent instead of Δ): the engine sends
+        the dict it passed."""
         return {}, None
 
 
 class Strategy:
     linear = True
     uniform_weights = False  # True: every accepted client weighs 1 instead of its sample count
+
+    def setup(self, run: RunInfo) -> None:
+        """Called once before round 0 (and again on resume), before `init`."""
 
     def init(self, global_state: State) -> State:
         """Server state (momenta, moments, control variates...), saved with every checkpoint."""
@@ -82,6 +112,14 @@ class Strategy:
     def aggregate(self, global_state: State, updates, server_state: State, info: RoundInfo) -> tuple[State, State]:
         """`updates`: the weighted mean message (linear) or a list of (client_id, message, weight)."""
         raise NotImplementedError
+
+    def metrics(self, server_state: State) -> dict[str, float]:
+        """Numbers logged with the round that produced `server_state` (e.g. the ε spent)."""
+        return {}
+
+    def stop_reason(self, round: int, server_state: State) -> str | None:
+        """A reason to end the run cleanly before `round` (e.g. a privacy budget), or None."""
+        return None
 
 
 def add_scaled(x: State, d: State, scale: float) -> State:

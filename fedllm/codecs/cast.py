@@ -1,0 +1,46 @@
+"""Casting the uplink to 16-bit floats: half the bytes of fp32, decoded back to the original
+dtype. fp16 keeps 10 mantissa bits but overflows past 65504 (an overflowing client sends
+inf and the server drops it as non-finite); bf16 keeps fp32's range with 7 mantissa bits.
+Integer tensors are left alone."""
+from __future__ import annotations
+
+import torch
+
+from fedllm.codecs.framing import DTYPES
+from fedllm.registry import CODECS
+from fedllm.wire import Message
+
+
+class Cast:
+    dtype: torch.dtype
+    key: str
+
+    def encode(self, message: Message, ctx) -> Message:
+        floating = {k: t for k, t in message.tensors.items() if t.is_floating_point()}
+        original = {k: str(t.dtype).removeprefix("torch.") for k, t in floating.items()}
+        if len(set(original.values())) == 1:  # the usual case: one dtype, named once
+            original = {"*": next(iter(original.values()))}
+        tensors = {k: t.to(self.dtype) if k in floating else t for k, t in message.tensors.items()}
+        return Message(tensors, {**message.meta, self.key: original})
+
+    def decode(self, message: Message, ctx) -> Message:
+        original = message.meta[self.key]
+        tensors = {}
+        for k, t in message.tensors.items():
+            dtype = original.get(k, original.get("*")) if t.is_floating_point() else None
+            tensors[k] = t.to(DTYPES[dtype]) if dtype else t
+        return Message(tensors, {k: v for k, v in message.meta.items() if k != self.key})
+
+
+@CODECS.register("fp16")
+class Fp16(Cast):
+    """Sends every float tensor as fp16 (2 bytes per entry), restored on the server."""
+
+    dtype, key = torch.float16, "fp16"
+
+
+@CODECS.register("bf16")
+class Bf16(Cast):
+    """Sends every float tensor as bf16 (2 bytes per entry), restored on the server."""
+
+    dtype, key = torch.bfloat16, "bf16"

@@ -1,0 +1,114 @@
+"""DP-FedAvg with client-level privacy — McMahan, Ramage, Talwar & Zhang, "Learning
+Differentially Private Recurrent Language Models" (ICLR 2018), Algorithm 1 with the
+fixed-denominator estimator and flat clipping.
+
+Client k: Δ_k ← clip(Δ_k, S) = Δ_k · min(1, S/‖Δ_k‖) over the whole upload (adapter update
+and any strategy extras, as one flat vector). Server, with m = clients per round:
+
+    Δ̄ = (Σ_k clip(Δ_k) + N(0, z²S²·I)) / m          (noise std per coordinate: z·S/m)
+
+and Δ̄ goes to the wrapped strategy (FedAvg by default: x += η_g Δ̄), so server momentum or
+adaptive optimisers run on the privatised mean. One round is one DP event:
+- every client in every round (m = N): a Gaussian mechanism with noise multiplier z under
+  add/remove-one-client (the sum moves by ≤ S);
+- m of N clients uniformly without replacement (the `uniform` sampler): the library's
+  sampled-without-replacement Gaussian under replace-one-client, where the sum moves by
+  ≤ 2S, so the event's multiplier is z/2.
+The ledger is server state (checkpointed); ε is reported after every round, and with a
+budget the run stops before the round that would exceed it."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from fedllm.privacy.accountant import Event, Ledger, calibrate
+from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, add_noise, flat_norm, noise_generator, split_state
+from fedllm.registry import STRATEGIES
+from fedllm.strategies.base import RoundInfo, State
+
+LEDGER = PREFIX + "ledger"
+
+
+class ClipUpload(DelegatingHooks):
+    """Clips the client's whole upload (update + extras) to norm S, in place."""
+
+    def __init__(self, inner, clip_norm: float):
+        super().__init__(inner)
+        self.clip_norm = clip_norm
+
+    @torch.no_grad()
+    def finish(self, params, update):
+        extras, client_state = self.inner.finish(params, update)
+        scale = min(1.0, self.clip_norm / max(flat_norm(update, extras), 1e-12))
+        for t in update.values():  # the engine sends this dict: clip it where it lies
+            t.mul_(scale)
+        return {k: t * scale for k, t in extras.items()}, client_state
+
+
+@STRATEGIES.register("dp_fedavg")
+class DPFedAvg(PrivacyWrapper):
+    """DP-FedAvg (client-level DP): flat clipping to S, noise z·S/m on the mean, accounted."""
+
+    def __init__(
+        self,
+        inner: dict = {"name": "fedavg"},  # the (linear) strategy that receives the noisy mean
+        clip_norm: float = 1.0,  # S
+        noise_multiplier: float | None = None,  # z; or give target_epsilon
+        target_epsilon: float | None = None,  # choose z so the planned rounds spend this ε
+        delta: float = 1e-5,
+        max_epsilon: float | None = None,  # stop before exceeding (default: target_epsilon)
+        accountant: Literal["rdp", "pld"] = "rdp",
+    ):
+        super().__init__(inner, "dp_fedavg")
+        if not self.linear:
+            raise ValueError("dp_fedavg adds noise to the mean of the clipped updates: its inner strategy must be linear")
+        if clip_norm <= 0:
+            raise ValueError("dp_fedavg: clip_norm must be > 0")
+        self.uniform_weights = True  # the mean is over clients, each clipped to S
+        self.clip_norm = clip_norm
+        self.budget = Budget("dp_fedavg", noise_multiplier, target_epsilon, delta, max_epsilon, accountant)
+        self.population, self.sample, self.seed = None, None, 0
+
+    def setup(self, run) -> None:
+        if run.sampler != "uniform":
+            raise ValueError(f"dp_fedavg accounts for the uniform client sampler; this run samples with '{run.sampler}'")
+        self.population, self.sample, self.seed = run.num_clients, run.clients_per_round, run.seed
+        if self.budget.target_epsilon is not None:
+            self.budget.noise_multiplier = calibrate(
+                lambda z: {self.event(z): run.rounds}, self.budget.target_epsilon, self.budget.delta, self.budget.method
+            )
+
+    def event(self, z: float, population: int | None = None, sample: int | None = None) -> Event:
+        n, m = population or self.population, sample or self.sample
+        if m >= n:
+            return Event(z)
+        return Event(z / 2, "without_replacement", population=n, sample=m)
+
+    def init(self, global_state: State) -> State:
+        self.budget.require_noise()
+        return {**super().init(global_state), LEDGER: Ledger().state()}
+
+    def client_hooks(self, round: int, client_id: int):
+        return ClipUpload(self.inner.client_hooks(round, client_id), self.clip_norm)
+
+    def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
+        inner_state, own = split_state(server_state)
+        z = self.budget.require_noise()
+        m = self.sample or len(info.clients)  # the planned m: a dropped client does not shrink it
+        total = {k: t.float() * info.total_weight for k, t in mean_update.items()}  # Σ clip(Δ_k)
+        noisy = add_noise(total, z * self.clip_norm, noise_generator(self.seed, info.round, 0xD9))
+        noisy = {k: t / m for k, t in noisy.items()}
+        new_global, inner_state = self.inner.aggregate(global_state, noisy, inner_state, info)
+        ledger = Ledger(own[LEDGER]).compose(self.event(z, info.num_clients, m))
+        return new_global, {**inner_state, LEDGER: ledger.state()}
+
+    def metrics(self, server_state: State) -> dict:
+        return {**self.inner_metrics(server_state), **self.budget.report([Ledger(server_state[LEDGER])])}
+
+    def stop_reason(self, round: int, server_state: State) -> str | None:
+        if self.population is None:
+            return self.inner_stop_reason(round, server_state)
+        ledger = Ledger(server_state[LEDGER]).compose(self.event(self.budget.require_noise()))
+        reason = self.budget.stop_reason(round, ledger.epsilon(self.budget.delta, self.budget.method))
+        return reason or self.inner_stop_reason(round, server_state)

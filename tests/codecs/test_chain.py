@@ -1,0 +1,36 @@
+"""Codecs chain in recipe order through the engine's real send path (encode in order, real
+bytes, decode in reverse), and every codec is a registered, documented plugin."""
+from types import SimpleNamespace
+
+import torch
+
+from fedllm.adapters.base import Adapter
+from fedllm.codecs.fedzip import FedZip
+from fedllm.registry import CODECS
+from fedllm.server import send_update
+from fedllm.wire import Message, WireContext, serialize
+
+
+def test_a_chain_encodes_in_recipe_order_and_decodes_in_reverse():
+    gen = torch.Generator().manual_seed(0)
+    update = {"a": torch.randn(32, 8, generator=gen), "b": torch.randn(100, generator=gen)}
+    extras = {"c": torch.randn(10, generator=gen)}
+    chain = [CODECS.build({"name": "fp16"}), CODECS.build({"name": "fedzip", "keep": 0.5})]
+    fed = SimpleNamespace(adapter=Adapter(), codecs=chain)
+    decoded, sent = send_update(fed, {k: t.clone() for k, t in update.items()}, extras, WireContext(0, 0, 0))
+    assert set(decoded) == {"a", "b", "strategy/c"}
+    zip_ = FedZip(keep=0.5)
+    for name, original in {**update, "strategy/c": extras["c"]}.items():
+        centroids, ids = zip_.quantize(original.half())  # fedzip saw the fp16 tensors
+        expected = centroids[torch.from_numpy(ids)].half().float().reshape(original.shape)
+        assert decoded[name].dtype == torch.float32 and torch.equal(decoded[name], expected)
+    message = Message({**update, "strategy/c": extras["c"]})
+    for codec in chain:
+        message = codec.encode(message, WireContext(0, 0, 0))
+    assert sent == len(serialize(message)) < 4 * 366 / 3  # the ledger counts the real bitstream: > 3× smaller than fp32
+
+
+def test_every_codec_is_documented_and_builds_from_its_options():
+    for name in ("fedzip", "topk", "qsgd", "fp16", "bf16", "rqm"):
+        assert CODECS.get(name).__doc__.strip()
+    assert CODECS.build({"name": "rqm", "clip": 0.1, "levels": 4}).width == 2

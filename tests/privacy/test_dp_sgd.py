@@ -1,0 +1,82 @@
+"""Local DP-SGD: exact per-example clipping, noise of std σC/B, and per-client ε."""
+import pytest
+import torch
+
+from fedllm.privacy.dp_sgd import clipped_gradient_sum, single_examples
+from fedllm.registry import STRATEGIES
+from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strategy
+
+
+def squared_error(params):
+    return lambda batch: ((batch["x"] @ params["w"] - batch["y"]) ** 2).mean()
+
+
+def test_each_example_is_clipped_before_the_sum():
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.nn.Parameter(torch.randn(5, generator=gen))}
+    batch = {"x": torch.randn(6, 5, generator=gen), "y": 10 * torch.randn(6, generator=gen)}
+    sums, loss, count = clipped_gradient_sum(params, batch, squared_error(params), clip=1.0)
+    with torch.no_grad():
+        per_example = 2 * (batch["x"] @ params["w"] - batch["y"])[:, None] * batch["x"]  # ∇(x·w − y)²
+        norms = per_example.norm(dim=1, keepdim=True)
+        expected = (per_example * (1.0 / (norms + 1e-6)).clamp(max=1.0)).sum(0)
+    assert count == 6 and norms.min() > 1.0  # every example needed clipping
+    torch.testing.assert_close(sums["w"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ((batch["x"] @ params["w"] - batch["y"]) ** 2).mean().detach())
+
+
+def test_padding_is_trimmed_per_example():
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])}
+    rows = list(single_examples(batch))
+    assert [r["input_ids"].tolist() for r in rows] == [[[5, 6, 7]], [[8]]]
+
+
+def test_the_step_gradient_gets_noise_of_std_sigma_c_over_b():
+    s = STRATEGIES.build({"name": "dp_sgd", "max_grad_norm": 0.5, "noise_multiplier": 2.0})
+    params = {"w": torch.nn.Parameter(torch.ones(100_000))}
+    hooks = s.client_hooks(0, 0)
+    hooks.begin(params, ClientContext(0, 0, {"w": torch.ones(100_000)}, {}, {}, 0.1, 1))
+    x = torch.zeros(8, 100_000)
+    batch = {"x": x, "y": torch.zeros(8)}  # zero residual: every per-example gradient is 0
+    torch.manual_seed(0)
+    for half in (batch["x"][:4], batch["x"][4:]):  # two micro-batches of one step (accumulation)
+        hooks.backward({"x": half, "y": torch.zeros(4)}, squared_error(params), default=None)
+    hooks.before_step(params, regrad=None)
+    assert params["w"].grad.std().item() == pytest.approx(2.0 * 0.5 / 8, rel=0.01)
+
+
+def test_target_epsilon_bounds_the_worst_client(run_info):
+    s = STRATEGIES.build({"name": "dp_sgd", "target_epsilon": 3.0})
+    # sampling rates b/n_i = 0.5, 1 and 0.25
+    s.setup(run_info(rounds=4, num_clients=3, client_sizes=[16, 8, 32], local_steps=[5, 5, 5], batch_size=8))
+    x = {"w": torch.zeros(2)}
+    state = s.init(x)
+    for t in range(4):
+        assert s.stop_reason(t, state) is None
+        _, state = s.aggregate(x, x, state, RoundInfo(t, [0, 1, 2], 3.0, 3))
+    ledgers = s.ledgers(state)
+    spent = {c: ledgers[c].epsilon(1e-5) for c in ledgers}
+    assert spent[1] == pytest.approx(3.0, rel=1e-3) and spent[1] <= 3.0  # the smallest client spends most
+    assert spent[2] < spent[0] < spent[1]
+    assert s.metrics(state)["epsilon"] == spent[1]
+    assert "past the budget" in s.stop_reason(4, state)
+
+
+@STRATEGIES.register("test_raw_gradient_inner")
+class RawGradient(Strategy):
+    """Test strategy: its client hooks read a raw gradient of the client's data."""
+
+    def client_hooks(self, round, client_id):
+        class Hooks(ClientHooks):
+            def begin(self, params, ctx):
+                ctx.gradient(None)
+
+        return Hooks()
+
+
+def test_a_wrapped_strategy_cannot_read_raw_gradients():
+    s = STRATEGIES.build({"name": "dp_sgd", "noise_multiplier": 1.0, "inner": {"name": "test_raw_gradient_inner"}})
+    params = {"w": torch.nn.Parameter(torch.zeros(2))}
+    ctx = ClientContext(0, 0, {"w": torch.zeros(2)}, {}, {}, 0.1, 1, gradient=lambda limit: {"w": torch.ones(2)})
+    with pytest.raises(ValueError, match="bypass per-example clipping"):
+        s.client_hooks(0, 0).begin(params, ctx)
