@@ -32,7 +32,7 @@ import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
 from fedllm.privacy.budget import PREFIX, Budget, add_noise, flat_norm, noise_generator
-from fedllm.privacy.dp_sgd import clipped_gradient_sum, require_per_example_pass
+from fedllm.privacy.dp_sgd import ClippedSums
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy
 
@@ -49,19 +49,16 @@ class ClientMomentum(ClientHooks):
         return 1
 
     def begin(self, params, ctx):
-        self.params, self.sums, self.count, self.gradient = params, None, 0, None
+        self.clipped, self.gradient = ClippedSums(params, self.clip, "dp_brem"), None
         self.previous = {k: ctx.client_state.get(MOMENTUM + k) for k in params}
 
     def backward(self, inputs, loss_of, default):
-        sums, loss, count = clipped_gradient_sum(self.params, inputs, loss_of, self.clip)
-        self.sums = sums if self.sums is None else {k: self.sums[k] + sums[k] for k in sums}
-        self.count += count
-        return loss
+        return self.clipped.add(inputs, loss_of)
 
     @torch.no_grad()
     def before_step(self, params, regrad):
-        require_per_example_pass(self.sums, "dp_brem")
-        self.gradient = {k: s / self.count for k, s in self.sums.items()}
+        sums, count = self.clipped.take()
+        self.gradient = {k: s / count for k, s in sums.items()}
         for p in params.values():
             p.grad = None  # nothing to step on: the server moves the model
 

@@ -67,6 +67,27 @@ def require_per_example_pass(sums, owner: str) -> None:
         )
 
 
+class ClippedSums:
+    """Σ of per-example clipped gradients over one optimizer step's micro-batches."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], clip: float, owner: str):
+        self.params, self.clip, self.owner = params, clip, owner
+        self.sums, self.count = None, 0
+
+    def add(self, inputs: dict, loss_of: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+        sums, loss, count = clipped_gradient_sum(self.params, inputs, loss_of, self.clip)
+        self.sums = sums if self.sums is None else {k: self.sums[k] + sums[k] for k in sums}
+        self.count += count
+        return loss
+
+    def take(self) -> tuple[State, int]:
+        """The step's sums and example count; starts the next step from zero."""
+        require_per_example_pass(self.sums, self.owner)
+        taken = self.sums, self.count
+        self.sums, self.count = None, 0
+        return taken
+
+
 def raw_gradients_refused(*args, **kwargs):
     raise ValueError(
         "dp_sgd: the wrapped strategy asks for raw gradients of the client's data (ClientContext.gradient "
@@ -82,25 +103,21 @@ class PrivateGradient(DelegatingHooks):
         self.clip, self.noise_multiplier = clip, noise_multiplier
 
     def begin(self, params, ctx):
-        self.params, self.sums, self.count = params, None, 0
+        self.clipped = ClippedSums(params, self.clip, "dp_sgd")
         super().begin(params, replace(ctx, gradient=raw_gradients_refused))
 
     def backward(self, inputs, loss_of, default):
-        sums, loss, count = clipped_gradient_sum(self.params, inputs, loss_of, self.clip)
-        self.sums = sums if self.sums is None else {k: self.sums[k] + sums[k] for k in sums}
-        self.count += count
-        return loss
+        return self.clipped.add(inputs, loss_of)
 
     @torch.no_grad()
     def before_step(self, params, regrad):
-        require_per_example_pass(self.sums, "dp_sgd")
+        sums, count = self.clipped.take()
         std = self.noise_multiplier * self.clip
         for k, p in params.items():
             noise = torch.randn(p.shape, device=p.device) * std  # the local round's seeded RNG
             # count = examples per step, fixed (the local loop only draws full batches): the
             # normalisation by the expected batch size of the DP-SGD analysis
-            p.grad = ((self.sums[k] + noise) / self.count).to(p.dtype)
-        self.sums, self.count = None, 0
+            p.grad = ((sums[k] + noise) / count).to(p.dtype)
         super().before_step(params, raw_gradients_refused)  # e.g. FedProx's term: data-free, after the noise
 
 
