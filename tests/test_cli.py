@@ -63,3 +63,8 @@ def test_list_prints_plugins(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "ffa_lora" in out and "fedyogi" in out and "dirichlet" in out
+
+
+def test_a_robust_rule_that_cannot_meet_n_vs_f_fails_before_training(recipe_file, capsys):
+    path = recipe_file(strategy={"name": "krum", "f": 3}, federation={"num_clients": 6, "clients_per_round": 5})
+    fails_with(["run", str(path)], capsys, "krum", "n ≥ 2f+3 = 9", "clients_per_round=5")

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from fedllm.recipe import load_recipe, recipe_from_dict
-from fedllm.registry import RecipeError
+from fedllm.registry import STRATEGIES, RecipeError
+from fedllm.strategies.base import RunInfo
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -13,6 +14,12 @@ RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.federation.rounds > 0
+    # the strategy accepts the planned run shape (robust rules' n-vs-f, DP calibration)
+    f = recipe.federation
+    sizes = [20] * f.num_clients
+    run = RunInfo(f.rounds, f.num_clients, f.sampled_per_round(), f.sampler["name"], sizes,
+                  [recipe.client.max_steps or 1] * f.num_clients, recipe.client.per_device_train_batch_size, recipe.seed)
+    STRATEGIES.build(recipe.strategy).setup(run)
 
 
 def test_a_mistyped_key_names_the_nearest_valid_key():

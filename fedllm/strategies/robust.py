@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from fedllm.registry import STRATEGIES
+from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import PREFIX, ClientHooks, RoundInfo, State, Strategy
 from fedllm.strategies.robust_rules import (
     bulyan, centered_clip, geometric_median, krum, median, multi_krum, nearest_neighbor_mixing, require, trimmed_mean,
@@ -80,6 +80,14 @@ class Robust(Strategy):
 
     def rule(self, X: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def setup(self, run) -> None:
+        # fail before any training when the planned round size cannot meet this rule's n-vs-f
+        # requirement (every rule checks it on its input)
+        try:
+            self.rule(torch.zeros(run.clients_per_round, 1), torch.zeros(1))
+        except ValueError as err:
+            raise RecipeError(f"{err} (federation.clients_per_round={run.clients_per_round})") from None
 
     def init(self, global_state: State) -> State:
         return prefixed(float_zeros(global_state), PREVIOUS) if self.keeps_previous else {}
