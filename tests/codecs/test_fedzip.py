@@ -87,16 +87,7 @@ def test_an_all_zero_update_costs_almost_nothing():
 
 
 def test_optional_error_feedback_carries_what_was_not_sent():
-    from dataclasses import dataclass, field
-
-    @dataclass(frozen=True)
-    class ClientCtx:
-        round: int
-        client_id: int
-        seed: int
-        state: dict = field(default_factory=dict, compare=False)
-
-    gen, ctx = torch.Generator().manual_seed(3), ClientCtx(0, 0, 0)
+    gen, ctx = torch.Generator().manual_seed(3), WireContext(0, 0, 0, state={})
     codec, total_in, total_out = FedZip(error_feedback=True), torch.zeros(500), torch.zeros(500)
     for _ in range(4):
         x = torch.randn(500, generator=gen)

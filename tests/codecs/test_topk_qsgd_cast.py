@@ -1,6 +1,4 @@
 """Top-k with error feedback, QSGD and 16-bit casting: what each sends and what comes back."""
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 
@@ -8,16 +6,6 @@ from fedllm.codecs.cast import Bf16, Fp16
 from fedllm.codecs.qsgd import QSGD
 from fedllm.codecs.topk import TopK
 from fedllm.wire import Message, WireContext, deserialize, serialize
-
-
-@dataclass(frozen=True)
-class ClientCtx:
-    """A wire context with the per-client codec state the engine keeps in the client store."""
-
-    round: int
-    client_id: int
-    seed: int
-    state: dict = field(default_factory=dict, compare=False)
 
 
 def send(codec, message, ctx):
@@ -36,11 +24,11 @@ def test_topk_sends_the_k_largest_entries_of_each_tensor():
 
 def test_error_feedback_loses_nothing_only_delays_it():
     gen = torch.Generator().manual_seed(1)
-    codec, ctx = TopK(fraction=0.05), ClientCtx(0, 3, 0)
+    codec, ctx = TopK(fraction=0.05), WireContext(0, 3, 0, state={})
     updates = [{"a": torch.randn(40, 10, generator=gen), "b": torch.randn(77, generator=gen)} for _ in range(6)]
     sent = {"a": torch.zeros(40, 10), "b": torch.zeros(77)}
     for t, update in enumerate(updates):
-        decoded, _ = send(codec, Message(dict(update)), ClientCtx(t, 3, 0, ctx.state))
+        decoded, _ = send(codec, Message(dict(update)), WireContext(t, 3, 0, state=ctx.state))
         for k in sent:
             sent[k] += decoded.tensors[k]
     for k in sent:  # Σ sent_t + e_T = Σ u_t
