@@ -53,21 +53,34 @@ def barrier() -> None:
         dist.barrier()
 
 
+def canonical_shapes(template: dict) -> dict:
+    """Key -> shape in sorted key order: dicts read back from safetensors come in no fixed
+    order, and ranks exchange flat buffers element by element."""
+    return {k: template[k].shape for k in sorted(template)}
+
+
+def pack(state: dict, shapes: dict) -> torch.Tensor:
+    """The tensors of `state`, in the order of `shapes`, as one flat float64 CPU vector."""
+    return torch.cat([state[k].reshape(-1).to("cpu", torch.float64) for k in shapes])
+
+
+def unpack(flat: torch.Tensor, shapes: dict) -> dict:
+    out, offset = {}, 0
+    for k, shape in shapes.items():
+        n = shape.numel()
+        out[k] = flat[offset : offset + n].to(torch.float32).reshape(shape)
+        offset += n
+    return out
+
+
 def all_gather_messages(kept: list[tuple[int, dict, float]], template: dict, device) -> list[tuple[int, dict, float]]:
     """Every rank's (client_id, message, weight) triples, on every rank, ordered by client id
     (so robust rules see the same list whatever the number of ranks)."""
-    keys = sorted(template)
     if is_distributed():
+        shapes = canonical_shapes(template)
+        width = 2 + sum(shape.numel() for shape in shapes.values())
         rows = torch.stack([
-            torch.cat([torch.tensor([cid, w], dtype=torch.float64)] + [m[k].reshape(-1).double().cpu() for k in keys])
-            for cid, m, w in kept
-        ]) if kept else torch.zeros(0, 2 + sum(template[k].numel() for k in keys), dtype=torch.float64)
-        kept = []
-        for row in all_gather_rows(rows, device):
-            message, offset = {}, 2
-            for k in keys:
-                n = template[k].numel()
-                message[k] = row[offset : offset + n].float().reshape(template[k].shape)
-                offset += n
-            kept.append((int(row[0]), message, float(row[1])))
+            torch.cat([torch.tensor([cid, w], dtype=torch.float64), pack(m, shapes)]) for cid, m, w in kept
+        ]) if kept else torch.zeros(0, width, dtype=torch.float64)
+        kept = [(int(row[0]), unpack(row[2:], shapes), float(row[1])) for row in all_gather_rows(rows, device)]
     return sorted(kept, key=lambda item: item[0])

@@ -10,7 +10,7 @@ import torch
 
 from fedllm.client import client_seed, local_round, mean_gradient, num_micro_batches, round_learning_rate
 from fedllm.data import collate
-from fedllm.distributed import all_gather_messages, all_gather_rows, all_reduce_sum_
+from fedllm.distributed import all_gather_messages, all_gather_rows, all_reduce_sum_, canonical_shapes, pack, unpack
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, State, split_prefix, with_prefix
 from fedllm.wire import Message, WireContext, deserialize, serialize
 
@@ -29,13 +29,11 @@ class WeightedSum:
     and the sum does not depend (beyond fp64 rounding) on how clients split over ranks."""
 
     def __init__(self, template: State):
-        # a canonical (sorted) layout: dicts read back from safetensors come in no fixed
-        # order, and ranks all-reduce this buffer element by element
-        self.shapes = {k: template[k].shape for k in sorted(template)}
+        self.shapes = canonical_shapes(template)  # ranks all-reduce this buffer element by element
         self.flat = torch.zeros(sum(t.numel() for t in template.values()) + 1, dtype=torch.float64)
 
     def flatten(self, update: State) -> torch.Tensor:
-        return torch.cat([update[k].reshape(-1).to("cpu", torch.float64) for k in self.shapes])
+        return pack(update, self.shapes)
 
     def add(self, update: State, weight: float) -> None:
         self.add_flat(self.flatten(update), weight)
@@ -49,12 +47,7 @@ class WeightedSum:
         return float(self.flat[-1])
 
     def mean(self) -> State:
-        out, offset = {}, 0
-        for k, shape in self.shapes.items():
-            n = shape.numel()
-            out[k] = (self.flat[offset : offset + n] / self.flat[-1]).to(torch.float32).reshape(shape)
-            offset += n
-        return out
+        return unpack(self.flat[:-1] / self.flat[-1], self.shapes)
 
 
 @dataclass
