@@ -1,4 +1,7 @@
 """Codecs transform a message on the wire (compression, privacy). Each registers in
 `fedllm.registry.CODECS` and has `encode(message, ctx) -> message` and
-`decode(message, ctx) -> message`; the recipe's `codecs:` list chains them in order."""
+`decode(message, ctx) -> message`; the recipe's `codecs:` list chains them in order.
+A codec transforms only float tensors: integer and bool tensors (seeds, indices, counts)
+pass through bit-exact and stay out of its compressed payload and its per-client state
+(tests/codecs/test_integers.py)."""
 from fedllm.codecs import cast, fedzip, qsgd, rqm, topk  # noqa: F401  registers the built-in codecs
