@@ -2,6 +2,7 @@
 use dotted paths. Unknown keys are errors naming the valid keys and the nearest match."""
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -100,6 +101,18 @@ class OutputConfig(Section):
     progress: bool = True
 
 
+class PrivacyConfig(Section):
+    """The differential-privacy budget, read by the DP strategies (dp_fedavg, dp_sgd, dp_brem)
+    in their set-up. Give noise_multiplier, or target_epsilon to choose it for the planned rounds."""
+
+    target_epsilon: Optional[float] = Field(None, gt=0)  # the ε the planned rounds may spend
+    noise_multiplier: Optional[float] = Field(None, gt=0)  # or the noise multiplier z (σ) itself
+    delta: Optional[float] = Field(None, gt=0, lt=1)  # δ; default 1e-5
+    max_epsilon: Optional[float] = Field(None, gt=0)  # stop the run before passing it (default: target_epsilon)
+    accountant: Optional[Literal["rdp", "pld"]] = None  # default rdp
+    noise_seed: Optional[int] = None  # reproducible noise for experiments: NOT private (default: secret noise)
+
+
 class Recipe(Section):
     seed: int = 0
     model: ModelConfig = ModelConfig()
@@ -111,6 +124,7 @@ class Recipe(Section):
     federation: FederationConfig = FederationConfig()
     client: ClientConfig = ClientConfig()
     eval: EvalConfig = EvalConfig()
+    privacy: Optional[PrivacyConfig] = None
     output: OutputConfig = OutputConfig()
 
     def check_plugins(self) -> "Recipe":
@@ -129,18 +143,35 @@ class Recipe(Section):
         s = self.federation.sampler
         self.federation.sampler = {"name": s.get("name"), **ALL["samplers"].validate(s, "federation.sampler")}
         self.federation.sampled_per_round()
+        if self.privacy is not None:
+            self.check_privacy()
         if self.client.max_steps is None and self.client.num_train_epochs is None:
             raise RecipeError("set 'client.max_steps' (local steps per round) or 'client.num_train_epochs'")
         if self.client.bf16 and self.client.fp16:
             raise RecipeError("set at most one of 'client.bf16' and 'client.fp16'")
         return self
 
+    def check_privacy(self) -> None:
+        # a strategy that reads the section says so with a `check_privacy(options, privacy)`;
+        # any other would ignore the budget silently
+        strategies = ALL["strategies"]
+        check = getattr(strategies.get(self.strategy["name"]), "check_privacy", None)
+        if check is None:
+            readers = [n for n in strategies.names() if hasattr(strategies.get(n), "check_privacy")]
+            raise RecipeError(
+                f"the privacy: section is read by the DP strategies ({', '.join(readers)}); strategy "
+                f"'{self.strategy['name']}' would ignore it. Use a DP strategy (e.g. strategy.name=dp_fedavg, "
+                f"inner: {{name: {self.strategy['name']}}}) or remove the privacy: section"
+            )
+        check(self.strategy, self.privacy.model_dump())
+
 
 def _valid_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[str]]:
     keys = {prefix: list(model.model_fields)}
     for name, field in model.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys.update(_valid_keys(field.annotation, prefix + (name,)))
+        for annotation in (field.annotation, *typing.get_args(field.annotation)):  # Optional[Section] too
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                keys.update(_valid_keys(annotation, prefix + (name,)))
     return keys
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.recipe import load_recipe, recipe_from_dict
+from fedllm.recipe import dump_recipe, load_recipe, recipe_from_dict
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import RunInfo
 
@@ -18,7 +18,8 @@ def test_every_shipped_recipe_validates(path):
     f = recipe.federation
     sizes = [20] * f.num_clients
     run = RunInfo(f.rounds, f.num_clients, f.sampled_per_round(), f.sampler["name"], sizes,
-                  [recipe.client.max_steps or 1] * f.num_clients, recipe.client.per_device_train_batch_size, recipe.seed)
+                  [recipe.client.max_steps or 1] * f.num_clients, recipe.client.per_device_train_batch_size, recipe.seed,
+                  recipe.privacy.model_dump() if recipe.privacy else None)
     STRATEGIES.build(recipe.strategy).setup(run)
 
 
@@ -82,3 +83,22 @@ def test_more_sampled_clients_than_clients_is_an_error():
 def test_fraction_picks_the_clients_per_round():
     recipe = recipe_from_dict({"federation": {"num_clients": 100, "fraction": 0.05}})
     assert recipe.federation.sampled_per_round() == 5
+
+
+def test_the_privacy_section_is_optional_strict_and_set_by_overrides(tmp_path):
+    assert recipe_from_dict({}).privacy is None  # absent: no privacy settings at all
+    path = tmp_path / "r.yaml"
+    path.write_text("strategy:\n  name: dp_fedavg\n")
+    recipe = load_recipe(path, ["privacy.target_epsilon=3", "privacy.noise_seed=7"])  # the section starts empty
+    assert (recipe.privacy.target_epsilon, recipe.privacy.noise_seed, recipe.privacy.delta) == (3.0, 7, None)
+    assert load_recipe(path, ["privacy.target_epsilon=3"]).privacy.noise_seed is None  # secret noise by default
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_recipe(recipe))  # a run directory's recipe.yaml reloads (resume) without a conflict
+    assert load_recipe(again).privacy == recipe.privacy
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"strategy": {"name": "dp_fedavg"}, "privacy": {"noise_sed": 1}})
+    assert "privacy.noise_sed" in str(err.value) and "did you mean 'noise_seed'" in str(err.value)
+    with pytest.raises(RecipeError, match="'privacy.noise_multiplier'"):
+        recipe_from_dict({"strategy": {"name": "dp_fedavg"}, "privacy": {"noise_multiplier": 0}})
+    with pytest.raises(RecipeError, match="strategy 'fedprox' would ignore it"):
+        recipe_from_dict({"strategy": {"name": "fedprox"}, "privacy": {"noise_seed": 1}})

@@ -1,25 +1,43 @@
 """What the privacy strategies share.
 
 - The budget: give either `noise_multiplier` or `target_epsilon` (the noise is then chosen
-  so that the planned rounds spend exactly that ε at `delta`); `max_epsilon` (default: the
-  target) stops the run cleanly before a round that would spend more.
+  so that the planned rounds spend exactly that ε at `delta`, default 1e-5); `max_epsilon`
+  (default: the target) stops the run cleanly before a round that would spend more. These
+  belong in the recipe's `privacy:` section, which reaches the strategy as `RunInfo.privacy`
+  in `setup(run)`; the strategy options of the same names still work, but a value set in
+  both places is an error that says which to remove.
+- The noise is secret: nobody who reads the recipe can rebuild it and subtract it. The
+  server's generator is seeded from `secrets` when the strategy's state is made (rank 0's
+  seed, shared with every rank, since each aggregates the same mean) and its state is
+  server state, so a resumed run continues the same stream: the rounds after the last
+  checkpoint are redone with the noise they had, which releases nothing new when the
+  rerun computes the same sums. `privacy.noise_seed` makes the noise reproducible for
+  experiments — anyone who knows it can remove the noise, so a seeded run is not private.
+- A client whose update is dropped (non-finite) is not in `RoundInfo.clients`: it is not
+  in the sum and its ledger does not move. That is sound because its message is discarded
+  unused; a deployed client should check finiteness itself and send nothing, as the
+  simulation's server does on its behalf.
 - The run's shape, which the engine hands every plugin before round 0 through `setup(run)`
   (`RunInfo`: planned rounds, N, clients per round and their sampler, client dataset
-  sizes, local steps, examples per local step, the run seed).
+  sizes, local steps, examples per local step, the run seed, the privacy section).
 - Wrapping: a privacy wrapper keeps its own server state under `privacy/` and passes the
   rest to the strategy it wraps; `DelegatingHooks` passes the client hooks through."""
 from __future__ import annotations
 
 import math
+import secrets
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from fedllm.privacy.accountant import Ledger, Method
-from fedllm.registry import STRATEGIES
+from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientHooks, State, Strategy
 
 PREFIX = "privacy/"
+NOISE = PREFIX + "noise_rng"  # the server's noise generator state (uint8), checkpointed with the server state
+BUDGET = ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "accountant")  # privacy: keys a strategy option may also set
 
 
 def split_state(server_state: State) -> tuple[State, State]:
@@ -28,12 +46,39 @@ def split_state(server_state: State) -> tuple[State, State]:
     return inner, {k: t for k, t in server_state.items() if k.startswith(PREFIX)}
 
 
-def noise_generator(seed: int, round: int, salt: int) -> torch.Generator:
-    # The server's noise must be identical on every rank (each aggregates the same mean)
-    # and replay after a resume: seeded by (run seed, round). Like Opacus without
-    # secure_mode this is for experiments — a deployment draws it from a CSPRNG.
-    entropy = np.random.SeedSequence([seed, round, salt]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(entropy >> np.uint64(1)))
+def seeded(noise_seed: int, *salt: int) -> int:
+    """A generator seed from `privacy.noise_seed` (reproducible, so not private) and a salt."""
+    words = [int(v) % 2**64 for v in (noise_seed, *salt)]  # SeedSequence takes no negatives (client -1: a template)
+    entropy = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
+    return int(entropy >> np.uint64(1))
+
+
+def secret_seed() -> int:
+    """63 bits from the OS CSPRNG; under torch.distributed every rank gets rank 0's."""
+    seed = secrets.randbits(63)
+    import torch.distributed as dist
+
+    from fedllm.distributed import broadcast_int, is_distributed
+
+    if is_distributed():  # every rank adds the noise to the same mean: it must be the same noise
+        on_gpu = dist.get_backend() == "nccl"
+        seed = broadcast_int(seed, torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+    return seed
+
+
+def noise_state(noise_seed: int | None, salt: int) -> torch.Tensor:
+    """A fresh server noise generator's state: secret, or from `noise_seed` for experiments."""
+    seed = secret_seed() if noise_seed is None else seeded(noise_seed, salt)
+    return torch.Generator().manual_seed(seed).get_state()
+
+
+def generator_from(server_state: State, noise_seed: int | None, salt: int) -> torch.Generator:
+    """The server's noise generator, where the last round left it (a checkpoint from before
+    the generator was server state starts a fresh one)."""
+    state = server_state.get(NOISE)
+    generator = torch.Generator()
+    generator.set_state(noise_state(noise_seed, salt) if state is None else state.to(torch.uint8).cpu().contiguous())
+    return generator
 
 
 def add_noise(state: State, std: float, generator: torch.Generator) -> State:
@@ -49,22 +94,51 @@ def flat_norm(*states: State) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for s in states for t in s.values()))
 
 
+def check_privacy(options: dict, privacy: dict | None) -> dict:
+    """The budget from the strategy's own options and the recipe's `privacy:` section (either
+    may leave a key unset: None). A key set in both is a RecipeError naming the one to remove."""
+    privacy = privacy or {}
+    both = [k for k in BUDGET if options.get(k) is not None and privacy.get(k) is not None]
+    if both:
+        raise RecipeError(
+            "the privacy budget is set twice: " + ", ".join(f"'privacy.{k}' and 'strategy.{k}'" for k in both)
+            + f"; remove {', '.join(repr('strategy.' + k) for k in both)} (the privacy: section is the place for it)"
+        )
+    merged = {k: privacy.get(k) if privacy.get(k) is not None else options.get(k) for k in BUDGET}
+    if (merged["noise_multiplier"] is None) == (merged["target_epsilon"] is None):
+        raise RecipeError("set exactly one of 'privacy.noise_multiplier' and 'privacy.target_epsilon'")
+    return merged
+
+
 class Budget:
     """Noise multiplier, or a target ε that chooses it; the ε limit that stops a run."""
 
-    def __init__(self, owner: str, noise_multiplier: float | None, target_epsilon: float | None, delta: float,
-                 max_epsilon: float | None, accountant: Method):
-        if (noise_multiplier is None) == (target_epsilon is None):
+    def __init__(self, owner: str, noise_multiplier: float | None, target_epsilon: float | None, delta: float | None,
+                 max_epsilon: float | None, accountant: Method | None, complete: bool = True):
+        if complete and (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError(f"{owner}: set exactly one of noise_multiplier and target_epsilon")
+        if noise_multiplier is not None and target_epsilon is not None:
             raise ValueError(f"{owner}: set exactly one of noise_multiplier and target_epsilon")
         if noise_multiplier is not None and noise_multiplier <= 0:
             raise ValueError(f"{owner}: noise_multiplier must be > 0 (no noise is no privacy)")
+        delta = 1e-5 if delta is None else delta
         if not 0 < delta < 1:
             raise ValueError(f"{owner}: delta must be in (0, 1), got {delta}")
         self.owner, self.noise_multiplier, self.target_epsilon = owner, noise_multiplier, target_epsilon
-        self.delta, self.method = delta, accountant
+        self.delta, self.method = delta, accountant or "rdp"
         self.limit = max_epsilon if max_epsilon is not None else target_epsilon
 
+    @classmethod
+    def of(cls, owner: str, options: dict, run=None) -> "Budget":
+        """The budget of a run: the strategy options merged with `run.privacy` (setup), or the
+        options alone, possibly without a noise level yet (construction)."""
+        if run is None:
+            return cls(owner, **{k: options[k] for k in BUDGET}, complete=False)
+        return cls(owner, **check_privacy(options, getattr(run, "privacy", None)))
+
     def require_noise(self) -> float:
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise RecipeError(f"{self.owner}: no budget: set privacy.noise_multiplier or privacy.target_epsilon")
         if self.noise_multiplier is None:
             raise RuntimeError(
                 f"{self.owner}: target_epsilon needs the planned rounds, which the engine passes in setup(run) "
@@ -114,6 +188,11 @@ class PrivacyWrapper(Strategy):
     def __init__(self, inner: dict, owner: str):
         self.inner = STRATEGIES.build(inner, f"{owner}.inner")
         self.linear, self.uniform_weights = self.inner.linear, self.inner.uniform_weights
+
+    def setup(self, run) -> None:
+        inner = getattr(self.inner, "setup", None)
+        if inner:  # the wrapper consumes the privacy section; the inner strategy sees the rest
+            inner(replace(run, privacy=None))
 
     def init(self, global_state: State) -> State:
         return self.inner.init(global_state)

@@ -23,7 +23,10 @@ accountant; the paper's own analysis may be tighter — this one is what we can 
 
 Differences from the official code: a client updates its momentum only in the rounds it is
 sampled (the official loop updates every honest client every round when β > 0), and the
-batch mean divides by the step's fixed b rather than the realised Poisson batch size."""
+batch mean divides by the step's fixed b rather than the realised Poisson batch size.
+
+The budget and `noise_seed` come from the recipe's `privacy:` section; the server's noise is
+secret unless `noise_seed` is set, and its generator is server state (`fedllm.privacy.budget`)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -31,7 +34,7 @@ from typing import Literal
 import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
-from fedllm.privacy.budget import PREFIX, Budget, add_noise, flat_norm, noise_generator
+from fedllm.privacy.budget import NOISE, PREFIX, Budget, add_noise, check_privacy, flat_norm, generator_from, noise_state
 from fedllm.privacy.dp_sgd import ClippedSums
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy
@@ -79,6 +82,7 @@ class DPBREM(Strategy):
 
     linear = False  # centered clipping needs every client's momentum
     uniform_weights = True
+    check_privacy = staticmethod(check_privacy)  # reads the recipe's privacy: section
 
     def __init__(
         self,
@@ -88,18 +92,21 @@ class DPBREM(Strategy):
         record_clip: float = 10.0,  # R, per-example clipping norm
         client_clip: float = 5.0,  # C, centered clipping radius
         final_clip_ratio: float = 0.3,  # R_t and C_t shrink linearly to this fraction
+        # the budget: prefer the recipe's privacy: section (same names); kept here for old recipes
         noise_multiplier: float | None = None,  # σ (noise std σ·R_t on the sum); or target_epsilon
         target_epsilon: float | None = None,
-        delta: float = 1e-5,
+        delta: float | None = None,  # default 1e-5
         max_epsilon: float | None = None,
-        accountant: Literal["rdp", "pld"] = "rdp",
+        accountant: Literal["rdp", "pld"] | None = None,  # default rdp
     ):
         if not 0 <= momentum < 1:
             raise ValueError("dp_brem: momentum must be in [0, 1)")
         self.server_lr, self.final_lr_ratio, self.beta = server_lr, final_lr_ratio, momentum
         self.record_clip, self.client_clip, self.final_clip_ratio = record_clip, client_clip, final_clip_ratio
-        self.budget = Budget("dp_brem", noise_multiplier, target_epsilon, delta, max_epsilon, accountant)
-        self.rounds, self.batch, self.rates, self.seed = None, None, [], 0
+        self.options = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+                            max_epsilon=max_epsilon, accountant=accountant)
+        self.budget = Budget.of("dp_brem", self.options)
+        self.rounds, self.batch, self.rates, self.noise_seed = None, None, [], None
 
     # ---- schedules ---------------------------------------------------------------------
     def progress(self, round: int) -> float:
@@ -116,7 +123,9 @@ class DPBREM(Strategy):
 
     # ---- accounting ----------------------------------------------------------------------
     def setup(self, run) -> None:
-        self.rounds, self.batch, self.seed = run.rounds, run.batch_size, run.seed
+        self.rounds, self.batch = run.rounds, run.batch_size
+        self.budget = Budget.of("dp_brem", self.options, run)
+        self.noise_seed = (run.privacy or {}).get("noise_seed")
         self.rates = [min(1.0, run.batch_size / max(n, 1)) for n in run.client_sizes]
         if self.budget.target_epsilon is not None:
             worst = max(range(len(self.rates)), key=lambda i: self.rates[i])
@@ -142,7 +151,8 @@ class DPBREM(Strategy):
     # ---- the strategy ----------------------------------------------------------------------
     def init(self, global_state: State) -> State:
         self.budget.require_noise()
-        return {MOMENTUM + k: torch.zeros_like(t, dtype=torch.float32) for k, t in global_state.items()}
+        momentum = {MOMENTUM + k: torch.zeros_like(t, dtype=torch.float32) for k, t in global_state.items()}
+        return {**momentum, NOISE: noise_state(self.noise_seed, 0xB3E)}
 
     def client_hooks(self, round: int, client_id: int):
         return ClientMomentum(self.clips(round)[0], self.beta)
@@ -157,11 +167,13 @@ class DPBREM(Strategy):
             scale = min(1.0, client_clip / max(flat_norm(diff), 1e-12))
             for k in total:
                 total[k] += scale * diff[k]
-        noisy = add_noise(total, sigma * record_clip, noise_generator(self.seed, info.round, 0xB3E))
+        generator = generator_from(server_state, self.noise_seed, 0xB3E)
+        noisy = add_noise(total, sigma * record_clip, generator)
         M = {k: M[k] + noisy[k] / len(kept) for k in M}
         eta = self.lr(info.round)
         new_global = {k: (t.float() - eta * M[k].to(t.device)).to(t.dtype) for k, t in global_state.items()}
-        return new_global, {**{MOMENTUM + k: m for k, m in M.items()}, **self.account(server_state, info, sigma)}
+        momentum = {MOMENTUM + k: m for k, m in M.items()}
+        return new_global, {**momentum, NOISE: generator.get_state(), **self.account(server_state, info, sigma)}
 
     def account(self, server_state: State, info: RoundInfo, sigma: float) -> State:
         sensitivity = server_state.get(SENSITIVITY, torch.zeros(info.num_clients, dtype=torch.float64)).clone()

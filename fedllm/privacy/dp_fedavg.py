@@ -15,7 +15,9 @@ adaptive optimisers run on the privatised mean. One round is one DP event:
   sampled-without-replacement Gaussian under replace-one-client, where the sum moves by
   ≤ 2S, so the event's multiplier is z/2.
 The ledger is server state (checkpointed); ε is reported after every round, and with a
-budget the run stops before the round that would exceed it."""
+budget the run stops before the round that would exceed it. The budget and `noise_seed`
+come from the recipe's `privacy:` section; the noise is secret unless `noise_seed` is set
+(`fedllm.privacy.budget`)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -23,7 +25,10 @@ from typing import Literal
 import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
-from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, add_noise, flat_norm, noise_generator, split_state
+from fedllm.privacy.budget import (
+    NOISE, PREFIX, Budget, DelegatingHooks, PrivacyWrapper, add_noise, check_privacy, flat_norm, generator_from, noise_state,
+    split_state,
+)
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import RoundInfo, State
 
@@ -50,15 +55,18 @@ class ClipUpload(DelegatingHooks):
 class DPFedAvg(PrivacyWrapper):
     """DP-FedAvg (client-level DP): flat clipping to S, noise z·S/m on the mean, accounted."""
 
+    check_privacy = staticmethod(check_privacy)  # reads the recipe's privacy: section
+
     def __init__(
         self,
         inner: dict = {"name": "fedavg"},  # the (linear) strategy that receives the noisy mean
         clip_norm: float = 1.0,  # S
+        # the budget: prefer the recipe's privacy: section (same names); kept here for old recipes
         noise_multiplier: float | None = None,  # z; or give target_epsilon
         target_epsilon: float | None = None,  # choose z so the planned rounds spend this ε
-        delta: float = 1e-5,
+        delta: float | None = None,  # default 1e-5
         max_epsilon: float | None = None,  # stop before exceeding (default: target_epsilon)
-        accountant: Literal["rdp", "pld"] = "rdp",
+        accountant: Literal["rdp", "pld"] | None = None,  # default rdp
     ):
         super().__init__(inner, "dp_fedavg")
         if not self.linear:
@@ -67,13 +75,18 @@ class DPFedAvg(PrivacyWrapper):
             raise ValueError("dp_fedavg: clip_norm must be > 0")
         self.uniform_weights = True  # the mean is over clients, each clipped to S
         self.clip_norm = clip_norm
-        self.budget = Budget("dp_fedavg", noise_multiplier, target_epsilon, delta, max_epsilon, accountant)
-        self.population, self.sample, self.seed = None, None, 0
+        self.options = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+                            max_epsilon=max_epsilon, accountant=accountant)
+        self.budget = Budget.of("dp_fedavg", self.options)
+        self.population, self.sample, self.noise_seed = None, None, None
 
     def setup(self, run) -> None:
         if run.sampler != "uniform":
             raise ValueError(f"dp_fedavg accounts for the uniform client sampler; this run samples with '{run.sampler}'")
-        self.population, self.sample, self.seed = run.num_clients, run.clients_per_round, run.seed
+        super().setup(run)
+        self.budget = Budget.of("dp_fedavg", self.options, run)
+        self.noise_seed = (run.privacy or {}).get("noise_seed")
+        self.population, self.sample = run.num_clients, run.clients_per_round
         if self.budget.target_epsilon is not None:
             self.budget.noise_multiplier = calibrate(
                 lambda z: {self.event(z): run.rounds}, self.budget.target_epsilon, self.budget.delta, self.budget.method
@@ -87,7 +100,7 @@ class DPFedAvg(PrivacyWrapper):
 
     def init(self, global_state: State) -> State:
         self.budget.require_noise()
-        return {**super().init(global_state), LEDGER: Ledger().state()}
+        return {**super().init(global_state), LEDGER: Ledger().state(), NOISE: noise_state(self.noise_seed, 0xD9)}
 
     def client_hooks(self, round: int, client_id: int):
         return ClipUpload(self.inner.client_hooks(round, client_id), self.clip_norm)
@@ -97,11 +110,12 @@ class DPFedAvg(PrivacyWrapper):
         z = self.budget.require_noise()
         m = self.sample or len(info.clients)  # the planned m: a dropped client does not shrink it
         total = {k: t.float() * info.total_weight for k, t in mean_update.items()}  # Σ clip(Δ_k)
-        noisy = add_noise(total, z * self.clip_norm, noise_generator(self.seed, info.round, 0xD9))
+        generator = generator_from(own, self.noise_seed, 0xD9)
+        noisy = add_noise(total, z * self.clip_norm, generator)
         noisy = {k: t / m for k, t in noisy.items()}
         new_global, inner_state = self.inner.aggregate(global_state, noisy, inner_state, info)
         ledger = Ledger(own[LEDGER]).compose(self.event(z, info.num_clients, m))
-        return new_global, {**inner_state, LEDGER: ledger.state()}
+        return new_global, {**inner_state, LEDGER: ledger.state(), NOISE: generator.get_state()}
 
     def metrics(self, server_state: State) -> dict:
         return {**self.inner_metrics(server_state), **self.budget.report([Ledger(server_state[LEDGER])])}

@@ -9,23 +9,41 @@ gradient accumulation):
 
 with ‖·‖ over all trainable tensors together (flat clipping, as Opacus). Per-example
 gradients come from one backward per example (exact for any model and adapter, no
-per-layer rules; the cost is B small backward passes instead of one). The noise is drawn
-from the local round's seeded RNG. The optimiser then steps on g as usual.
+per-layer rules; the cost is B small backward passes instead of one). The optimiser then
+steps on g as usual.
+
+The noise must be secret from the server too, so its generator lives on the client, for one
+local round: seeded from `secrets` when the round's hooks are made, never stored, never sent.
+Not in the client store: that store is kept by the simulation's server and checkpointed with
+the run, and a client whose update is dropped keeps its old stored state, so a stored
+generator would draw the same noise again in its next round. The price: a resumed run draws
+fresh noise for the rounds it redoes (no stream to continue). `privacy.noise_seed` seeds
+each local round from (noise_seed, round, client) instead — reproducible, and not private.
 
 Accounting is record-level and per client: each local step is a Poisson-subsampled Gaussian
 with rate q_i = B / n_i and multiplier σ (Mironov et al. 2019), composed over the client's
-steps and rounds. Caveat, as in most DP-SGD code: the local loop draws batches by shuffling,
-not Poisson sampling, so the reported ε is the standard approximation, not a proof for the
-shuffled sampler (Chua et al. 2024, "How Private are DP-SGD Implementations?")."""
+steps and rounds. This is not what the local loop does: it draws fixed-size batches of B
+from shuffled epochs (every example once per epoch), not Poisson batches in which each
+example appears independently with probability q_i. The reported ε is therefore the
+standard approximation used by most DP-SGD code, not a proof for the shuffled sampler, and
+it can understate the true ε — by a large factor in some regimes (Chua et al. 2024, "How
+Private are DP-SGD Implementations?"). Read it as "ε if batches were Poisson". Worse, the
+amplification by sampling assumes nobody knows which examples a step used, while the
+local loop's shuffles are seeded from the recipe seed and the round: with a public recipe
+the batches are public, and the sound guarantee is the one without sampling (rate 1).
+
+A client whose update is dropped (non-finite) releases nothing: its message is discarded
+unused and its ledger does not move."""
 from __future__ import annotations
 
+import secrets
 from dataclasses import replace
 from typing import Callable, Literal
 
 import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
-from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, split_state
+from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, check_privacy, seeded, split_state
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import RoundInfo, State
 
@@ -98,12 +116,14 @@ def raw_gradients_refused(*args, **kwargs):
 class PrivateGradient(DelegatingHooks):
     """Replaces each step's gradient by the clipped, noised mean of per-example gradients."""
 
-    def __init__(self, inner, clip: float, noise_multiplier: float):
+    def __init__(self, inner, clip: float, noise_multiplier: float, noise_seed: int):
         super().__init__(inner)
-        self.clip, self.noise_multiplier = clip, noise_multiplier
+        self.clip, self.noise_multiplier, self.noise_seed = clip, noise_multiplier, noise_seed
 
     def begin(self, params, ctx):
         self.clipped = ClippedSums(params, self.clip, "dp_sgd")
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        self.generator = torch.Generator(device=device).manual_seed(self.noise_seed)
         super().begin(params, replace(ctx, gradient=raw_gradients_refused))
 
     def backward(self, inputs, loss_of, default):
@@ -114,7 +134,7 @@ class PrivateGradient(DelegatingHooks):
         sums, count = self.clipped.take()
         std = self.noise_multiplier * self.clip
         for k, p in params.items():
-            noise = torch.randn(p.shape, device=p.device) * std  # the local round's seeded RNG
+            noise = torch.randn(p.shape, device=p.device, generator=self.generator) * std
             # count = examples per step, fixed (the local loop only draws full batches): the
             # normalisation by the expected batch size of the DP-SGD analysis
             p.grad = ((sums[k] + noise) / count).to(p.dtype)
@@ -125,25 +145,34 @@ class PrivateGradient(DelegatingHooks):
 class LocalDPSGD(PrivacyWrapper):
     """Local DP-SGD (per-example clipping + Gaussian noise) on every client; ε per client."""
 
+    check_privacy = staticmethod(check_privacy)  # reads the recipe's privacy: section
+
     def __init__(
         self,
         inner: dict = {"name": "fedavg"},  # the strategy that aggregates the private updates
         max_grad_norm: float = 1.0,  # C, the per-example clipping norm
+        # the budget: prefer the recipe's privacy: section (same names); kept here for old recipes
         noise_multiplier: float | None = None,  # σ; or give target_epsilon
         target_epsilon: float | None = None,  # choose σ so every client spends ≤ this ε by the last round
-        delta: float = 1e-5,
+        delta: float | None = None,  # default 1e-5
         max_epsilon: float | None = None,  # stop before any client exceeds it (default: target_epsilon)
-        accountant: Literal["rdp", "pld"] = "rdp",
+        accountant: Literal["rdp", "pld"] | None = None,  # default rdp
     ):
         super().__init__(inner, "dp_sgd")
         if max_grad_norm <= 0:
             raise ValueError("dp_sgd: max_grad_norm must be > 0")
         self.clip = max_grad_norm
-        self.budget = Budget("dp_sgd", noise_multiplier, target_epsilon, delta, max_epsilon, accountant)
+        self.options = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+                            max_epsilon=max_epsilon, accountant=accountant)
+        self.budget = Budget.of("dp_sgd", self.options)
         self.rates: list[float] = []
         self.steps: list[int] = []
+        self.noise_seed = None
 
     def setup(self, run) -> None:
+        super().setup(run)
+        self.budget = Budget.of("dp_sgd", self.options, run)
+        self.noise_seed = (run.privacy or {}).get("noise_seed")
         self.rates = [min(1.0, run.batch_size / max(n, 1)) for n in run.client_sizes]
         self.steps = list(run.local_steps)
         if self.budget.target_epsilon is not None:
@@ -163,7 +192,9 @@ class LocalDPSGD(PrivacyWrapper):
         return super().init(global_state)
 
     def client_hooks(self, round: int, client_id: int):
-        return PrivateGradient(self.inner.client_hooks(round, client_id), self.clip, self.budget.require_noise())
+        # a fresh secret seed per local round (see the module docstring), or a reproducible one
+        seed = secrets.randbits(63) if self.noise_seed is None else seeded(self.noise_seed, round, client_id, 0x5D)
+        return PrivateGradient(self.inner.client_hooks(round, client_id), self.clip, self.budget.require_noise(), seed)
 
     def ledgers(self, server_state: State) -> dict[int, Ledger]:
         own = split_state(server_state)[1]

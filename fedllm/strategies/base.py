@@ -49,6 +49,7 @@ class RunInfo:
     local_steps: list[int]  # optimizer steps per local round, per client (before hooks' num_steps)
     batch_size: int  # examples per optimizer step (per-device batch × accumulation)
     seed: int
+    privacy: dict | None = None  # the recipe's privacy: section (PrivacyConfig's fields), read by the DP strategies
 
 
 @dataclass

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from fedllm.registry import STRATEGIES
+from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strategy
 
 
@@ -62,10 +62,11 @@ def test_the_mean_is_over_the_planned_m_and_the_same_on_every_call(run_info):
     x = {"w": torch.zeros(3)}
     mean_of_three = {"w": torch.tensor([0.3, 0.0, -0.3])}  # one of four clients was dropped
     info = RoundInfo(0, [0, 1, 2], 3.0, 4)
-    new, _ = s.aggregate(x, mean_of_three, s.init(x), info)
+    state = s.init(x)
+    new, _ = s.aggregate(x, mean_of_three, state, info)
     torch.testing.assert_close(new["w"], torch.tensor([0.225, 0.0, -0.225]), atol=1e-5, rtol=0)
-    again, _ = s.aggregate(x, mean_of_three, s.init(x), info)
-    assert torch.equal(new["w"], again["w"])  # seeded by (run seed, round): identical on every rank
+    again, _ = s.aggregate(x, mean_of_three, state, info)
+    assert torch.equal(new["w"], again["w"])  # the noise stream is server state: every rank adds the same noise
 
 
 def test_epsilon_is_reported_every_round_and_matches_the_event(run_info):
@@ -114,9 +115,11 @@ def test_a_resumed_ledger_continues_epsilon(run_info):
     assert s.metrics(state)["epsilon"] == pytest.approx(straight[-1], rel=1e-12)
 
 
-def test_options_are_checked():
+def test_options_are_checked(run_info):
     with pytest.raises(ValueError, match="exactly one of noise_multiplier and target_epsilon"):
-        build()
+        build(noise_multiplier=1.0, target_epsilon=1.0)
+    with pytest.raises(RecipeError, match="exactly one of 'privacy.noise_multiplier' and 'privacy.target_epsilon'"):
+        build().setup(run_info())  # no budget here nor in the privacy: section
     with pytest.raises(ValueError, match="must be linear"):
         build(noise_multiplier=1.0, inner={"name": "test_gathering_inner"})
     with pytest.raises(RuntimeError, match="setup"):
