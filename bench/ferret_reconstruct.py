@@ -3,7 +3,8 @@ on the same model inside the engine's own `run_round` (CPU: about a minute).
 
 For each adapter setting it runs rounds of recipes/ferret_quickstart.yaml and times, summed
 over the round's clients: local training (`local_round`), projection (`adapter.encode`) and
-reconstruction (`adapter.decode`), plus the bases really generated. Goal: reconstruction <
+reconstruction (`adapter.apply_broadcast`, once per round on the compact path; `decode` per
+client otherwise), plus the bases really generated. Goal: reconstruction <
 local training.
 
     python bench/ferret_reconstruct.py [--rounds N] [--threads N] [--width W --layers L] [key=value ...]
@@ -66,6 +67,8 @@ def measure(overrides: list[str], rounds: int) -> dict:
         fed = Federation(load_recipe(RECIPE, overrides), Path(tmp) / "run")
         clock = defaultdict(float)
         fed.adapter.encode = timed(fed.adapter.encode, clock, "project")
+        # reconstruction: once per round in coordinate space (compact path), else per client
+        fed.adapter.apply_broadcast = timed(fed.adapter.apply_broadcast, clock, "reconstruct")
         fed.adapter.decode = timed(fed.adapter.decode, clock, "reconstruct")
         train = server.local_round
         server.local_round = timed(train, clock, "train")  # what run_client calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,26 @@ class LocalResult:
     # bytes the local round itself exchanged with the server (split learning), counted on the wire
     split_bytes_up: int = 0
     split_bytes_down: int = 0
+
+
+class DeltaView(Mapping):
+    """Δ = x_i − x^t, computed tensor by tensor when read, so a full-parameter update is
+    never held whole (Ferret projects it block by block; `dict(view)` materialises it).
+    Valid while `params` hold the client's trained weights: until the next client loads."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], global_state: State):
+        self.params, self.global_state = params, global_state
+
+    @torch.no_grad()
+    def __getitem__(self, name: str) -> torch.Tensor:
+        p = self.params[name]
+        return p.detach().float() - self.global_state[name].to(p.device).float()
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
 
 
 def client_seed(seed: int, round: int, client_id: int) -> int:
@@ -166,10 +187,8 @@ def local_round(
             if on_step is not None:
                 on_step()
 
-    with torch.no_grad():
-        update = {k: p.detach().float() - global_state[k].to(p.device).float() for k, p in params.items()}
     return LocalResult(
-        update=update,
+        update=DeltaView(params, global_state),
         num_samples=len(examples),
         train_loss=torch.stack(losses).float().mean().item() if losses else float("nan"),
         steps=count // accumulate,

@@ -22,6 +22,7 @@ from fedllm.registry import ADAPTERS, ATTACKS, CODECS, SAMPLERS, STRATEGIES
 from fedllm.server import evaluate, run_round
 from fedllm.state import ClientStore, checkpoint_dirs, read_checkpoint, write_checkpoint
 from fedllm.strategies.base import RunInfo
+from fedllm.wire import WireContext, serialize
 
 log = logging.getLogger("fedllm")
 
@@ -79,8 +80,15 @@ class Federation:
         self.byzantine = self.attack.choose(recipe.federation.num_clients, recipe.seed) if self.attack else set()
         for client_id in sorted(self.byzantine):
             self.data.clients[client_id] = self.attack.poison_data(self.data.clients[client_id], recipe.seed + client_id)
-        self.global_state = self.adapter.state(self.model)
+        self.global_state = self.adapter.state(self.model)  # the one extra copy of the trainable tensors
         self.server_state = self.strategy.init(self.global_state)
+        # Aggregation in the adapter's coordinate space (Ferret with a plain-mean strategy):
+        # no full-size update per client, and the download is the rounds' compact aggregates.
+        probe = self.adapter.coordinate_sum(WireContext(0, -1, recipe.seed))
+        self.compact = bool(getattr(self.strategy, "plain_mean", False)) and self.attack is None and probe is not None
+        self.broadcast_sizes: list[int] = []  # serialized size of each round's compact aggregate
+        self._sampled: list[set[int]] = []  # the sampler's draws, replayed to know who missed what
+        self._full_state_bytes: int | None = None
         # Ranks share per-client state through the run directory (budget 0: the disk is the store).
         budget = 0 if is_distributed() else int(recipe.federation.client_store_budget_mb * 2**20)
         self.store = ClientStore(self.run_dir / "client_store", budget)
@@ -107,6 +115,18 @@ class Federation:
             local_steps=[num_micro_batches(r.client, n) // r.client.gradient_accumulation_steps for n in sizes],
             batch_size=r.client.per_device_train_batch_size * r.client.gradient_accumulation_steps, seed=r.seed,
         )
+
+    def last_round_taken(self, client_id: int, before: int) -> int:
+        """The last round < `before` in which the client was sampled (0 if none: it holds x^0)."""
+        r = self.recipe.federation
+        while len(self._sampled) < before:
+            self._sampled.append(set(self.sampler.sample(len(self._sampled), r.num_clients, r.sampled_per_round(), self.recipe.seed)))
+        return next((s for s in range(before - 1, -1, -1) if client_id in self._sampled[s]), 0)
+
+    def full_state_bytes(self) -> int:
+        if self._full_state_bytes is None:
+            self._full_state_bytes = len(serialize(self.adapter.encode_global(self.global_state)))
+        return self._full_state_bytes
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -137,6 +157,7 @@ class Federation:
         parts, meta = read_checkpoint(done[-1])
         self.global_state = {k: t.to(self.global_state[k].dtype) for k, t in parts["global"].items()}
         self.server_state = parts.get("server_state", {})
+        self.broadcast_sizes = parts.get("engine", {}).get("broadcast_sizes", torch.zeros(0, dtype=torch.int64)).tolist()
         torch.set_rng_state(parts["rng"]["torch"])
         self.start_round = meta["round"]
         if self.is_main:
@@ -148,7 +169,10 @@ class Federation:
 
     def checkpoint(self, rounds_done: int) -> None:
         if self.is_main:
-            parts = {"global": self.global_state, "server_state": self.server_state, "rng": {"torch": torch.get_rng_state()}}
+            parts = {
+                "global": self.global_state, "server_state": self.server_state, "rng": {"torch": torch.get_rng_state()},
+                "engine": {"broadcast_sizes": torch.tensor(self.broadcast_sizes, dtype=torch.int64)},
+            }
             meta = {"round": rounds_done, "saved_at": time.time()}
             write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)
         barrier()

@@ -62,9 +62,11 @@ def is_finite(update: State) -> bool:
     return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in update.values()])).all())
 
 
-def send_update(fed, update: State, extras: State, ctx: WireContext, codec_state: State | None = None) -> tuple[State, int]:
+def send_update(fed, update: State, extras: State, ctx: WireContext, codec_state: State | None = None,
+                decode: bool = True) -> tuple[State, int]:
     """Client → server: adapter encoding (+ the strategy's extras), the codec chain, real
-    bytes, and back. Returns what the server decodes: the update and the prefixed extras.
+    bytes, and back. Returns what the server decodes: the update and the prefixed extras
+    (`decode=False`: the adapter's wire tensors, for aggregation in its coordinate space).
     `codec_state` (the client's stored codec state, `codec/<i>/...`) is updated in place."""
     message = fed.adapter.encode(update, ctx)
     message.tensors.update(with_prefix(extras))
@@ -78,6 +80,8 @@ def send_update(fed, update: State, extras: State, ctx: WireContext, codec_state
     message = deserialize(wire)
     for codec in reversed(fed.codecs):
         message = codec.decode(message, ctx)
+    if not decode:
+        return message.tensors, len(wire)
     plain, extras = split_prefix(message.tensors)
     return {**fed.adapter.decode(Message(plain, message.meta), ctx), **with_prefix(extras)}, len(wire)
 
@@ -121,7 +125,7 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
     )
     extras, client_state = hooks.finish(fed.params, result.update)
     codec_state = with_prefix(stored_codecs, CODEC_PREFIX)
-    message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed), codec_state)
+    message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed), codec_state, not getattr(fed, "compact", False))
     weight = 1.0 if fed.strategy.uniform_weights else float(result.num_samples)
     to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {}), **codec_state}
     return message, weight, result, bytes_up, to_store
@@ -142,7 +146,13 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     r = fed.recipe
     sampled = fed.sampler.sample(round, r.federation.num_clients, r.federation.sampled_per_round(), r.seed)
     mine = sampled[fed.rank :: fed.world_size]  # a deterministic split of the round's clients
-    x_t, broadcast, bytes_down = broadcast_round(fed)
+    compact = getattr(fed, "compact", False)
+    if compact:  # clients apply the rounds' compact aggregates to their own copy: x^t is the server's
+        x_t, broadcast, coords = fed.global_state, {}, fed.adapter.coordinate_sum(WireContext(round, -1, r.seed))
+        bytes_down = lambda client_id: catch_up_bytes(fed, round, client_id)  # noqa: E731
+    else:
+        x_t, broadcast, size = broadcast_round(fed)
+        bytes_down = lambda client_id: size  # noqa: E731
     lr = round_learning_rate(r.client, round, r.federation.rounds)
     # linear strategies stream a running sum; robust rules and attacks need every message
     gather = not fed.strategy.linear or fed.attack is not None
@@ -150,7 +160,11 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     for client_id in mine:
         on_step = (lambda: progress.update(1)) if progress is not None else None
         message, weight, result, bytes_up, to_store = run_client(fed, round, client_id, x_t, broadcast, lr, on_step)
-        if gather:
+        if compact:
+            accepted = is_finite(message)
+            if accepted:
+                coords.add(message, weight, WireContext(round, client_id, r.seed))
+        elif gather:
             accepted = is_finite(message)
             if accepted:
                 kept.append((client_id, message, weight))
@@ -166,7 +180,7 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
             fed.store.put(client_id, to_store)
         split_up, split_down = result.split_bytes_up, result.split_bytes_down
         rows.append([
-            client_id, result.num_samples, result.train_loss, bytes_up + split_up, bytes_down + split_down, accepted,
+            client_id, result.num_samples, result.train_loss, bytes_up + split_up, bytes_down(client_id) + split_down, accepted,
             result.steps, split_up, split_down,
         ])
         if progress is not None:
@@ -176,6 +190,11 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     accepted = [s["client"] for s in stats if s["accepted"]]
     if not accepted:
         log.warning("round %d: no client update was accepted; the global model is unchanged", round)
+        if compact:
+            fed.broadcast_sizes.append(0)
+        return RoundResult(fed.global_state, fed.server_state, stats, time.perf_counter() - start)
+    if compact:
+        apply_coordinates(fed, coords, round)
         return RoundResult(fed.global_state, fed.server_state, stats, time.perf_counter() - start)
     if gather:
         template = kept[0][1] if kept else message_template(fed, x_t, broadcast, round, lr)
@@ -194,6 +213,24 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     )
     new_global = {k: new_global[k].to(fed.global_state[k].dtype) for k in fed.global_state}
     return RoundResult(new_global, server_state, stats, time.perf_counter() - start)
+
+
+def apply_coordinates(fed, coords, round: int) -> None:
+    """The compact path's aggregation: the summed coordinates of every rank become the
+    round's download message, which the server applies to x^t in place exactly as each
+    client will (one reconstruction per round, no full-size update held)."""
+    coords.all_reduce(fed.device)
+    download = coords.message()
+    fed.adapter.apply_broadcast(download, fed.global_state, WireContext(round, -1, fed.recipe.seed))
+    fed.broadcast_sizes.append(len(serialize(download)))
+
+
+def catch_up_bytes(fed, round: int, client_id: int) -> int:
+    """What a client downloads in the compact protocol to reach x^t: the aggregate of every
+    round since it last took part (it then held that round's x; a new client holds x^0, the
+    base weights), or the full state when that is smaller."""
+    missed = sum(fed.broadcast_sizes[fed.last_round_taken(client_id, round) : round])
+    return min(missed, fed.full_state_bytes()) if missed else 0
 
 
 def gather_stats(rows: list, device) -> list[dict]:

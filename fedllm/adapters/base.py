@@ -46,6 +46,12 @@ class Adapter:
     def decode_global(self, message: Message) -> State:
         return message.tensors
 
+    def coordinate_sum(self, ctx: WireContext):
+        """An accumulator for aggregating updates in the adapter's own compact coordinates
+        (add / all_reduce / message) whose `message()` the adapter's `apply_broadcast(message,
+        state, ctx)` applies in place; None (the default): the engine decodes every update."""
+        return None
+
     def metadata(self, model: torch.nn.Module) -> dict:
         """Facts about the adapter recorded in the run's metadata (e.g. checksums)."""
         return {}

@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 
+from fedllm.adapters.ferret_aggregate import CoordinateSum
 from fedllm.adapters.full import FullParameters
 from fedllm.adapters.projections import Bases, generate, truncated_normal_variance, truncation
 from fedllm.registry import ADAPTERS, RecipeError
@@ -230,6 +231,54 @@ class Ferret(FullParameters):
             offset += m
             out.update(unflatten(flat.mul_(-self.server_lr), block))  # back to x_i − x^t, times the server lr
         return out
+
+    # ---- aggregation in coordinate space (see ferret_aggregate) -------------------------
+    def coordinate_sum(self, ctx: WireContext):
+        """An accumulator of the round's coordinates, or None where reconstruction is not one
+        fixed linear map of the pool (official budgets with orthogonalised bases: the basis
+        set depends on each client's chosen subset)."""
+        if self.orthogonalize and self.scaling == "official":
+            return None
+        return CoordinateSum(self, ctx)
+
+    def dense_coordinates(self, tensors: dict[str, torch.Tensor], ctx: WireContext) -> tuple[list[int], torch.Tensor]:
+        """A wire message as (its seed pool, float64 coordinates over all K_g slots per block;
+        a seed the official budget left out holds 0, which reconstruction skips)."""
+        pool = tensors["seeds"].tolist() if self.seed_pool == "per_client" else self.pool(ctx)
+        coords = tensors["coords"].to(torch.float64)
+        if "counts" not in tensors:
+            if len(coords) != sum(self.ks):
+                raise ValueError(f"a ferret message of {len(coords)} coordinates does not fit the block map ({sum(self.ks)})")
+            return pool, coords
+        counts, index = tensors["counts"].tolist(), tensors["index"].tolist()
+        if not (len(coords) == len(index) == sum(counts)) or len(counts) != len(self.blocks):
+            raise ValueError(f"a ferret message of {len(coords)} coordinates does not fit the block map ({len(self.blocks)} blocks)")
+        dense = torch.zeros(sum(self.ks), dtype=torch.float64)
+        starts = np.cumsum([0] + self.ks[:-1])
+        slots, offset = [], 0
+        for g, m in enumerate(counts):
+            slots += [int(starts[g]) + i for i in index[offset : offset + m]]
+            offset += m
+        dense[slots] = coords
+        return pool, dense
+
+    @torch.no_grad()
+    def apply_broadcast(self, message: Message, state: dict[str, torch.Tensor], ctx: WireContext) -> None:
+        """x ← x + server_lr·(mean update), rebuilt block by block from a round's aggregate
+        (CoordinateSum.message) and added in place: what the server does to x^t and what a
+        client does to its own copy (the paper's broadcast of seeds and coordinates)."""
+        coords = message.tensors["coords"]
+        pools = message.tensors["seeds"].tolist() if "seeds" in message.tensors else [self.pool(ctx)]
+        self.bases.cache.enter(self.scope(replace(ctx, client_id=-1)))  # the server's (or a client's) one scope
+        offset = 0
+        for g, (block, k) in enumerate(zip(self.blocks, self.ks)):
+            flat = torch.zeros(block.size, dtype=torch.float32, device=self.bases.device)
+            for e, pool in enumerate(pools):
+                flat += self.bases.reconstruct(coords[e, offset : offset + k], pool[:k], g, block.size, self.orthogonalize, self.clip)
+            offset += k
+            for name, piece in unflatten(flat, block).items():
+                # the engine's update is x_i − x^t, the coordinates encode its negative
+                state[name].add_(piece.to(state[name].device, state[name].dtype), alpha=-self.server_lr)
 
     def metadata(self, model):
         self.follow(model)

@@ -14,6 +14,12 @@ class FedAvg(Strategy):
     def __init__(self, server_lr: float = 1.0):
         self.server_lr = server_lr
 
+    @property
+    def plain_mean(self) -> bool:
+        """The new global is x^t + mean Δ exactly: an adapter may aggregate in its own
+        coordinate space and apply the mean itself (Ferret)."""
+        return self.server_lr == 1.0
+
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
         return add_scaled(global_state, mean_update, self.server_lr), server_state
 
