@@ -114,6 +114,7 @@ class Federation:
             client_sizes=sizes,
             local_steps=[num_micro_batches(r.client, n) // r.client.gradient_accumulation_steps for n in sizes],
             batch_size=r.client.per_device_train_batch_size * r.client.gradient_accumulation_steps, seed=r.seed,
+            privacy=r.privacy.model_dump() if r.privacy else None,
         )
 
     def last_round_taken(self, client_id: int, before: int) -> int:
