@@ -30,7 +30,9 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from fedllm.distributed import broadcast_int, is_distributed
 from fedllm.privacy.accountant import Ledger, Method
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientHooks, State, Strategy
@@ -56,10 +58,6 @@ def seeded(noise_seed: int, *salt: int) -> int:
 def secret_seed() -> int:
     """63 bits from the OS CSPRNG; under torch.distributed every rank gets rank 0's."""
     seed = secrets.randbits(63)
-    import torch.distributed as dist
-
-    from fedllm.distributed import broadcast_int, is_distributed
-
     if is_distributed():  # every rank adds the noise to the same mean: it must be the same noise
         on_gpu = dist.get_backend() == "nccl"
         seed = broadcast_int(seed, torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
@@ -114,9 +112,8 @@ class Budget:
     """Noise multiplier, or a target ε that chooses it; the ε limit that stops a run."""
 
     def __init__(self, owner: str, noise_multiplier: float | None, target_epsilon: float | None, delta: float | None,
-                 max_epsilon: float | None, accountant: Method | None, complete: bool = True):
-        if complete and (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError(f"{owner}: set exactly one of noise_multiplier and target_epsilon")
+                 max_epsilon: float | None, accountant: Method | None):
+        # neither is allowed here: the privacy: section may bring one at setup (check_privacy)
         if noise_multiplier is not None and target_epsilon is not None:
             raise ValueError(f"{owner}: set exactly one of noise_multiplier and target_epsilon")
         if noise_multiplier is not None and noise_multiplier <= 0:
@@ -133,7 +130,7 @@ class Budget:
         """The budget of a run: the strategy options merged with `run.privacy` (setup), or the
         options alone, possibly without a noise level yet (construction)."""
         if run is None:
-            return cls(owner, **{k: options[k] for k in BUDGET}, complete=False)
+            return cls(owner, **{k: options[k] for k in BUDGET})
         return cls(owner, **check_privacy(options, getattr(run, "privacy", None)))
 
     def require_noise(self) -> float:

@@ -162,3 +162,23 @@ def test_the_engine_gives_the_privacy_section_to_the_strategy(recipe_file):
                        federation={"rounds": 1, "num_clients": 3, "clients_per_round": 3}, eval={"every": 0})
     rows = [json.loads(line) for line in (run_recipe(str(path)) / "metrics.jsonl").read_text().splitlines()]
     assert round(rows[0]["epsilon"], 2) == 4.73 and rows[0]["noise_multiplier"] == 1.0  # q = 1, z = 1, δ = 1e-5
+
+
+def test_an_engine_run_resumed_from_a_checkpoint_redoes_the_last_round_with_the_same_secret_noise(recipe_file):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from fedllm.engine import resume_run, run_recipe
+    from fedllm.state import checkpoint_dirs
+
+    path = recipe_file(strategy={"name": "dp_fedavg", "clip_norm": 1.0, "noise_multiplier": 1.0},  # no noise_seed: secret
+                       federation={"rounds": 3, "num_clients": 3, "clients_per_round": 3}, eval={"every": 0},
+                       output={"checkpoint_every": 1, "keep_last": 0})
+    run_dir = run_recipe(str(path))
+    straight = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    shutil.rmtree(checkpoint_dirs(run_dir)[-1])  # as if the run had died during its last round
+    shutil.rmtree(run_dir / "final")
+    resume_run(str(run_dir))  # a new process would draw a new secret seed; the checkpoint's stream wins
+    resumed = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
