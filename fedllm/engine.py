@@ -22,7 +22,7 @@ from fedllm.registry import ADAPTERS, ATTACKS, CODECS, SAMPLERS, STRATEGIES
 from fedllm.server import evaluate, run_round
 from fedllm.state import ClientStore, checkpoint_dirs, read_checkpoint, write_checkpoint
 from fedllm.strategies.base import RunInfo
-from fedllm.wire import WireContext, serialize
+from fedllm.wire import WireContext, serialized_size
 
 log = logging.getLogger("fedllm")
 
@@ -126,7 +126,7 @@ class Federation:
 
     def full_state_bytes(self) -> int:
         if self._full_state_bytes is None:
-            self._full_state_bytes = len(serialize(self.adapter.encode_global(self.global_state)))
+            self._full_state_bytes = serialized_size(self.adapter.encode_global(self.global_state))
         return self._full_state_bytes
 
     # ---- life cycle -------------------------------------------------------------------

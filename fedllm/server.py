@@ -123,6 +123,8 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
         pad_token_id=fed.pad_token_id, device=fed.device, hooks=hooks,
         optimizer_state=stored_optim if r.client.keep_optimizer_state else None, steps=steps, on_step=on_step, **extra,
     )
+    if type(hooks).finish is not ClientHooks.finish:  # hooks may rewrite the update in place (DP clipping)
+        result.update = dict(result.update)
     extras, client_state = hooks.finish(fed.params, result.update)
     codec_state = with_prefix(stored_codecs, CODEC_PREFIX)
     message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed), codec_state, not getattr(fed, "compact", False))

@@ -39,3 +39,28 @@ def deserialize(data: bytes) -> Message:
     header = json.loads(data[8 : 8 + header_len])
     meta = json.loads(header.get("__metadata__", {}).get("fedllm", "{}"))
     return Message(load_tensors(data), meta)
+
+
+# safetensors lays tensors out by dtype (this order, largest first), then by name
+_DTYPE_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+_DTYPE_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+}
+
+
+def serialized_size(message: Message) -> int:
+    """len(serialize(message)) without building the bytes: for a message as large as a
+    full model, whose size the engine needs but whose bytes it must not materialise."""
+    names = {k: _DTYPE_NAMES[t.dtype] for k, t in message.tensors.items()}
+    order = sorted(message.tensors, key=lambda k: (-_DTYPE_ORDER.index(names[k]), k))
+    header, offset = {}, 0
+    if message.meta:
+        header["__metadata__"] = {"fedllm": json.dumps(message.meta)}
+    for k in order:
+        t = message.tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": names[k], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + -(-text // 8) * 8 + offset

@@ -10,9 +10,13 @@ Two scalings (`scaling`):
 - `official` (what produced the reported numbers): a norm-adaptive budget of
   M_g = max(⌊‖Δ_g‖/max‖Δ‖·K⌋, 2) seeds out of K per block, γ_k = (d_g/M_g)·⟨Δ_g, v_k⟩ (so
   E = d_g·σ²_g·Δ_g ≈ Δ_g/3), every (seed, block) term clipped to norm 10 and applied with
-  server lr 10. The code clips the clients' *summed* term per seed; here each client's term
-  is clipped in `decode` (the engine decodes one message at a time), which equals the code
-  whenever no term reaches the clip.
+  server lr 10. As in the code (`aggregate_seed_pool`), the clip applies to the clients'
+  weighted-mean term per seed on the engine's compact path; where the engine decodes every
+  client (a strategy other than plain FedAvg/FedProx, robust rules) it clips each client's.
+Aggregation (ferret_aggregate.CoordinateSum): with FedAvg/FedProx at server lr 1 the engine
+sums the clients' coordinates per (seed, block), rebuilds the mean once per round and adds
+it to x^t in place; that round's aggregate (seeds + mean coordinates) is also the download,
+which each client applies to its own copy (the paper's protocol), so nobody ships weights.
 Seeds (`seed_pool`): the paper's clients draw their own K seeds and send them
 (`per_client`); the code shares one pool of K seeds for the whole run (`shared`, nothing
 sent but seed indices); `per_round` shares a fresh pool per round.

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from fedllm.engine import run_recipe
+from tests.conftest import tiny_recipe
 
 TRAIN = str(Path(__file__).resolve().parents[2] / "scripts" / "train.py")
 
@@ -43,3 +45,21 @@ def test_two_ranks_give_the_one_rank_result(recipe_file, tmp_path):
     # rank 0 logged every client of every round, each exactly once
     ledger = (two_dir / "ledger.jsonl").read_text().splitlines()
     assert len(ledger) == 2 * 3
+
+
+@pytest.mark.parametrize("seed_pool", ["per_client", "shared"])
+def test_ferret_coordinate_sums_on_two_ranks_give_the_one_rank_weights(tmp_path, seed_pool):
+    # per_client: every rank gathers the other's (seeds, coordinates); shared: one all-reduced sum
+    raw = tiny_recipe(tmp_path, federation={"rounds": 2, "num_clients": 5, "clients_per_round": 3},
+                      client={"max_steps": 2, "optim": "sgd", "learning_rate": 0.05})
+    path = tmp_path / "ferret.yaml"
+    path.write_text(yaml.safe_dump({**raw, "adapter": {"name": "ferret", "k": 6, "seed_pool": seed_pool}}))
+    one_dir = run_recipe(str(path))
+    launch_two_processes(path, "two")
+    one = load_file(str(one_dir / "final" / "model.safetensors"))
+    two = load_file(str(tmp_path / "runs" / "two" / "final" / "model.safetensors"))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)
+    ledger_one = (one_dir / "ledger.jsonl").read_text().splitlines()
+    ledger_two = (tmp_path / "runs" / "two" / "ledger.jsonl").read_text().splitlines()
+    assert sorted(ledger_one) == sorted(ledger_two)  # the same bytes up and down, client by client
