@@ -101,3 +101,19 @@ def test_two_ranks_give_the_one_rank_result_with_dp_noise_and_error_feedback(rec
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
     assert [r["epsilon"] for r in rows_of(tmp_path / "runs" / "two")] == [r["epsilon"] for r in rows_of(one_dir)]
+
+
+def test_the_engine_sends_the_clipped_update_not_the_raw_one(recipe_file, tmp_path):
+    # hooks that rewrite the update in place must see a real dict, not a view of the weights
+    from fedllm.engine import Federation
+    from fedllm.recipe import load_recipe
+    from fedllm.server import broadcast_round, run_client
+
+    path = recipe_file(strategy={"name": "dp_fedavg", "clip_norm": 1e-3, "noise_multiplier": 1.0},
+                       federation={"rounds": 1, "num_clients": 3, "clients_per_round": 3})
+    fed = Federation(load_recipe(path), tmp_path / "run")
+    x_t, broadcast, _ = broadcast_round(fed)
+    message, *_ = run_client(fed, 0, 1, x_t, broadcast, lr=0.01)
+    raw = torch.cat([(p.detach() - x_t[k]).reshape(-1) for k, p in fed.params.items()]).norm()
+    sent = torch.cat([t.reshape(-1) for t in message.values()]).norm()
+    assert raw > 0.01 and abs(float(sent) - 1e-3) < 1e-6
