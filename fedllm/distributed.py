@@ -48,6 +48,16 @@ def broadcast_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
+def broadcast_state_(state: dict, device: torch.device) -> dict:
+    """Rank 0's tensors, in place, on every rank (key by key, in sorted order)."""
+    if is_distributed():
+        for key in sorted(state):
+            on_device = state[key].to(device)
+            dist.broadcast(on_device, src=0)
+            state[key].copy_(on_device.to(state[key].device))
+    return state
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

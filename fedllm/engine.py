@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 import fedllm.plugins  # noqa: F401
 from fedllm.client import num_micro_batches
 from fedllm.data import prepare_data
-from fedllm.distributed import barrier, broadcast_int, is_distributed, process_state
+from fedllm.distributed import barrier, broadcast_int, broadcast_state_, is_distributed, process_state
 from fedllm.metrics import MetricsLog, truncate_jsonl
 from fedllm.models import check_quantization, load_model, load_tokenizer
 from fedllm.recipe import Recipe, dump_recipe, load_recipe
@@ -81,7 +81,8 @@ class Federation:
         for client_id in sorted(self.byzantine):
             self.data.clients[client_id] = self.attack.poison_data(self.data.clients[client_id], recipe.seed + client_id)
         self.global_state = self.adapter.state(self.model)  # the one extra copy of the trainable tensors
-        self.server_state = self.strategy.init(self.global_state)
+        # every rank starts from rank 0's server state (e.g. a secret DP noise generator)
+        self.server_state = broadcast_state_(self.strategy.init(self.global_state), self.device)
         # Aggregation in the adapter's coordinate space (Ferret with a plain-mean strategy):
         # no full-size update per client, and the download is the rounds' compact aggregates.
         probe = self.adapter.coordinate_sum(WireContext(0, -1, recipe.seed))

@@ -30,9 +30,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from fedllm.distributed import broadcast_int, is_distributed
 from fedllm.privacy.accountant import Ledger, Method
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientHooks, State, Strategy
@@ -56,12 +54,9 @@ def seeded(noise_seed: int, *salt: int) -> int:
 
 
 def secret_seed() -> int:
-    """63 bits from the OS CSPRNG; under torch.distributed every rank gets rank 0's."""
-    seed = secrets.randbits(63)
-    if is_distributed():  # every rank adds the noise to the same mean: it must be the same noise
-        on_gpu = dist.get_backend() == "nccl"
-        seed = broadcast_int(seed, torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
-    return seed
+    """63 bits from the OS CSPRNG. Under torch.distributed every rank draws its own; the engine
+    then gives every rank rank 0's initial server state, so all add the same noise."""
+    return secrets.randbits(63)
 
 
 def noise_state(noise_seed: int | None, salt: int) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fedllm.engine import run_recipe
 from tests.conftest import tiny_recipe
@@ -63,3 +63,22 @@ def test_ferret_coordinate_sums_on_two_ranks_give_the_one_rank_weights(tmp_path,
     ledger_one = (one_dir / "ledger.jsonl").read_text().splitlines()
     ledger_two = (tmp_path / "runs" / "two" / "ledger.jsonl").read_text().splitlines()
     assert sorted(ledger_one) == sorted(ledger_two)  # the same bytes up and down, client by client
+
+
+def _broadcast_worker(rank, port, out):
+    import torch.distributed as dist
+
+    from fedllm.distributed import broadcast_state_
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a secret generator state drawn independently on each rank, as a DP strategy's init does
+    state = {"noise": torch.Generator().manual_seed(1000 + rank).get_state(), "m": torch.full((3,), float(rank))}
+    broadcast_state_(state, torch.device("cpu"))
+    save_file({k: t.contiguous() for k, t in state.items()}, f"{out}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_every_rank_starts_from_rank_zeros_server_state(tmp_path):
+    torch.multiprocessing.spawn(_broadcast_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    zero, one = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    assert torch.equal(one["noise"], torch.Generator().manual_seed(1000).get_state()) and torch.equal(one["m"], zero["m"])
