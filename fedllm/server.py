@@ -1,5 +1,5 @@
-"""One round: sample, broadcast, run this rank's clients, collect real serialized messages,
-aggregate (streamed weighted sum, all-reduced across ranks), and evaluation."""
+"""One round: sample, broadcast, run this rank's clients, collect their real serialized
+messages (fedllm.aggregation turns them into the new global state), and evaluation."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fedllm.aggregation import WeightedSum, collector, is_finite, message_template  # noqa: F401  (re-exported)
 from fedllm.client import client_seed, local_round, mean_gradient, num_micro_batches, round_learning_rate
 from fedllm.data import collate
-from fedllm.distributed import all_gather_messages, all_gather_rows, all_reduce_sum_, canonical_shapes, pack, unpack
+from fedllm.distributed import all_gather_rows, all_reduce_sum_
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, State, split_prefix, with_prefix
 from fedllm.wire import Message, WireContext, deserialize, serialize
 
@@ -24,42 +25,12 @@ STAT_COLUMNS = (
 )
 
 
-class WeightedSum:
-    """Running Σ w_i·u_i in float64, so a round's memory does not grow with its clients
-    and the sum does not depend (beyond fp64 rounding) on how clients split over ranks."""
-
-    def __init__(self, template: State):
-        self.shapes = canonical_shapes(template)  # ranks all-reduce this buffer element by element
-        self.flat = torch.zeros(sum(t.numel() for t in template.values()) + 1, dtype=torch.float64)
-
-    def flatten(self, update: State) -> torch.Tensor:
-        return pack(update, self.shapes)
-
-    def add(self, update: State, weight: float) -> None:
-        self.add_flat(self.flatten(update), weight)
-
-    def add_flat(self, flat: torch.Tensor, weight: float) -> None:
-        self.flat[:-1].add_(flat, alpha=weight)
-        self.flat[-1] += weight
-
-    @property
-    def total_weight(self) -> float:
-        return float(self.flat[-1])
-
-    def mean(self) -> State:
-        return unpack(self.flat[:-1] / self.flat[-1], self.shapes)
-
-
 @dataclass
 class RoundResult:
     global_state: State
     server_state: State
     stats: list[dict]
     seconds: float
-
-
-def is_finite(update: State) -> bool:
-    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in update.values()])).all())
 
 
 def send_update(fed, update: State, extras: State, ctx: WireContext, codec_state: State | None = None,
@@ -148,34 +119,14 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     r = fed.recipe
     sampled = fed.sampler.sample(round, r.federation.num_clients, r.federation.sampled_per_round(), r.seed)
     mine = sampled[fed.rank :: fed.world_size]  # a deterministic split of the round's clients
-    compact = getattr(fed, "compact", False)
-    if compact:  # clients apply the rounds' compact aggregates to their own copy: x^t is the server's
-        x_t, broadcast, coords = fed.global_state, {}, fed.adapter.coordinate_sum(WireContext(round, -1, r.seed))
-        bytes_down = lambda client_id: catch_up_bytes(fed, round, client_id)  # noqa: E731
-    else:
-        x_t, broadcast, size = broadcast_round(fed)
-        bytes_down = lambda client_id: size  # noqa: E731
+    x_t, broadcast, bytes_down = downlink(fed, round)
     lr = round_learning_rate(r.client, round, r.federation.rounds)
-    # linear strategies stream a running sum; robust rules and attacks need every message
-    gather = not fed.strategy.linear or fed.attack is not None
-    total, kept, rows = None, [], []
+    collect = collector(fed, round, lambda: message_template(fed, x_t, broadcast, round, lr))
+    rows = []
     for client_id in mine:
         on_step = (lambda: progress.update(1)) if progress is not None else None
         message, weight, result, bytes_up, to_store = run_client(fed, round, client_id, x_t, broadcast, lr, on_step)
-        if compact:
-            accepted = is_finite(message)
-            if accepted:
-                coords.add(message, weight, WireContext(round, client_id, r.seed))
-        elif gather:
-            accepted = is_finite(message)
-            if accepted:
-                kept.append((client_id, message, weight))
-        else:  # one flat copy serves the finiteness check and the running sum
-            total = total or WeightedSum(message)
-            flat = total.flatten(message)
-            accepted = bool(torch.isfinite(flat).all())
-            if accepted:
-                total.add_flat(flat, weight)
+        accepted = collect.add(client_id, message, weight)
         if not accepted:
             log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", round, client_id)
         elif to_store:  # a dropped client's state does not advance either
@@ -192,39 +143,22 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
     accepted = [s["client"] for s in stats if s["accepted"]]
     if not accepted:
         log.warning("round %d: no client update was accepted; the global model is unchanged", round)
-        if compact:
-            fed.broadcast_sizes.append(0)
+        collect.unchanged(fed)
         return RoundResult(fed.global_state, fed.server_state, stats, time.perf_counter() - start)
-    if compact:
-        apply_coordinates(fed, coords, round)
-        return RoundResult(fed.global_state, fed.server_state, stats, time.perf_counter() - start)
-    if gather:
-        template = kept[0][1] if kept else message_template(fed, x_t, broadcast, round, lr)
-        kept = all_gather_messages(kept, template, fed.device)
-        if fed.attack is not None:
-            kept = fed.attack.poison_updates(kept, fed.byzantine, round)
-        updates = kept if not fed.strategy.linear else weighted_mean(kept, template)
-        weight = sum(w for _, _, w in kept)
-    else:
-        total = total or WeightedSum(message_template(fed, x_t, broadcast, round, lr))
-        all_reduce_sum_(total.flat, fed.device)
-        updates, weight = total.mean(), total.total_weight
-    info = RoundInfo(round, accepted, weight, r.federation.num_clients, lr=lr, local_steps=r.client.max_steps or 0)
-    new_global, server_state = fed.strategy.aggregate(
-        {k: t.float() for k, t in fed.global_state.items()}, updates, fed.server_state, info
-    )
-    new_global = {k: new_global[k].to(fed.global_state[k].dtype) for k in fed.global_state}
+    local_steps = r.client.max_steps or 0
+    info = lambda weight: RoundInfo(round, accepted, weight, r.federation.num_clients, lr=lr, local_steps=local_steps)  # noqa: E731
+    new_global, server_state = collect.finish(fed, info)
     return RoundResult(new_global, server_state, stats, time.perf_counter() - start)
 
 
-def apply_coordinates(fed, coords, round: int) -> None:
-    """The compact path's aggregation: the summed coordinates of every rank become the
-    round's download message, which the server applies to x^t in place exactly as each
-    client will (one reconstruction per round, no full-size update held)."""
-    coords.all_reduce(fed.device)
-    download = coords.message()
-    fed.adapter.apply_broadcast(download, fed.global_state, WireContext(round, -1, fed.recipe.seed))
-    fed.broadcast_sizes.append(len(serialize(download)))
+def downlink(fed, round: int):
+    """x^t and the strategy's broadcast as clients hold them, and each client's download
+    bytes: the global state as one message, or on the compact path (Ferret) the aggregates
+    of the rounds the client missed, applied to its own copy (x^t is then the server's)."""
+    if getattr(fed, "compact", False):
+        return fed.global_state, {}, lambda client_id: catch_up_bytes(fed, round, client_id)
+    x_t, broadcast, size = broadcast_round(fed)
+    return x_t, broadcast, lambda client_id: size
 
 
 def catch_up_bytes(fed, round: int, client_id: int) -> int:
@@ -242,23 +176,6 @@ def gather_stats(rows: list, device) -> list[dict]:
     for s in stats:
         s["client"], s["accepted"] = int(s["client"]), bool(s["accepted"])
     return stats
-
-
-def message_template(fed, x_t: State, broadcast: State, round: int, lr: float) -> State:
-    """The keys and shapes of a decoded client message, for a rank that has none this round
-    but still takes part in the collectives: the update plus the strategy's extras."""
-    hooks = fed.strategy.client_hooks(round, -1) or ClientHooks()
-    zeros = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in x_t.items()}
-    hooks.begin(fed.params, ClientContext(round, -1, x_t, broadcast, {}, lr, 1))
-    extras, _ = hooks.finish(fed.params, zeros)
-    return {**zeros, **with_prefix(extras)}
-
-
-def weighted_mean(kept: list[tuple[int, State, float]], template: State) -> State:
-    total = WeightedSum(template)
-    for _, message, weight in kept:
-        total.add(message, weight)
-    return total.mean()
 
 
 @torch.no_grad()

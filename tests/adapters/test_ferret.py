@@ -266,14 +266,13 @@ def test_a_client_applying_the_downloads_holds_the_servers_weights_bit_for_bit(t
     fed = two_rounds(tmp_path, "run", {}, rounds=3)
     client = {k: t.clone() for k, t in fed.global_state.items()}  # x^0: the base weights everyone has
     downloads = []
-    apply = server.apply_coordinates
+    apply = fed.adapter.apply_broadcast
 
-    def capture(fed, coords, round):
-        original = coords.message
-        coords.message = lambda: downloads.append(serialize(original())) or deserialize(downloads[-1])
-        apply(fed, coords, round)
+    def capture(message, state, ctx):  # the server applies each round's download to x^t
+        downloads.append(serialize(message))
+        apply(deserialize(downloads[-1]), state, ctx)
 
-    monkeypatch.setattr(server, "apply_coordinates", capture)
+    monkeypatch.setattr(fed.adapter, "apply_broadcast", capture)
     for t in range(3):
         fed.global_state = server.run_round(fed, t).global_state
     assert [len(d) for d in downloads] == fed.broadcast_sizes
