@@ -277,7 +277,7 @@ def test_a_client_applying_the_downloads_holds_the_servers_weights_bit_for_bit(t
         fed.global_state = server.run_round(fed, t).global_state
     assert [len(d) for d in downloads] == fed.broadcast_sizes
     for t, wire in enumerate(downloads):  # a client that missed every round catches up in order
-        fed.adapter.apply_broadcast(deserialize(wire), client, WireContext(t, -1, 0))
+        apply(deserialize(wire), client, WireContext(t, -1, 0))
     assert all(torch.equal(client[k], fed.global_state[k]) for k in client)
 
 
