@@ -11,9 +11,12 @@ from typing import Callable
 
 import torch
 
-from fedllm.distributed import all_gather_messages, all_reduce_sum_, canonical_shapes, pack, unpack
+from fedllm.distributed import all_gather_messages, all_reduce_sum_, canonical_shapes, pack
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, State, with_prefix
 from fedllm.wire import WireContext, serialize
+
+
+SMALL = 2**20  # entries up to which one flat float64 copy per message is cheaper than a loop over tensors
 
 
 class WeightedSum:
@@ -22,13 +25,23 @@ class WeightedSum:
 
     def __init__(self, template: State):
         self.shapes = canonical_shapes(template)  # ranks all-reduce this buffer element by element
-        self.flat = torch.zeros(sum(t.numel() for t in template.values()) + 1, dtype=torch.float64)
+        self.size = sum(t.numel() for t in template.values())
+        self.flat = torch.zeros(self.size + 1, dtype=torch.float64)
+
+    def slices(self):
+        offset = 0
+        for key, shape in self.shapes.items():
+            yield key, shape, slice(offset, offset + shape.numel())
+            offset += shape.numel()
 
     def flatten(self, update: State) -> torch.Tensor:
         return pack(update, self.shapes)
 
     def add(self, update: State, weight: float) -> None:
-        self.add_flat(self.flatten(update), weight)
+        # tensor by tensor into the float64 buffer: no full-size temporary for a large update
+        for key, _, where in self.slices():
+            self.flat[where].add_(update[key].reshape(-1).cpu(), alpha=weight)
+        self.flat[-1] += weight
 
     def add_flat(self, flat: torch.Tensor, weight: float) -> None:
         self.flat[:-1].add_(flat, alpha=weight)
@@ -39,11 +52,12 @@ class WeightedSum:
         return float(self.flat[-1])
 
     def mean(self) -> State:
-        return unpack(self.flat[:-1] / self.flat[-1], self.shapes)
+        weight = self.flat[-1]
+        return {key: (self.flat[where] / weight).to(torch.float32).reshape(shape) for key, shape, where in self.slices()}
 
 
 def is_finite(update: State) -> bool:
-    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in update.values()])).all())
+    return all(bool(torch.isfinite(t).all()) for t in update.values())
 
 
 def weighted_mean(kept: list[tuple[int, State, float]], template: State) -> State:
@@ -76,6 +90,11 @@ class StreamedMean:
 
     def add(self, client_id: int, message: State, weight: float) -> bool:
         self.total = self.total or WeightedSum(message)
+        if self.total.size > SMALL:  # a large update (full-parameter) is summed tensor by tensor
+            if not is_finite(message):
+                return False
+            self.total.add(message, weight)
+            return True
         flat = self.total.flatten(message)  # one flat copy serves the finiteness check and the sum
         if not bool(torch.isfinite(flat).all()):
             return False

@@ -48,13 +48,15 @@ def send_update(fed, update: State, extras: State, ctx: WireContext, codec_state
         message = codec.encode(message, replace(ctx, state=own))
         codec_state.update(with_prefix(own, prefix))
     wire = serialize(message)
-    message = deserialize(wire)
+    del message  # for a full-parameter update, at most two full-size objects live at once
+    message, size = deserialize(wire), len(wire)
+    del wire
     for codec in reversed(fed.codecs):
         message = codec.decode(message, ctx)
     if not decode:
-        return message.tensors, len(wire)
+        return message.tensors, size
     plain, extras = split_prefix(message.tensors)
-    return {**fed.adapter.decode(Message(plain, message.meta), ctx), **with_prefix(extras)}, len(wire)
+    return {**fed.adapter.decode(Message(plain, message.meta), ctx), **with_prefix(extras)}, size
 
 
 def broadcast_round(fed) -> tuple[State, State, int]:
@@ -127,6 +129,7 @@ def run_round(fed, round: int, progress=None) -> RoundResult:
         on_step = (lambda: progress.update(1)) if progress is not None else None
         message, weight, result, bytes_up, to_store = run_client(fed, round, client_id, x_t, broadcast, lr, on_step)
         accepted = collect.add(client_id, message, weight)
+        del message  # summed: it must not stay alive through the next client's training
         if not accepted:
             log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", round, client_id)
         elif to_store:  # a dropped client's state does not advance either
