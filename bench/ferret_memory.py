@@ -80,19 +80,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=3, help="processes per setting (the median is reported)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one setting, print JSON
     args = parser.parse_args()
     if args.one:
         overrides, compact = SETTINGS[args.one]
         print(json.dumps(one_setting(overrides, compact, args.width, args.layers)))
         return
-    print(f"{'setting':44} {'trainable MB':>13} {'round adds MB':>14} {'× trainable':>12}")
+    print(f"{'setting':44} {'trainable MB':>13} {'round adds MB (median)':>23} {'× trainable':>12} {'range ×':>12}")
     for name in SETTINGS:
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--width", str(args.width), "--layers", str(args.layers)],
-                             capture_output=True, text=True, check=True)
-        m = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:44} {m['params_bytes'] / 2**20:13.1f} {m['added'] / 2**20:14.1f} {m['added'] / m['params_bytes']:12.2f}")
-    print("(one round of 3 clients × 2 SGD steps; gradients alone account for 1.0×)")
+        runs = []
+        for _ in range(args.repeat):  # a fresh process each time; RSS peaks vary from run to run
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--width", str(args.width), "--layers", str(args.layers)],
+                                 capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        size = runs[0]["params_bytes"]
+        added = sorted(m["added"] for m in runs)
+        median = added[len(added) // 2]
+        print(f"{name:44} {size / 2**20:13.1f} {median / 2**20:23.1f} {median / size:12.2f} "
+              f"{added[0] / size:5.2f}–{added[-1] / size:<5.2f}")
+    print(f"(one round of 3 clients × 2 SGD steps, {args.repeat} processes per setting; gradients alone account for 1.0×)")
 
 
 if __name__ == "__main__":
