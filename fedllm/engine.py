@@ -86,7 +86,7 @@ class Federation:
         # Aggregation in the adapter's coordinate space (Ferret with a plain-mean strategy):
         # no full-size update per client, and the download is the rounds' compact aggregates.
         probe = self.adapter.coordinate_sum(WireContext(0, -1, recipe.seed))
-        self.compact = bool(getattr(self.strategy, "plain_mean", False)) and self.attack is None and probe is not None
+        self.compact = self.strategy.plain_mean and self.attack is None and probe is not None
         self.broadcast_sizes: list[int] = []  # serialized size of each round's compact aggregate
         self._sampled: list[set[int]] = []  # the sampler's draws, replayed to know who missed what
         self._full_state_bytes: int | None = None

@@ -96,6 +96,9 @@ class ClientHooks:
 class Strategy:
     linear = True
     uniform_weights = False  # True: every accepted client weighs 1 instead of its sample count
+    # True: the new global is x^t + mean Δ exactly, with no server state or extras, so an
+    # adapter may aggregate in its own coordinate space and apply the mean itself (Ferret)
+    plain_mean = False
 
     def setup(self, run: RunInfo) -> None:
         """Called once before round 0 (and again on resume), before `init`."""
@@ -132,7 +135,11 @@ def with_prefix(state: State, prefix: str = PREFIX) -> State:
     return {prefix + k: t for k, t in state.items()}
 
 
+def strip_prefix(state: State, prefix: str = PREFIX) -> State:
+    """The entries with the prefix, prefix removed."""
+    return {k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}
+
+
 def split_prefix(state: State, prefix: str = PREFIX) -> tuple[State, State]:
     """(entries without the prefix, entries with it — prefix removed)."""
-    plain = {k: t for k, t in state.items() if not k.startswith(prefix)}
-    return plain, {k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}
+    return {k: t for k, t in state.items() if not k.startswith(prefix)}, strip_prefix(state, prefix)

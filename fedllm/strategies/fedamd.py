@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix
-from fedllm.strategies.scaffold import float_zeros, on_params, prefixed, stepped, unprefixed
+from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
+from fedllm.strategies.scaffold import float_zeros, on_params, stepped
 
 ROW, TABLE_MEAN, ROW_CHANGE, MINER = "g.", "table_mean.", "dg.", "miner"
 
@@ -46,12 +46,12 @@ class AnchorHooks(ClientHooks):
         return 0
 
     def begin(self, params, ctx):
-        self.old = on_params(unprefixed(ctx.client_state, ROW), params)
+        self.old = on_params(strip_prefix(ctx.client_state, ROW), params)
         self.new = on_params(ctx.gradient(None), params)  # ∇ of the mean loss on all local data
 
     def finish(self, params, update):
         change = {k: self.new[k] - self.old[k] for k in self.new}
-        return {**prefixed(change, ROW_CHANGE), MINER: torch.zeros(1)}, prefixed(self.new, ROW)
+        return {**with_prefix(change, ROW_CHANGE), MINER: torch.zeros(1)}, with_prefix(self.new, ROW)
 
 
 class MinerHooks(ClientHooks):
@@ -60,7 +60,7 @@ class MinerHooks(ClientHooks):
     @torch.no_grad()
     def begin(self, params, ctx):
         self.stored = ctx.client_state  # unchanged: a miner's row stays as it was
-        self.d = on_params(unprefixed(ctx.broadcast, TABLE_MEAN), params)
+        self.d = on_params(strip_prefix(ctx.broadcast, TABLE_MEAN), params)
         self.previous = None  # w_{k−1}; None on the first step (d_0 is used as is)
 
     @torch.no_grad()
@@ -85,7 +85,7 @@ class MinerHooks(ClientHooks):
 
     def finish(self, params, update):
         zeros = {k: torch.zeros_like(t) for k, t in self.d.items()}
-        return {**prefixed(zeros, ROW_CHANGE), MINER: torch.ones(1)}, self.stored or None
+        return {**with_prefix(zeros, ROW_CHANGE), MINER: torch.ones(1)}, self.stored or None
 
 
 @STRATEGIES.register("fedamd")
@@ -103,7 +103,7 @@ class FedAMD(Strategy):
         self.p, self.server_lr, self.seed = anchor_prob, server_lr, seed
 
     def init(self, global_state: State) -> State:
-        return prefixed(float_zeros(global_state), TABLE_MEAN)
+        return with_prefix(float_zeros(global_state), TABLE_MEAN)
 
     def broadcast(self, server_state: State) -> State:
         return dict(server_state)
@@ -116,7 +116,7 @@ class FedAMD(Strategy):
         sampled = len(info.clients)
         # the mean of the 0/1 miner flags times |S| counts the miners; anchors sent Δ = 0
         miners = round(float(extras[MINER]) * sampled)
-        rows = unprefixed(extras, ROW_CHANGE)
-        table_mean = stepped(unprefixed(server_state, TABLE_MEAN), rows, sampled / info.num_clients)
+        rows = strip_prefix(extras, ROW_CHANGE)
+        table_mean = stepped(strip_prefix(server_state, TABLE_MEAN), rows, sampled / info.num_clients)
         new_global = stepped(global_state, delta, self.server_lr * sampled / miners) if miners else global_state
-        return new_global, prefixed(table_mean, TABLE_MEAN)
+        return new_global, with_prefix(table_mean, TABLE_MEAN)

@@ -16,8 +16,6 @@ class FedAvg(Strategy):
 
     @property
     def plain_mean(self) -> bool:
-        """The new global is x^t + mean Δ exactly: an adapter may aggregate in its own
-        coordinate space and apply the mean itself (Ferret)."""
         return self.server_lr == 1.0
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix
-from fedllm.strategies.scaffold import float_zeros, on_params, prefixed, stepped, unprefixed
+from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
+from fedllm.strategies.scaffold import float_zeros, on_params, stepped
 
 H, H_SUM = "h.", "h_sum."
 
@@ -56,7 +56,7 @@ class FedSpeedHooks(ClientHooks):
 
     @torch.no_grad()
     def begin(self, params, ctx):
-        self.h = on_params(unprefixed(ctx.client_state, H), params)
+        self.h = on_params(strip_prefix(ctx.client_state, H), params)
         # λ(w − x^t + h_i) = λ(w + shift): precompute shift = h_i − x^t once per round
         x_t = on_params(ctx.global_state, params)
         self.shift = {k: self.h[k] - x_t[k] for k in params}
@@ -75,7 +75,7 @@ class FedSpeedHooks(ClientHooks):
     @torch.no_grad()
     def finish(self, params, update):
         new_h = {k: self.h[k] + update[k].to(self.h[k]) for k in self.h}
-        return {}, prefixed(new_h, H)
+        return {}, with_prefix(new_h, H)
 
 
 @STRATEGIES.register("fedspeed")
@@ -91,14 +91,14 @@ class FedSpeed(Strategy):
         self.rho, self.lam = rho, lam
 
     def init(self, global_state: State) -> State:
-        return prefixed(float_zeros(global_state), H_SUM)
+        return with_prefix(float_zeros(global_state), H_SUM)
 
     def client_hooks(self, round: int, client_id: int):
         return FedSpeedHooks(self.rho, self.lam)
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
         delta, _ = split_prefix(mean_update)
-        h_sum = stepped(unprefixed(server_state, H_SUM), delta, float(len(info.clients)))
+        h_sum = stepped(strip_prefix(server_state, H_SUM), delta, float(len(info.clients)))
         mean_h = {k: t / info.num_clients for k, t in h_sum.items()}
         new_global = stepped(stepped(global_state, delta, 1.0), mean_h, 1.0)
-        return new_global, prefixed(h_sum, H_SUM)
+        return new_global, with_prefix(h_sum, H_SUM)

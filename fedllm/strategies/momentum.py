@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix
-from fedllm.strategies.scaffold import C, ControlVariates, float_zeros, on_params, prefixed, stepped, unprefixed, update_server_c
+from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
+from fedllm.strategies.scaffold import C, ControlVariates, float_zeros, on_params, stepped, update_server_c
 
 G = "g."
 
@@ -35,7 +35,7 @@ class MomentumHooks(ClientHooks):
 
     @torch.no_grad()
     def begin(self, params, ctx):
-        self.g = {k: t.to(params[k].dtype) for k, t in on_params(unprefixed(ctx.broadcast, G), params).items()}
+        self.g = {k: t.to(params[k].dtype) for k, t in on_params(strip_prefix(ctx.broadcast, G), params).items()}
 
     @torch.no_grad()
     def direction(self, params, corrected: State) -> None:
@@ -85,7 +85,7 @@ class FedAvgMomentum(Strategy):
         self.beta, self.server_lr = beta, server_lr
 
     def init(self, global_state: State) -> State:
-        return prefixed(float_zeros(global_state), G)
+        return with_prefix(float_zeros(global_state), G)
 
     def broadcast(self, server_state: State) -> State:
         return dict(server_state)
@@ -103,7 +103,7 @@ class FedAvgMomentum(Strategy):
         scale = info.lr * info.local_steps
         g = {k: -t / scale for k, t in delta.items()}
         gamma = self.server_lr if self.server_lr is not None else scale
-        return stepped(global_state, g, -gamma), prefixed(g, G)
+        return stepped(global_state, g, -gamma), with_prefix(g, G)
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
         delta, _ = split_prefix(mean_update)
@@ -115,7 +115,7 @@ class ScaffoldMomentum(FedAvgMomentum):
     """SCAFFOLD-M: local direction β(∇f − c_i + c) + (1−β)g; SCAFFOLD control variates + server momentum g."""
 
     def init(self, global_state: State) -> State:
-        return {**super().init(global_state), **prefixed(float_zeros(global_state), C)}
+        return {**super().init(global_state), **with_prefix(float_zeros(global_state), C)}
 
     def client_hooks(self, round: int, client_id: int):
         return ScaffoldMomentumHooks(self.beta)

@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES, RecipeError
-from fedllm.strategies.base import PREFIX, ClientHooks, RoundInfo, State, Strategy
+from fedllm.strategies.base import PREFIX, ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
 from fedllm.strategies.robust_rules import (
     bulyan, centered_clip, geometric_median, krum, median, multi_krum, nearest_neighbor_mixing, require, trimmed_mean,
 )
-from fedllm.strategies.scaffold import float_zeros, on_params, prefixed, stepped, unprefixed
+from fedllm.strategies.scaffold import float_zeros, on_params, stepped
 
 M, PREVIOUS = "m.", "previous."
 
@@ -40,12 +40,12 @@ class ClientMomentum(ClientHooks):
         self.beta = beta
 
     def begin(self, params, ctx):
-        self.m = on_params(unprefixed(ctx.client_state, M), params)
+        self.m = on_params(strip_prefix(ctx.client_state, M), params)
 
     @torch.no_grad()
     def finish(self, params, update):
         m = {k: self.beta * self.m[k] + (1 - self.beta) * update[k].to(self.m[k]) for k in self.m}
-        return prefixed(m, M), prefixed(m, M)
+        return with_prefix(m, M), with_prefix(m, M)
 
 
 def flatten(state: State, keys: list[str], prefix: str = "") -> torch.Tensor:
@@ -90,7 +90,7 @@ class Robust(Strategy):
             raise RecipeError(f"{err} (federation.clients_per_round={run.clients_per_round})") from None
 
     def init(self, global_state: State) -> State:
-        return prefixed(float_zeros(global_state), PREVIOUS) if self.keeps_previous else {}
+        return with_prefix(float_zeros(global_state), PREVIOUS) if self.keeps_previous else {}
 
     def client_hooks(self, round: int, client_id: int):
         return ClientMomentum(self.momentum) if self.momentum > 0 else None
@@ -104,7 +104,7 @@ class Robust(Strategy):
         previous = flatten(server_state, keys, PREVIOUS) if self.keeps_previous else None
         aggregate = unflatten(self.rule(X, previous), global_state, keys)
         if self.keeps_previous:
-            server_state = prefixed({k: t.to(server_state[PREVIOUS + k]) for k, t in aggregate.items()}, PREVIOUS)
+            server_state = with_prefix({k: t.to(server_state[PREVIOUS + k]) for k, t in aggregate.items()}, PREVIOUS)
         return stepped(global_state, aggregate, self.server_lr), server_state
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix
+from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
 
 C, C_I, DC = "c.", "c_i.", "dc."
 
@@ -27,14 +27,6 @@ C, C_I, DC = "c.", "c_i.", "dc."
 def float_zeros(state: State) -> State:
     """Zeros shaped like `state`, at least fp32 (server state must not live in bf16)."""
     return {k: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for k, t in state.items()}
-
-
-def prefixed(state: State, prefix: str) -> State:
-    return {prefix + k: t for k, t in state.items()}
-
-
-def unprefixed(state: State, prefix: str) -> State:
-    return {k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}
 
 
 def stepped(x: State, d: State, scale: float) -> State:
@@ -58,8 +50,8 @@ class ControlVariates:
     """The client's view of (c, c_i) for one round — shared by SCAFFOLD and SCAFFOLD-M."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], broadcast: State, client_state: State):
-        self.c = on_params(unprefixed(broadcast, C), params)
-        self.c_i = on_params(unprefixed(client_state, C_I), params)
+        self.c = on_params(strip_prefix(broadcast, C), params)
+        self.c_i = on_params(strip_prefix(client_state, C_I), params)
 
     def correction(self) -> State:
         return {k: self.c[k] - self.c_i[k] for k in self.c}
@@ -67,12 +59,12 @@ class ControlVariates:
     def refreshed(self, new_c_i: State) -> tuple[State, State]:
         """(extras to upload: Δc_i, the client's new stored state: c_i⁺)."""
         delta = {k: new_c_i[k] - self.c_i[k] for k in new_c_i}
-        return prefixed(delta, DC), prefixed(new_c_i, C_I)
+        return with_prefix(delta, DC), with_prefix(new_c_i, C_I)
 
 
 def update_server_c(server_state: State, extras: State, info: RoundInfo) -> State:
     """c += (|S|/N) · mean_S Δc_i   (Alg. 1 line 17, written with the unweighted mean)."""
-    dc = unprefixed(extras, DC)
+    dc = strip_prefix(extras, DC)
     share = len(info.clients) / info.num_clients
     return {C + k: server_state[C + k] + share * dc[k].to(server_state[C + k].dtype) for k in dc}
 
@@ -115,7 +107,7 @@ class Scaffold(Strategy):
         self.server_lr = server_lr
 
     def init(self, global_state: State) -> State:
-        return prefixed(float_zeros(global_state), C)
+        return with_prefix(float_zeros(global_state), C)
 
     def broadcast(self, server_state: State) -> State:
         return {k: t for k, t in server_state.items() if k.startswith(C)}
