@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from fedllm.distributed import all_gather_messages, all_reduce_sum_, canonical_shapes, pack
+from fedllm.distributed import all_gather_messages, all_reduce_sum_, canonical_shapes, pack, slices
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, State, with_prefix
-from fedllm.wire import WireContext, serialize
+from fedllm.wire import WireContext, serialized_size
 
 
 SMALL = 2**20  # entries up to which one flat float64 copy per message is cheaper than a loop over tensors
@@ -28,18 +28,12 @@ class WeightedSum:
         self.size = sum(t.numel() for t in template.values())
         self.flat = torch.zeros(self.size + 1, dtype=torch.float64)
 
-    def slices(self):
-        offset = 0
-        for key, shape in self.shapes.items():
-            yield key, shape, slice(offset, offset + shape.numel())
-            offset += shape.numel()
-
     def flatten(self, update: State) -> torch.Tensor:
         return pack(update, self.shapes)
 
     def add(self, update: State, weight: float) -> None:
         # tensor by tensor into the float64 buffer: no full-size temporary for a large update
-        for key, _, where in self.slices():
+        for key, _, where in slices(self.shapes):
             self.flat[where].add_(update[key].reshape(-1).cpu(), alpha=weight)
         self.flat[-1] += weight
 
@@ -53,7 +47,7 @@ class WeightedSum:
 
     def mean(self) -> State:
         weight = self.flat[-1]
-        return {key: (self.flat[where] / weight).to(torch.float32).reshape(shape) for key, shape, where in self.slices()}
+        return {key: (self.flat[where] / weight).to(torch.float32).reshape(shape) for key, shape, where in slices(self.shapes)}
 
 
 def is_finite(update: State) -> bool:
@@ -111,8 +105,9 @@ class StreamedMean:
 
 
 class Gathered:
-    def __init__(self, template: Callable[[], State]):
+    def __init__(self, template: Callable[[], State], round: int, attack=None, byzantine: frozenset = frozenset()):
         self.template, self.kept = template, []
+        self.round, self.attack, self.byzantine = round, attack, byzantine
 
     def add(self, client_id: int, message: State, weight: float) -> bool:
         if not is_finite(message):
@@ -123,8 +118,8 @@ class Gathered:
     def finish(self, fed, info: Callable[[float], RoundInfo]) -> tuple[State, State]:
         template = self.kept[0][1] if self.kept else self.template()
         kept = all_gather_messages(self.kept, template, fed.device)
-        if fed.attack is not None:
-            kept = fed.attack.poison_updates(kept, fed.byzantine, info(0.0).round)
+        if self.attack is not None:
+            kept = self.attack.poison_updates(kept, self.byzantine, self.round)
         updates = kept if not fed.strategy.linear else weighted_mean(kept, template)
         return apply_strategy(fed, updates, info(sum(w for _, _, w in kept)))
 
@@ -151,7 +146,7 @@ class CoordinateMean:
         self.coords.all_reduce(fed.device)
         download = self.coords.message()
         fed.adapter.apply_broadcast(download, fed.global_state, self.ctx)
-        fed.broadcast_sizes.append(len(serialize(download)))
+        fed.broadcast_sizes.append(serialized_size(download))
         return fed.global_state, fed.server_state
 
     def unchanged(self, fed) -> None:
@@ -159,8 +154,8 @@ class CoordinateMean:
 
 
 def collector(fed, round: int, template: Callable[[], State]):
-    if getattr(fed, "compact", False):
+    if fed.compact:
         return CoordinateMean(fed, round)
     if not fed.strategy.linear or fed.attack is not None:
-        return Gathered(template)
+        return Gathered(template, round, fed.attack, fed.byzantine)
     return StreamedMean(template)

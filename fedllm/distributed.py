@@ -74,13 +74,16 @@ def pack(state: dict, shapes: dict) -> torch.Tensor:
     return torch.cat([state[k].reshape(-1).to("cpu", torch.float64) for k in shapes])
 
 
+def slices(shapes: dict):
+    """(key, shape, where in the flat buffer) in the order of `shapes`."""
+    offset = 0
+    for key, shape in shapes.items():
+        yield key, shape, slice(offset, offset + shape.numel())
+        offset += shape.numel()
+
+
 def unpack(flat: torch.Tensor, shapes: dict) -> dict:
-    out, offset = {}, 0
-    for k, shape in shapes.items():
-        n = shape.numel()
-        out[k] = flat[offset : offset + n].to(torch.float32).reshape(shape)
-        offset += n
-    return out
+    return {key: flat[where].to(torch.float32).reshape(shape) for key, shape, where in slices(shapes)}
 
 
 def all_gather_messages(kept: list[tuple[int, dict, float]], template: dict, device) -> list[tuple[int, dict, float]]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedllm.aggregation import WeightedSum, collector, is_finite, message_template  # noqa: F401  (re-exported)
+from fedllm.aggregation import collector, message_template
 from fedllm.client import client_seed, local_round, mean_gradient, num_micro_batches, round_learning_rate
 from fedllm.data import collate
 from fedllm.distributed import all_gather_rows, all_reduce_sum_
@@ -100,7 +100,7 @@ def run_client(fed, round: int, client_id: int, x_t: State, broadcast: State, lr
         result.update = dict(result.update)
     extras, client_state = hooks.finish(fed.params, result.update)
     codec_state = with_prefix(stored_codecs, CODEC_PREFIX)
-    message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed), codec_state, not getattr(fed, "compact", False))
+    message, bytes_up = send_update(fed, result.update, extras, WireContext(round, client_id, r.seed), codec_state, not fed.compact)
     weight = 1.0 if fed.strategy.uniform_weights else float(result.num_samples)
     to_store = {**(result.optimizer_state or {}), **with_prefix(client_state or {}), **codec_state}
     return message, weight, result, bytes_up, to_store
@@ -158,7 +158,7 @@ def downlink(fed, round: int):
     """x^t and the strategy's broadcast as clients hold them, and each client's download
     bytes: the global state as one message, or on the compact path (Ferret) the aggregates
     of the rounds the client missed, applied to its own copy (x^t is then the server's)."""
-    if getattr(fed, "compact", False):
+    if fed.compact:
         return fed.global_state, {}, lambda client_id: catch_up_bytes(fed, round, client_id)
     x_t, broadcast, size = broadcast_round(fed)
     return x_t, broadcast, lambda client_id: size

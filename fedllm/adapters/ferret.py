@@ -217,16 +217,7 @@ class Ferret(FullParameters):
 
     @torch.no_grad()
     def decode(self, message, ctx):
-        t = message.tensors
-        pool = t["seeds"].tolist() if self.seed_pool == "per_client" else self.pool(ctx)
-        counts = t["counts"].tolist() if "counts" in t else self.ks
-        index = t["index"].tolist() if "index" in t else [i for k in self.ks for i in range(k)]
-        coords = t["coords"]
-        if not (len(coords) == len(index) == sum(counts)) or len(counts) != len(self.blocks):
-            raise ValueError(
-                f"a ferret message of {len(coords)} coordinates does not fit the block map "
-                f"({len(self.blocks)} blocks, {sum(counts)} coordinates)"
-            )
+        pool, counts, index, coords = self.wire_fields(message.tensors, ctx)
         self.bases.cache.enter(self.scope(ctx))
         out, offset = {}, 0
         for g, (block, m) in enumerate(zip(self.blocks, counts)):
@@ -245,25 +236,31 @@ class Ferret(FullParameters):
             return None
         return CoordinateSum(self, ctx)
 
+    def wire_fields(self, t: dict[str, torch.Tensor], ctx: WireContext) -> tuple[list[int], list[int], list[int], torch.Tensor]:
+        """A wire message as (its seed pool, coordinates per block, pool index of each
+        coordinate, the coordinates), checked against the block map."""
+        pool = t["seeds"].tolist() if self.seed_pool == "per_client" else self.pool(ctx)
+        counts = t["counts"].tolist() if "counts" in t else self.ks
+        index = t["index"].tolist() if "index" in t else [i for k in self.ks for i in range(k)]
+        coords = t["coords"]
+        if not (len(coords) == len(index) == sum(counts)) or len(counts) != len(self.blocks):
+            raise ValueError(
+                f"a ferret message of {len(coords)} coordinates does not fit the block map "
+                f"({len(self.blocks)} blocks, {sum(counts)} coordinates)"
+            )
+        return pool, counts, index, coords
+
     def dense_coordinates(self, tensors: dict[str, torch.Tensor], ctx: WireContext) -> tuple[list[int], torch.Tensor]:
         """A wire message as (its seed pool, float64 coordinates over all K_g slots per block;
         a seed the official budget left out holds 0, which reconstruction skips)."""
-        pool = tensors["seeds"].tolist() if self.seed_pool == "per_client" else self.pool(ctx)
-        coords = tensors["coords"].to(torch.float64)
-        if "counts" not in tensors:
-            if len(coords) != sum(self.ks):
-                raise ValueError(f"a ferret message of {len(coords)} coordinates does not fit the block map ({sum(self.ks)})")
-            return pool, coords
-        counts, index = tensors["counts"].tolist(), tensors["index"].tolist()
-        if not (len(coords) == len(index) == sum(counts)) or len(counts) != len(self.blocks):
-            raise ValueError(f"a ferret message of {len(coords)} coordinates does not fit the block map ({len(self.blocks)} blocks)")
-        dense = torch.zeros(sum(self.ks), dtype=torch.float64)
+        pool, counts, index, coords = self.wire_fields(tensors, ctx)
         starts = np.cumsum([0] + self.ks[:-1])
         slots, offset = [], 0
         for g, m in enumerate(counts):
             slots += [int(starts[g]) + i for i in index[offset : offset + m]]
             offset += m
-        dense[slots] = coords
+        dense = torch.zeros(sum(self.ks), dtype=torch.float64)
+        dense[slots] = coords.to(torch.float64)
         return pool, dense
 
     @torch.no_grad()

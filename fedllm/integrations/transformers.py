@@ -51,14 +51,15 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
+from fedllm.aggregation import Gathered, StreamedMean
 from fedllm.client import (
     LocalResult, load_optimizer_state, make_optimizer, micro_batches, num_micro_batches, optimizer_state_to_tensors,
 )
 from fedllm.data import collate
-from fedllm.distributed import all_gather_messages, all_gather_rows, all_reduce_sum_, barrier, is_distributed
+from fedllm.distributed import all_gather_rows, barrier, is_distributed
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES
-from fedllm.server import WeightedSum, broadcast_round, gather_stats, is_finite, send_update
-from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, State, split_prefix, with_prefix
+from fedllm.server import broadcast_round, gather_stats, send_update
+from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, split_prefix, with_prefix
 from fedllm.wire import WireContext
 
 log = logging.getLogger("fedllm")
@@ -220,18 +221,18 @@ class FederatedCallback(TrainerCallback):
             self.client_state = {k: t.detach().cpu() for k, t in client_state.items()}
         message, bytes_up = send_update(self, update, extras, WireContext(self.round, self.client_id, self.seed))
         weight = 1.0 if self.strategy.uniform_weights else float(self.num_samples)
-        accepted = is_finite(message)
+        # the strategy's input: the weighted mean over ranks (linear) or every rank's message
+        collect = StreamedMean(lambda: message) if self.strategy.linear else Gathered(lambda: message, self.round)
+        accepted = collect.add(self.client_id, message, weight)
         if not accepted:
             log.warning("round %d: client %d has a non-finite update (NaN/Inf); dropped", self.round, self.client_id)
         row = [self.client_id, self.num_samples, math.nan, bytes_up, self.bytes_down, accepted, self.local_steps, 0, 0]
         stats = gather_stats([row], self.device)
         clients = [s["client"] for s in stats if s["accepted"]]
         if clients:
-            updates, total = self.combine(message, weight, accepted)
-            info = RoundInfo(self.round, clients, total, self.world_size, lr=self.lr, local_steps=self.local_steps)
-            new_global, self.server_state = self.strategy.aggregate(
-                {k: t.float() for k, t in self.global_state.items()}, updates, self.server_state, info)
-            self.global_state = {k: new_global[k].to(t.dtype).cpu() for k, t in self.global_state.items()}
+            info = lambda total: RoundInfo(self.round, clients, total, self.world_size, lr=self.lr, local_steps=self.local_steps)  # noqa: E731
+            new_global, self.server_state = collect.finish(self, info)
+            self.global_state = {k: t.cpu() for k, t in new_global.items()}
         self.adapter.load(self.model, {k: t.to(self.device) for k, t in self.global_state.items()}, self.params)
         self.round += 1
         self.begin_round()
@@ -239,17 +240,6 @@ class FederatedCallback(TrainerCallback):
             "fed/round": self.round, "fed/clients": len(clients),
             "fed/bytes_up": sum(s["bytes_up"] for s in stats), "fed/bytes_down": sum(s["bytes_down"] for s in stats),
         }
-
-    def combine(self, message: State, weight: float, accepted: bool):
-        """The strategy's input: the weighted mean over ranks (linear) or every message."""
-        if self.strategy.linear:
-            total = WeightedSum(message)
-            if accepted:
-                total.add(message, weight)
-            all_reduce_sum_(total.flat, self.device)
-            return total.mean(), total.total_weight
-        kept = all_gather_messages([(self.client_id, message, weight)] if accepted else [], message, self.device)
-        return kept, sum(w for _, _, w in kept)
 
     # ---- what the hooks may ask for ---------------------------------------------------------
     def no_full_gradient(self, limit=None):

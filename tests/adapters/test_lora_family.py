@@ -7,10 +7,10 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
+from fedllm.aggregation import WeightedSum
 from fedllm.models import byte_tokenizer, load_model
 from fedllm.recipe import ModelConfig
 from fedllm.registry import ADAPTERS
-from fedllm.server import WeightedSum
 from fedllm.wire import WireContext, serialize
 
 SQUARE = ["q_proj", "o_proj"]  # d_in = d_out, where FFA-LoRA's B is exactly half of A+B

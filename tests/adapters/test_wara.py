@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM
 import fedllm.adapters.wara  # noqa: F401  registers 'wara'
 from fedllm.adapters.wara import WaRALinear
 from fedllm.adapters.wavelets import analysis, pad_to_even, synthesis, wavelet_filters
+from fedllm.aggregation import WeightedSum
 from fedllm.engine import build_model, export_run, resume_run, run_recipe
 from fedllm.models import byte_tokenizer, load_model
 from fedllm.recipe import ModelConfig, load_recipe
 from fedllm.registry import ADAPTERS, RecipeError
-from fedllm.server import WeightedSum
 from fedllm.state import checkpoint_dirs, read_checkpoint
 from fedllm.wire import WireContext, serialize
 

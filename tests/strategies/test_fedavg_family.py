@@ -1,7 +1,7 @@
 import torch
 
+from fedllm.aggregation import WeightedSum
 from fedllm.registry import STRATEGIES
-from fedllm.server import WeightedSum
 from fedllm.strategies.base import ClientContext, RoundInfo
 
 INFO = RoundInfo(round=0, clients=[0, 1], total_weight=4.0, num_clients=2)
