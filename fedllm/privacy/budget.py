@@ -119,6 +119,7 @@ class Budget:
         self.owner, self.noise_multiplier, self.target_epsilon = owner, noise_multiplier, target_epsilon
         self.delta, self.method = delta, accountant or "rdp"
         self.limit = max_epsilon if max_epsilon is not None else target_epsilon
+        self.noise_seed: int | None = None  # privacy.noise_seed: reproducible, not private, noise
 
     @classmethod
     def of(cls, owner: str, options: dict, run=None) -> "Budget":
@@ -126,7 +127,9 @@ class Budget:
         options alone, possibly without a noise level yet (construction)."""
         if run is None:
             return cls(owner, **{k: options[k] for k in BUDGET})
-        return cls(owner, **check_privacy(options, getattr(run, "privacy", None)))
+        budget = cls(owner, **check_privacy(options, getattr(run, "privacy", None)))
+        budget.noise_seed = (getattr(run, "privacy", None) or {}).get("noise_seed")
+        return budget
 
     def require_noise(self) -> float:
         if self.noise_multiplier is None and self.target_epsilon is None:

@@ -106,7 +106,7 @@ class DPBREM(Strategy):
         self.options = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
                             max_epsilon=max_epsilon, accountant=accountant)
         self.budget = Budget.of("dp_brem", self.options)
-        self.rounds, self.batch, self.rates, self.noise_seed = None, None, [], None
+        self.rounds, self.batch, self.rates = None, None, []
 
     # ---- schedules ---------------------------------------------------------------------
     def progress(self, round: int) -> float:
@@ -125,7 +125,6 @@ class DPBREM(Strategy):
     def setup(self, run) -> None:
         self.rounds, self.batch = run.rounds, run.batch_size
         self.budget = Budget.of("dp_brem", self.options, run)
-        self.noise_seed = (run.privacy or {}).get("noise_seed")
         self.rates = [min(1.0, run.batch_size / max(n, 1)) for n in run.client_sizes]
         if self.budget.target_epsilon is not None:
             worst = max(range(len(self.rates)), key=lambda i: self.rates[i])
@@ -152,7 +151,7 @@ class DPBREM(Strategy):
     def init(self, global_state: State) -> State:
         self.budget.require_noise()
         momentum = {MOMENTUM + k: torch.zeros_like(t, dtype=torch.float32) for k, t in global_state.items()}
-        return {**momentum, NOISE: noise_state(self.noise_seed, 0xB3E)}
+        return {**momentum, NOISE: noise_state(self.budget.noise_seed, 0xB3E)}
 
     def client_hooks(self, round: int, client_id: int):
         return ClientMomentum(self.clips(round)[0], self.beta)
@@ -167,7 +166,7 @@ class DPBREM(Strategy):
             scale = min(1.0, client_clip / max(flat_norm(diff), 1e-12))
             for k in total:
                 total[k] += scale * diff[k]
-        generator = generator_from(server_state, self.noise_seed, 0xB3E)
+        generator = generator_from(server_state, self.budget.noise_seed, 0xB3E)
         noisy = add_noise(total, sigma * record_clip, generator)
         M = {k: M[k] + noisy[k] / len(kept) for k in M}
         eta = self.lr(info.round)

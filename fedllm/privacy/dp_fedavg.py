@@ -78,14 +78,13 @@ class DPFedAvg(PrivacyWrapper):
         self.options = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
                             max_epsilon=max_epsilon, accountant=accountant)
         self.budget = Budget.of("dp_fedavg", self.options)
-        self.population, self.sample, self.noise_seed = None, None, None
+        self.population, self.sample = None, None
 
     def setup(self, run) -> None:
         if run.sampler != "uniform":
             raise ValueError(f"dp_fedavg accounts for the uniform client sampler; this run samples with '{run.sampler}'")
         super().setup(run)
         self.budget = Budget.of("dp_fedavg", self.options, run)
-        self.noise_seed = (run.privacy or {}).get("noise_seed")
         self.population, self.sample = run.num_clients, run.clients_per_round
         if self.budget.target_epsilon is not None:
             self.budget.noise_multiplier = calibrate(
@@ -100,7 +99,7 @@ class DPFedAvg(PrivacyWrapper):
 
     def init(self, global_state: State) -> State:
         self.budget.require_noise()
-        return {**super().init(global_state), LEDGER: Ledger().state(), NOISE: noise_state(self.noise_seed, 0xD9)}
+        return {**super().init(global_state), LEDGER: Ledger().state(), NOISE: noise_state(self.budget.noise_seed, 0xD9)}
 
     def client_hooks(self, round: int, client_id: int):
         return ClipUpload(self.inner.client_hooks(round, client_id), self.clip_norm)
@@ -110,7 +109,7 @@ class DPFedAvg(PrivacyWrapper):
         z = self.budget.require_noise()
         m = self.sample or len(info.clients)  # the planned m: a dropped client does not shrink it
         total = {k: t.float() * info.total_weight for k, t in mean_update.items()}  # Σ clip(Δ_k)
-        generator = generator_from(own, self.noise_seed, 0xD9)
+        generator = generator_from(own, self.budget.noise_seed, 0xD9)
         noisy = add_noise(total, z * self.clip_norm, generator)
         noisy = {k: t / m for k, t in noisy.items()}
         new_global, inner_state = self.inner.aggregate(global_state, noisy, inner_state, info)

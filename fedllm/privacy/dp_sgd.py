@@ -36,14 +36,13 @@ A client whose update is dropped (non-finite) releases nothing: its message is d
 unused and its ledger does not move."""
 from __future__ import annotations
 
-import secrets
 from dataclasses import replace
 from typing import Callable, Literal
 
 import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
-from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, check_privacy, seeded, split_state
+from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, check_privacy, secret_seed, seeded, split_state
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import RoundInfo, State
 
@@ -167,12 +166,10 @@ class LocalDPSGD(PrivacyWrapper):
         self.budget = Budget.of("dp_sgd", self.options)
         self.rates: list[float] = []
         self.steps: list[int] = []
-        self.noise_seed = None
 
     def setup(self, run) -> None:
         super().setup(run)
         self.budget = Budget.of("dp_sgd", self.options, run)
-        self.noise_seed = (run.privacy or {}).get("noise_seed")
         self.rates = [min(1.0, run.batch_size / max(n, 1)) for n in run.client_sizes]
         self.steps = list(run.local_steps)
         if self.budget.target_epsilon is not None:
@@ -193,7 +190,8 @@ class LocalDPSGD(PrivacyWrapper):
 
     def client_hooks(self, round: int, client_id: int):
         # a fresh secret seed per local round (see the module docstring), or a reproducible one
-        seed = secrets.randbits(63) if self.noise_seed is None else seeded(self.noise_seed, round, client_id, 0x5D)
+        noise_seed = self.budget.noise_seed
+        seed = secret_seed() if noise_seed is None else seeded(noise_seed, round, client_id, 0x5D)
         return PrivateGradient(self.inner.client_hooks(round, client_id), self.clip, self.budget.require_noise(), seed)
 
     def ledgers(self, server_state: State) -> dict[int, Ledger]:
