@@ -12,8 +12,8 @@ import torch
 import fedllm.adapters.ferret  # noqa: F401  registers "ferret"
 import fedllm.adapters.full  # noqa: F401  registers "full"
 from fedllm import engine
-from fedllm.adapters import projections
-from fedllm.adapters.projections import generate, truncated_normal_variance
+from fedllm.adapters.ferret import projections
+from fedllm.adapters.ferret.projections import generate, truncated_normal_variance
 from fedllm.models import byte_tokenizer, load_model
 from fedllm.recipe import ModelConfig, load_recipe, recipe_from_dict
 from fedllm.registry import ADAPTERS

@@ -8,8 +8,8 @@ import torch
 import yaml
 from peft import PeftModel, PromptTuningConfig, get_peft_model
 
-import fedllm.adapters.sfprompt as sfprompt  # noqa: F401  registers 'sfprompt'
-from fedllm.adapters.split import SplitLM, token_logits
+import fedllm.adapters.sfprompt.adapter as sfprompt
+from fedllm.adapters.sfprompt.split import SplitLM, token_logits
 from fedllm.client import client_seed
 from fedllm.data import collate
 from fedllm.engine import run_recipe

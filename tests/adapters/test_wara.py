@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import fedllm.adapters.wara  # noqa: F401  registers 'wara'
 from fedllm.adapters.wara import WaRALinear
-from fedllm.adapters.wavelets import analysis, pad_to_even, synthesis, wavelet_filters
+from fedllm.adapters.wara.wavelets import analysis, pad_to_even, synthesis, wavelet_filters
 from fedllm.aggregation import WeightedSum
 from fedllm.engine import build_model, export_run, resume_run, run_recipe
 from fedllm.models import byte_tokenizer, load_model

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedllm.adapters.base import Adapter
 from fedllm.adapters.ffa_lora import module_generator
-from fedllm.adapters.wavelets import analysis, pad_adjoint, pad_to_even, synthesis, wavelet_filters
+from fedllm.adapters.wara.wavelets import analysis, pad_adjoint, pad_to_even, synthesis, wavelet_filters
 from fedllm.registry import ADAPTERS, RecipeError
 
 LAYER_TYPES = (nn.Linear, Conv1D)  # Conv1D: GPT-2's transposed linear

@@ -1,5 +1,5 @@
 """SFPrompt — Cao et al., arXiv 2407.17533 (no official code): split federated prompt
-tuning. The LLM is cut U-shaped (fedllm.adapters.split): the client holds the head (with
+tuning. The LLM is cut U-shaped (fedllm.adapters.sfprompt.split): the client holds the head (with
 the soft prompt) and the tail (with the labels and the loss), the server one frozen body
 shared by all clients. A client's round, in the paper's order:
 
@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from transformers.modeling_outputs import CausalLMOutput
 
 from fedllm.adapters.base import Adapter
-from fedllm.adapters.split import SplitLM, causal_lm_loss, el2n_scores, token_logits
+from fedllm.adapters.sfprompt.split import SplitLM, causal_lm_loss, el2n_scores, token_logits
 from fedllm.client import LocalResult, make_optimizer, micro_batches
 from fedllm.data import collate
 from fedllm.registry import ADAPTERS, RecipeError

@@ -16,7 +16,7 @@ from fedllm.distributed import all_gather_rows, all_reduce_sum_, is_distributed
 from fedllm.wire import Message, WireContext
 
 if TYPE_CHECKING:
-    from fedllm.adapters.ferret import Ferret
+    from fedllm.adapters.ferret.adapter import Ferret
 
 LOW32 = 2**32
 

@@ -34,9 +34,9 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from fedllm.adapters.ferret_aggregate import CoordinateSum
+from fedllm.adapters.ferret.aggregate import CoordinateSum
 from fedllm.adapters.full import FullParameters
-from fedllm.adapters.projections import Bases, generate, truncated_normal_variance, truncation
+from fedllm.adapters.ferret.projections import Bases, generate, truncated_normal_variance, truncation
 from fedllm.registry import ADAPTERS, RecipeError
 from fedllm.wire import Message, WireContext
 
