@@ -97,3 +97,24 @@ def all_gather_messages(kept: list[tuple[int, dict, float]], template: dict, dev
         ]) if kept else torch.zeros(0, width, dtype=torch.float64)
         kept = [(int(row[0]), unpack(row[2:], shapes), float(row[1])) for row in all_gather_rows(rows, device)]
     return sorted(kept, key=lambda item: item[0])
+
+
+class Reducer:
+    """The collectives, handed to code that must not call torch.distributed itself (an
+    adapter's collector): sums and gathers over every rank, no-ops in one process."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def active(self) -> bool:
+        return is_distributed()
+
+    def sum_(self, flat: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum_(flat, self.device)
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return all_gather_rows(rows, self.device)
+
+    def gather_messages(self, kept: list[tuple[int, dict, float]], template: dict) -> list[tuple[int, dict, float]]:
+        return all_gather_messages(kept, template, self.device)

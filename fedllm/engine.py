@@ -1,30 +1,51 @@
 """Runs a whole federation: one resident model, simulated clients, optional distribution
-over accelerate / torch.distributed ranks, atomic checkpoints and exact resume."""
+over accelerate / torch.distributed ranks, atomic checkpoints and exact resume. One round
+(`Federation.run_round`) is sample → down → clients → up → collect → aggregate."""
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-import fedllm.plugins  # noqa: F401
-from fedllm.client import num_micro_batches
+from fedllm.capabilities import check_pairings, local_loop
+from fedllm.channel import Channel, Downlink
+from fedllm.client import Client, Upload
+from fedllm.collectors import default_collector, message_template
 from fedllm.data import prepare_data
-from fedllm.distributed import barrier, broadcast_int, broadcast_state_, is_distributed, process_state
+from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, is_distributed, process_state
+from fedllm.evaluation import evaluate
+from fedllm.export import write_export
 from fedllm.metrics import MetricsLog, truncate_jsonl
-from fedllm.models import check_quantization, load_model, load_tokenizer
+from fedllm.models import build_model
 from fedllm.recipe import Recipe, dump_recipe, load_recipe
-from fedllm.registry import ADAPTERS, ATTACKS, CODECS, SAMPLERS, STRATEGIES
-from fedllm.server import evaluate, run_round
-from fedllm.state import ClientStore, checkpoint_dirs, read_checkpoint, write_checkpoint
-from fedllm.strategies.base import RunInfo
-from fedllm.wire import WireContext, serialized_size
+from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES
+from fedllm.samplers import Participation
+from fedllm.state import ClientRecord, ClientStore, State, checkpoint_dirs, read_checkpoint, write_checkpoint
+from fedllm.strategies.base import RoundInfo, RunInfo
+from fedllm.training import default_steps, round_learning_rate
+from fedllm.wire import WireContext
 
 log = logging.getLogger("fedllm")
+
+# bytes_up/down are a client's whole traffic; split_bytes_* the part its local round itself
+# exchanged with the server (split learning's activations and gradients), 0 for a plain loop
+STAT_COLUMNS = (
+    "client", "num_samples", "train_loss", "bytes_up", "bytes_down", "accepted", "steps", "split_bytes_up", "split_bytes_down",
+)
+
+
+@dataclass
+class RoundResult:
+    global_state: State
+    server_state: State
+    stats: list[dict]
+    seconds: float
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:
@@ -47,19 +68,19 @@ def new_run_dir(recipe: Recipe, recipe_name: str, device) -> Path:
     return Path(recipe.output.dir) / f"{recipe_name}-{when}"
 
 
-def build_model(recipe: Recipe, device=None):
-    """Tokenizer, base model and attached adapter: a pure function of the recipe."""
-    check_quantization(recipe.model)
-    tokenizer = load_tokenizer(recipe.model)
-    base = load_model(recipe.model, tokenizer, recipe.seed, device)
-    if recipe.client.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    adapter = ADAPTERS.build(recipe.adapter, "adapter")
-    model = adapter.attach(base, recipe.seed)
-    if device is not None:
-        model.to(device)
-    return tokenizer, model, adapter
+def stat_row(client_id: int, upload: Upload, bytes_up: int, bytes_down: int, accepted: bool) -> list:
+    r = upload.result
+    split_up, split_down = r.split_bytes_up, r.split_bytes_down
+    return [client_id, r.num_samples, r.train_loss, bytes_up + split_up, bytes_down + split_down, accepted, r.steps, split_up, split_down]
+
+
+def gather_stats(rows: list, device) -> list[dict]:
+    """Every rank's per-client rows (one value per STAT_COLUMNS entry), as dicts."""
+    table = all_gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STAT_COLUMNS)), device)
+    stats = [dict(zip(STAT_COLUMNS, row)) for row in table.tolist()]
+    for s in stats:
+        s["client"], s["accepted"] = int(s["client"]), bool(s["accepted"])
+    return stats
 
 
 class Federation:
@@ -68,30 +89,32 @@ class Federation:
         self.state = process_state()
         self.device, self.rank, self.world_size = self.state.device, self.state.process_index, self.state.num_processes
         self.is_main = self.state.is_main_process
+        self.reducer = Reducer(self.device)
         self.tokenizer, self.model, self.adapter = build_model(recipe, self.device)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.params = self.adapter.trainable(self.model)
         self.data = prepare_data(recipe.data, self.tokenizer, recipe.federation.num_clients, recipe.seed)
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
-        self.sampler = SAMPLERS.build(recipe.federation.sampler, "federation.sampler")
+        fed = recipe.federation
+        self.participation = Participation(SAMPLERS.build(fed.sampler, "federation.sampler"), fed.num_clients,
+                                           fed.sampled_per_round(), recipe.seed)
         self.codecs = [CODECS.build(c, f"codecs[{i}]") for i, c in enumerate(recipe.codecs)]
         self.strategy.setup(self.run_info())  # before init: e.g. a noise level chosen for the planned rounds
         self.attack = ATTACKS.build(recipe.byzantine, "byzantine") if recipe.byzantine else None
-        self.byzantine = self.attack.choose(recipe.federation.num_clients, recipe.seed) if self.attack else set()
+        self.byzantine = self.attack.choose(fed.num_clients, recipe.seed) if self.attack else set()
         for client_id in sorted(self.byzantine):
             self.data.clients[client_id] = self.attack.poison_data(self.data.clients[client_id], recipe.seed + client_id)
         self.global_state = self.adapter.state(self.model)  # the one extra copy of the trainable tensors
         # every rank starts from rank 0's server state (e.g. a secret DP noise generator)
         self.server_state = broadcast_state_(self.strategy.init(self.global_state), self.device)
-        # Aggregation in the adapter's coordinate space (Ferret with a plain-mean strategy):
-        # no full-size update per client, and the download is the rounds' compact aggregates.
-        probe = self.adapter.coordinate_sum(WireContext(0, -1, recipe.seed))
-        self.compact = self.strategy.plain_mean and self.attack is None and probe is not None
-        self.broadcast_sizes: list[int] = []  # serialized size of each round's compact aggregate
-        self._sampled: list[set[int]] = []  # the sampler's draws, replayed to know who missed what
-        self._full_state_bytes: int | None = None
+        # The adapter's own aggregation and download (Ferret's coordinate space under a plain
+        # mean): no full-size update per client; a simulated attack needs every message.
+        self.own_aggregation = None if self.attack else self.adapter.aggregation(self.strategy, recipe.seed)
+        self.client = Client(self.model, self.params, self.adapter, self.strategy, local_loop(recipe, self.adapter),
+                             recipe.client, self.data.clients, self.pad_token_id, self.device, recipe.seed)
+        self.channel = Channel(self.adapter, self.codecs)
         # Ranks share per-client state through the run directory (budget 0: the disk is the store).
-        budget = 0 if is_distributed() else int(recipe.federation.client_store_budget_mb * 2**20)
+        budget = 0 if is_distributed() else int(fed.client_store_budget_mb * 2**20)
         self.store = ClientStore(self.run_dir / "client_store", budget)
         self.start_round = 0
         self.accelerator = self._trackers()
@@ -112,23 +135,68 @@ class Federation:
         return RunInfo(
             rounds=r.federation.rounds, num_clients=r.federation.num_clients,
             clients_per_round=r.federation.sampled_per_round(), sampler=r.federation.sampler["name"],
-            client_sizes=sizes,
-            local_steps=[num_micro_batches(r.client, n) // r.client.gradient_accumulation_steps for n in sizes],
+            client_sizes=sizes, local_steps=[default_steps(r.client, n) for n in sizes],
             batch_size=r.client.per_device_train_batch_size * r.client.gradient_accumulation_steps, seed=r.seed,
             privacy=r.privacy.model_dump() if r.privacy else None,
         )
 
-    def last_round_taken(self, client_id: int, before: int) -> int:
-        """The last round < `before` in which the client was sampled (0 if none: it holds x^0)."""
-        r = self.recipe.federation
-        while len(self._sampled) < before:
-            self._sampled.append(set(self.sampler.sample(len(self._sampled), r.num_clients, r.sampled_per_round(), self.recipe.seed)))
-        return next((s for s in range(before - 1, -1, -1) if client_id in self._sampled[s]), 0)
+    # ---- one round ----------------------------------------------------------------------
+    def run_round(self, t: int, progress=None) -> RoundResult:
+        """Round t on this rank's share of the sampled clients; `progress` (a tqdm bar) counts local steps."""
+        start, r = time.perf_counter(), self.recipe
+        mine = self.participation.sampled(t)[self.rank :: self.world_size]  # a deterministic split
+        lr = round_learning_rate(r.client, t, r.federation.rounds)
+        down = self.downlink(t)
+        collect = self.collector(t)
+        rows = []
+        for cid in mine:
+            upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(self.store.get(cid)), lr,
+                                     on_step=progress.update if progress is not None else None)
+            message, size = self.channel.up(upload.update, upload.extras, WireContext(t, cid, r.seed), upload.record.codecs,
+                                            adapter_space=self.own_aggregation is not None)
+            accepted = collect.add(cid, message, upload.weight)
+            del message  # summed: it must not stay alive through the next client's training
+            self.keep_record(t, cid, upload.record, accepted)
+            rows.append(stat_row(cid, upload, size, down.bytes_for(cid), accepted))
+            if progress is not None:
+                progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{upload.result.train_loss:.3f}")
+        stats = gather_stats(rows, self.device)
+        accepted = [s["client"] for s in stats if s["accepted"]]
+        if not accepted:
+            log.warning("round %d: no client update was accepted; the global model is unchanged", t)
+            collect.unchanged()
+            return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start)
+        info = lambda weight: RoundInfo(t, accepted, weight, r.federation.num_clients, lr=lr,  # noqa: E731
+                                        local_steps=r.client.max_steps or 0)
+        new_global, server_state = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
+        return RoundResult(new_global, server_state, stats, time.perf_counter() - start)
 
-    def full_state_bytes(self) -> int:
-        if self._full_state_bytes is None:
-            self._full_state_bytes = serialized_size(self.adapter.encode_global(self.global_state))
-        return self._full_state_bytes
+    def downlink(self, t: int) -> Downlink:
+        """x^t and the broadcast as clients hold them: one real message, or the adapter's own
+        protocol (clients apply the aggregates of the rounds they missed; x^t is the server's)."""
+        if self.own_aggregation is None:
+            return self.channel.down(self.global_state, self.strategy.broadcast(self.server_state), self.device)
+        last = self.participation.last_round
+        return Downlink(self.global_state, {},
+                        lambda cid: self.own_aggregation.download_bytes(t, last(cid, t), self.global_state))
+
+    def collector(self, t: int):
+        if self.own_aggregation is not None:
+            return self.own_aggregation.collector(t)
+        return default_collector(self.strategy, lambda: message_template(self.strategy, self.global_state), t,
+                                 self.attack, frozenset(self.byzantine))
+
+    def keep_record(self, t: int, client_id: int, record: ClientRecord, accepted: bool) -> None:
+        if not accepted:  # a dropped client's state does not advance either
+            log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", t, client_id)
+            return
+        flat = record.to_flat()
+        if flat:
+            self.store.put(client_id, flat)
+
+    def evaluate(self, examples: list[dict]) -> dict:
+        return evaluate(self.model, self.adapter, self.global_state, examples, self.recipe.eval, self.pad_token_id,
+                        self.reducer, self.rank, self.world_size)
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -159,7 +227,8 @@ class Federation:
         parts, meta = read_checkpoint(done[-1])
         self.global_state = {k: t.to(self.global_state[k].dtype) for k, t in parts["global"].items()}
         self.server_state = parts.get("server_state", {})
-        self.broadcast_sizes = parts.get("engine", {}).get("broadcast_sizes", torch.zeros(0, dtype=torch.int64)).tolist()
+        if self.own_aggregation is not None:  # checkpoints before 0.1.x kept it under "engine"
+            self.own_aggregation.load_state(parts.get("aggregation", parts.get("engine", {})))
         torch.set_rng_state(parts["rng"]["torch"])
         self.start_round = meta["round"]
         if self.is_main:
@@ -171,10 +240,9 @@ class Federation:
 
     def checkpoint(self, rounds_done: int) -> None:
         if self.is_main:
-            parts = {
-                "global": self.global_state, "server_state": self.server_state, "rng": {"torch": torch.get_rng_state()},
-                "engine": {"broadcast_sizes": torch.tensor(self.broadcast_sizes, dtype=torch.int64)},
-            }
+            parts = {"global": self.global_state, "server_state": self.server_state, "rng": {"torch": torch.get_rng_state()}}
+            if self.own_aggregation is not None:
+                parts["aggregation"] = self.own_aggregation.state()
             meta = {"round": rounds_done, "saved_at": time.time()}
             write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)
         barrier()
@@ -195,15 +263,14 @@ class Federation:
             steps = r.client.max_steps * mine if r.client.max_steps else None
             with tqdm(total=steps, desc=f"round {t + 1} local steps", leave=False, dynamic_ncols=True,
                       disable=not (self.is_main and r.output.progress)) as steps_bar:
-                result = run_round(self, t, steps_bar)
+                result = self.run_round(t, steps_bar)
             self.global_state, self.server_state = result.global_state, result.server_state
             last = t + 1 == r.federation.rounds
             extra = {"seconds": result.seconds, **self.strategy.metrics(self.server_state)}
             for codec in self.codecs:
-                if hasattr(codec, "accounting"):  # e.g. RQM's ε after t + 1 rounds
-                    extra.update(codec.accounting(t + 1))
+                extra.update(codec.accounting(t + 1))  # e.g. RQM's ε after t + 1 rounds
             if self.data.eval and ((r.eval.every and (t + 1) % r.eval.every == 0) or last):
-                extra.update(evaluate(self, self.data.eval))
+                extra.update(self.evaluate(self.data.eval))
             row = self.metrics.log_round(t, result.stats, extra)
             rows.append(row)
             bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "eval_loss") if row.get(k) is not None})
@@ -216,39 +283,15 @@ class Federation:
 
     def export_final(self) -> None:
         if self.is_main:
-            export_adapter(self, self.run_dir / "final")
+            # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
+            write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final",
+                         self.adapter.export_formats[0])
         barrier()
-
-
-def export_adapter(fed, out: Path) -> None:
-    # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
-    write_export(fed.adapter, fed.model, fed.tokenizer, fed.global_state, out, fed.adapter.export_formats[0])
-
-
-def write_export(adapter, model, tokenizer, global_state, out: Path, fmt: str = "peft") -> None:
-    adapter.load(model, {k: t.to(next(model.parameters()).device) for k, t in global_state.items()})
-    adapter.export(model, str(out), fmt)
-    tokenizer.save_pretrained(str(out))
-
-
-def export_run(run_dir: str, out: str, round: str = "last", fmt: str | None = None) -> Path:
-    """Writes the global adapter of a checkpointed round (`peft`) or the merged model (`merged`)."""
-    run_dir = Path(run_dir)
-    done = {int(p.name.split("_")[1]): p for p in checkpoint_dirs(run_dir)}
-    if not done:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint to export")
-    wanted = max(done) if round == "last" else int(round)
-    if wanted not in done:
-        raise FileNotFoundError(f"no checkpoint of round {wanted} in {run_dir}; available: {sorted(done)}")
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    tokenizer, model, adapter = build_model(recipe)
-    parts, _ = read_checkpoint(done[wanted])
-    write_export(adapter, model, tokenizer, parts["global"], Path(out), fmt or adapter.export_formats[0])
-    return Path(out)
 
 
 def run_recipe(path: str, overrides: list[str] = ()) -> Path:
     recipe = load_recipe(path, overrides)
+    check_pairings(recipe)  # before any model is built
     run_dir = new_run_dir(recipe, Path(path).stem, process_state().device)
     fed = Federation(recipe, run_dir)
     fed.start()
@@ -260,7 +303,9 @@ def resume_run(run_dir: str, overrides: list[str] = ()) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fedllm run directory (no recipe.yaml)")
-    fed = Federation(load_recipe(run_dir / "recipe.yaml", overrides), run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    check_pairings(recipe)
+    fed = Federation(recipe, run_dir)
     fed.resume()
     fed.run()
     return run_dir

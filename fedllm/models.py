@@ -14,7 +14,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from fedllm.registry import RecipeError
+from fedllm.registry import ADAPTERS, RecipeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,3 +131,18 @@ def load_model(cfg, tokenizer, seed: int, device=None):
     if device is not None and cfg.quantization == "none":
         model.to(device)
     return model
+
+
+def build_model(recipe, device=None):
+    """Tokenizer, base model and attached adapter: a pure function of the recipe."""
+    check_quantization(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
+    base = load_model(recipe.model, tokenizer, recipe.seed, device)
+    if recipe.client.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    adapter = ADAPTERS.build(recipe.adapter, "adapter")
+    model = adapter.attach(base, recipe.seed)
+    if device is not None:
+        model.to(device)
+    return tokenizer, model, adapter

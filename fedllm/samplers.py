@@ -17,3 +17,21 @@ class Uniform:
 
     def sample(self, round: int, num_clients: int, k: int, seed: int) -> list[int]:
         return sorted(round_rng(seed, round).choice(num_clients, size=k, replace=False).tolist())
+
+
+class Participation:
+    """Who a sampler picks in each round, replayed on demand (a pure function of the seed),
+    so the server knows the last round a client took part in without storing it."""
+
+    def __init__(self, sampler, num_clients: int, k: int, seed: int):
+        self.sampler, self.num_clients, self.k, self.seed = sampler, num_clients, k, seed
+        self._rounds: list[list[int]] = []
+
+    def sampled(self, round: int) -> list[int]:
+        while len(self._rounds) <= round:
+            self._rounds.append(self.sampler.sample(len(self._rounds), self.num_clients, self.k, self.seed))
+        return self._rounds[round]
+
+    def last_round(self, client_id: int, before: int) -> int:
+        """The last round < `before` in which the client was sampled (0 if none: it holds x^0)."""
+        return next((s for s in range(before - 1, -1, -1) if client_id in self.sampled(s)), 0)

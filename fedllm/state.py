@@ -6,12 +6,46 @@ import json
 import os
 import shutil
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 State = dict[str, torch.Tensor]
+
+
+# A client's stored record on disk: optimizer moments unprefixed, the strategy's state under
+# "strategy/", codec i's state under "codec/<i>/" (the prefixes exist only in these files).
+STRATEGY_PREFIX, CODEC_PREFIX = "strategy/", "codec/"
+
+
+@dataclass
+class ClientRecord:
+    """What the server keeps of a client between its rounds."""
+
+    optimizer: State = field(default_factory=dict)  # local optimizer moments (client.keep_optimizer_state)
+    strategy: State = field(default_factory=dict)  # the strategy's per-client state (control variates, momenta)
+    codecs: dict[int, State] = field(default_factory=dict)  # codec index -> its state (error feedback)
+
+    def to_flat(self) -> State:
+        flat = {**self.optimizer, **{STRATEGY_PREFIX + k: t for k, t in self.strategy.items()}}
+        for index, state in self.codecs.items():
+            flat.update({f"{CODEC_PREFIX}{index}/{k}": t for k, t in state.items()})
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: State | None) -> "ClientRecord":
+        record = cls()
+        for key, tensor in (flat or {}).items():
+            if key.startswith(CODEC_PREFIX):
+                index, name = key[len(CODEC_PREFIX):].split("/", 1)
+                record.codecs.setdefault(int(index), {})[name] = tensor
+            elif key.startswith(STRATEGY_PREFIX):
+                record.strategy[key[len(STRATEGY_PREFIX):]] = tensor
+            else:
+                record.optimizer[key] = tensor
+        return record
 
 
 def nbytes(state: State) -> int:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fedllm.state import State
 from fedllm.wire import Message, WireContext
-
-State = dict[str, torch.Tensor]
 
 
 class Adapter:
@@ -46,10 +45,17 @@ class Adapter:
     def decode_global(self, message: Message) -> State:
         return message.tensors
 
-    def coordinate_sum(self, ctx: WireContext):
-        """An accumulator for aggregating updates in the adapter's own compact coordinates
-        (add / all_reduce / message) whose `message()` the adapter's `apply_broadcast(message,
-        state, ctx)` applies in place; None (the default): the engine decodes every update."""
+    def local_loop(self):
+        """A local loop of the adapter's own (fedllm.training.LocalLoop) for methods whose
+        local training is not a plain loop (SFPrompt's split steps); None: the recipe's."""
+        return None
+
+    def aggregation(self, strategy, seed: int):
+        """The adapter's own side of aggregation and download for this strategy, or None (the
+        default: every update is decoded and the strategy's collector is used). An object with
+        `collector(round)` (add / finish / unchanged, as fedllm.collectors), `download_bytes(
+        round, last_taken, global_state)`, and `state()` / `load_state(state)` for checkpoints
+        (Ferret: the coordinate sum and the compact download)."""
         return None
 
     def metadata(self, model: torch.nn.Module) -> dict:

@@ -9,9 +9,10 @@ import torch
 from fedllm.codecs.framing import DTYPES
 from fedllm.registry import CODECS
 from fedllm.wire import Message
+from fedllm.codecs.base import Codec
 
 
-class Cast:
+class Cast(Codec):
     dtype: torch.dtype
     key: str
 

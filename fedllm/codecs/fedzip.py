@@ -34,6 +34,7 @@ from fedllm.codecs.bitstream import (
 )
 from fedllm.registry import CODECS
 from fedllm.wire import Message
+from fedllm.codecs.base import Codec
 
 ENCODINGS = ("huffman", "gap", "position")  # the order breaks ties under `auto`
 
@@ -110,7 +111,7 @@ def decode_ids(info: dict, data: bytes, size: int, k: int) -> np.ndarray:
 
 
 @CODECS.register("fedzip")
-class FedZip:
+class FedZip(Codec):
     """FedZip: top-z sparsification, k-means quantization, Huffman/position/gap bitstream."""
 
     def __init__(

@@ -22,6 +22,7 @@ from fedllm.codecs import framing
 from fedllm.codecs.bitstream import bit_width, pack_uints, unpack_uints
 from fedllm.registry import CODECS
 from fedllm.wire import Message
+from fedllm.codecs.base import Codec
 
 SALT = 0x05D  # separates this codec's random stream from other codecs'
 
@@ -43,7 +44,7 @@ def quantize(x: np.ndarray, levels: int, bucket_size: int, rng: np.random.Genera
 
 
 @CODECS.register("qsgd")
-class QSGD:
+class QSGD(Codec):
     """QSGD: unbiased stochastic quantization to s levels per bucket (norm-scaled)."""
 
     def __init__(self, levels: int = 7, bucket_size: int = 512):

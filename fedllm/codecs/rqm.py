@@ -34,6 +34,7 @@ from fedllm.codecs.bitstream import bit_width, pack_uints, unpack_uints
 from fedllm.privacy.accountant import ORDERS
 from fedllm.registry import CODECS
 from fedllm.wire import Message
+from fedllm.codecs.base import Codec
 
 SALT = 0x2D3
 CHUNK = 1 << 15  # coordinates per vectorised step: bounds the (chunk × m) kept masks
@@ -101,7 +102,7 @@ def renyi_per_coordinate(clip: float, extension: float, m: int, q: float, grid: 
 
 
 @CODECS.register("rqm")
-class RQM:
+class RQM(Codec):
     """RQM: randomized quantization (random kept levels + unbiased rounding), ⌈log2 m⌉ bits/coordinate."""
 
     def __init__(

@@ -19,10 +19,11 @@ from fedllm.codecs import framing
 from fedllm.codecs.bitstream import bit_width, pack_uints, unpack_uints
 from fedllm.registry import CODECS
 from fedllm.wire import Message
+from fedllm.codecs.base import Codec
 
 
 @CODECS.register("topk")
-class TopK:
+class TopK(Codec):
     """Top-k sparsification per tensor, with a per-client error-feedback residual."""
 
     def __init__(self, fraction: float = 0.01, error_feedback: bool = True):

@@ -42,24 +42,20 @@ import gc
 import json
 import logging
 import math
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
+from transformers import Trainer, TrainerCallback
 
-from fedllm.aggregation import Gathered, StreamedMean
-from fedllm.client import (
-    LocalResult, load_optimizer_state, make_optimizer, micro_batches, num_micro_batches, optimizer_state_to_tensors,
-)
-from fedllm.data import collate
-from fedllm.distributed import all_gather_rows, barrier, is_distributed
-from fedllm.registry import ADAPTERS, CODECS, STRATEGIES
-from fedllm.server import broadcast_round, gather_stats, send_update
+from fedllm.channel import Channel
+from fedllm.collectors import default_collector
+from fedllm.distributed import Reducer, all_gather_rows, barrier, is_distributed
+from fedllm.engine import gather_stats
+from fedllm.loops.trainer import ReplayLastBatch
+from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, split_prefix, with_prefix
+from fedllm.training import CAPABILITIES, REGRAD, StepDriver, load_optimizer_state, optimizer_state_to_tensors
 from fedllm.wire import WireContext
 
 log = logging.getLogger("fedllm")
@@ -96,33 +92,6 @@ def switch_off_gradient_sync(trainer: Trainer) -> bool:
     return False
 
 
-class ReplayLastBatch:
-    """A strategy hook's `regrad`: recomputes the gradients of the last micro-batch at the
-    parameters' current values. The Trainer does not hand the batch to callbacks, so a
-    forward pre-hook keeps the arguments of the model's last call (the loss is then the
-    model's own: no label smoothing or `compute_loss_func`)."""
-
-    def __init__(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], args):
-        self.model, self.params, self.args, self.last = model, params, args, None
-        self.handle = model.register_forward_pre_hook(self.keep, with_kwargs=True)
-
-    def keep(self, module, args, kwargs):
-        self.last = (args, kwargs)
-
-    def __call__(self) -> None:
-        if self.args.gradient_accumulation_steps != 1 or self.args.fp16:
-            raise ValueError("this strategy recomputes gradients within a step: use gradient_accumulation_steps=1, no fp16")
-        for p in self.params.values():
-            p.grad = None
-        args, kwargs = self.last
-        with torch.enable_grad():
-            out = self.model(*args, **kwargs)
-            (out["loss"] if isinstance(out, dict) else out[0]).backward()
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
 class FederatedCallback(TrainerCallback):
     """Turns each process of a Trainer run into a federated client.
 
@@ -134,6 +103,8 @@ class FederatedCallback(TrainerCallback):
     `client_id`: default the process rank. `max_grad_norm`: clip after the strategy hooks
     (use with `TrainingArguments(max_grad_norm=0)`)."""
 
+    supports = frozenset({REGRAD})  # what the strategy hooks may ask of a Trainer (fedllm.training.CAPABILITIES)
+
     def __init__(self, recipe=None, *, strategy="fedavg", adapter="lora", codecs=(), local_steps: int | None = None,
                  num_samples: int | None = None, client_id: int | None = None, seed: int = 0,
                  max_grad_norm: float | None = None):
@@ -144,7 +115,12 @@ class FederatedCallback(TrainerCallback):
             raise ValueError("FederatedCallback needs local_steps > 0 (optimizer steps between synchronisations)")
         self.strategy = build_plugin(STRATEGIES, strategy, "strategy")
         self.adapter = build_plugin(ADAPTERS, adapter, "adapter")
-        self.codecs = [build_plugin(CODECS, c, f"codecs[{i}]") for i, c in enumerate(codecs)]
+        missing = sorted(self.strategy.client_needs - self.supports)
+        if missing:
+            raise RecipeError(f"strategy '{type(self.strategy).__name__}' needs "
+                              f"{'; '.join(f'{CAPABILITIES[m]} ({m})' for m in missing)}, which FederatedCallback does not "
+                              "offer (a Trainer runs its own backward and a fixed number of steps): use `fedllm run`")
+        self.channel = Channel(self.adapter, [build_plugin(CODECS, c, f"codecs[{i}]") for i, c in enumerate(codecs)])
         self.local_steps, self.num_samples, self.client_id, self.seed = local_steps, num_samples, client_id, seed
         self.max_grad_norm = max_grad_norm
         self.round = 0
@@ -165,6 +141,7 @@ class FederatedCallback(TrainerCallback):
             dataset = getattr(train_dataloader, "dataset", None)
             self.num_samples = len(dataset) if hasattr(dataset, "__len__") else 1
         self.params = self.adapter.trainable(model)
+        self.reducer = Reducer(self.device)
         self.regrad = ReplayLastBatch(model, self.params, args)
         self.resumed_lr = None
         if state.global_step > 0:
@@ -177,9 +154,7 @@ class FederatedCallback(TrainerCallback):
         self.begin_round()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.hooks.before_step(self.params, self.regrad)
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.max_grad_norm)
+        self.driver.before_optimizer(self.regrad)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.local_steps == 0:
@@ -200,15 +175,14 @@ class FederatedCallback(TrainerCallback):
     def begin_round(self) -> None:
         """x^t and the strategy's broadcast as a client decodes them; the hooks begin."""
         self.adapter.prepare_local_round(self.model)
-        self.x_t, broadcast, self.bytes_down = broadcast_round(self)
+        down = self.channel.down(self.global_state, self.strategy.broadcast(self.server_state), self.device)
+        self.x_t, broadcast, self.bytes_down = down.x_t, down.broadcast, down.bytes_for(self.client_id)
         self.hooks = self.strategy.client_hooks(self.round, self.client_id) or ClientHooks()
-        if self.hooks.num_steps(self.local_steps) != self.local_steps:
-            raise ValueError("this strategy changes a client's number of local steps; the Trainer cannot skip steps")
+        self.driver = StepDriver(self.hooks, self.params, self.max_grad_norm)
         # the lr of the round's first step (a resume mid-round brings back the round's own)
         lr = self.resumed_lr if self.resumed_lr is not None else self.trainer.optimizer.param_groups[0]["lr"]
         self.resumed_lr = None
-        ctx = ClientContext(self.round, self.client_id, self.x_t, broadcast, self.client_state, lr, self.local_steps,
-                            gradient=self.no_full_gradient)
+        ctx = ClientContext(self.round, self.client_id, self.x_t, broadcast, self.client_state, lr, self.local_steps)
         self.hooks.begin(self.params, ctx)
         self.lr = lr
 
@@ -219,10 +193,10 @@ class FederatedCallback(TrainerCallback):
         extras, client_state = self.hooks.finish(self.params, update)
         if client_state is not None:
             self.client_state = {k: t.detach().cpu() for k, t in client_state.items()}
-        message, bytes_up = send_update(self, update, extras, WireContext(self.round, self.client_id, self.seed))
+        message, bytes_up = self.channel.up(update, extras, WireContext(self.round, self.client_id, self.seed), {})
         weight = 1.0 if self.strategy.uniform_weights else float(self.num_samples)
-        # the strategy's input: the weighted mean over ranks (linear) or every rank's message
-        collect = StreamedMean(lambda: message) if self.strategy.linear else Gathered(lambda: message, self.round)
+        # the strategy's input: the weighted mean over ranks, or every rank's message
+        collect = default_collector(self.strategy, lambda: message, self.round)
         accepted = collect.add(self.client_id, message, weight)
         if not accepted:
             log.warning("round %d: client %d has a non-finite update (NaN/Inf); dropped", self.round, self.client_id)
@@ -231,7 +205,8 @@ class FederatedCallback(TrainerCallback):
         clients = [s["client"] for s in stats if s["accepted"]]
         if clients:
             info = lambda total: RoundInfo(self.round, clients, total, self.world_size, lr=self.lr, local_steps=self.local_steps)  # noqa: E731
-            new_global, self.server_state = collect.finish(self, info)
+            new_global, self.server_state = collect.finish(self.strategy, self.global_state, self.server_state, info,
+                                                           self.reducer)
             self.global_state = {k: t.cpu() for k, t in new_global.items()}
         self.adapter.load(self.model, {k: t.to(self.device) for k, t in self.global_state.items()}, self.params)
         self.round += 1
@@ -240,10 +215,6 @@ class FederatedCallback(TrainerCallback):
             "fed/round": self.round, "fed/clients": len(clients),
             "fed/bytes_up": sum(s["bytes_up"] for s in stats), "fed/bytes_down": sum(s["bytes_down"] for s in stats),
         }
-
-    # ---- what the hooks may ask for ---------------------------------------------------------
-    def no_full_gradient(self, limit=None):
-        raise NotImplementedError("strategies that need a client's full-data gradient (FedAMD) run in the engine only")
 
     # ---- checks --------------------------------------------------------------------------
     def check_schedule(self, args, state) -> None:
@@ -293,75 +264,3 @@ class FederatedCallback(TrainerCallback):
         self.adapter.load(self.model, {k: t.to(self.device) for k, t in local.items()}, self.params)
         if optim:
             load_optimizer_state(self.trainer.optimizer, optim)
-
-
-# ---- `client.trainer: hf` — the simulation engine's local round run by a Trainer ----------------
-class HookStep(TrainerCallback):
-    """The built-in loop's step order inside a Trainer whose own clipping is off: strategy
-    hooks, then clipping, then the optimizer step."""
-
-    def __init__(self, params, hooks: ClientHooks, max_grad_norm, replay: ReplayLastBatch, on_step=None):
-        self.params, self.hooks, self.max_grad_norm, self.replay, self.on_step = params, hooks, max_grad_norm, replay, on_step
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.hooks.before_step(self.params, self.replay)
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.max_grad_norm)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.on_step is not None:
-            self.on_step()
-
-
-def client_training_args(cfg, steps: int, device: torch.device, output_dir: str) -> TrainingArguments:
-    """The recipe's `client:` section as TrainingArguments (same names, same meaning)."""
-    return TrainingArguments(
-        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay, bf16=cfg.bf16, fp16=cfg.fp16,
-        max_grad_norm=0.0,  # HookStep clips, after the strategy hooks
-        train_sampling_strategy="sequential",  # the examples come already in the built-in loop's order
-        average_tokens_across_devices=False, use_cpu=device.type == "cpu", save_strategy="no", report_to=[],
-        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
-    )
-
-
-def trainer_local_round(model, params, global_state, examples, cfg, *, lr, seed, pad_token_id, device, hooks=None,
-                        optimizer_state=None, steps=None, on_step=None) -> LocalResult:
-    """`fedllm.client.local_round` with a `transformers.Trainer` doing the steps: the same
-    micro-batches in the same order, optimizer, clipping and hook order, so the update
-    matches the built-in loop's to float rounding. The resident model is trained in place."""
-    if is_distributed():
-        # accelerate would wrap the resident model in DDP, whose construction is a collective
-        # that ranks running different numbers of clients never all reach
-        raise ValueError("client.trainer=hf runs the simulation in one process; use client.trainer=builtin with ranks")
-    hooks = hooks or ClientHooks()
-    accumulate = cfg.gradient_accumulation_steps
-    steps = num_micro_batches(cfg, len(examples)) // accumulate if steps is None else steps
-    if steps == 0:  # e.g. FedAMD's anchors: no local step, nothing for a Trainer to do
-        zeros = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
-        return LocalResult(zeros, len(examples), float("nan"), 0, None)
-    rng = np.random.default_rng(seed)  # the built-in loop's batch order
-    ordered = [e for batch in micro_batches(examples, cfg.per_device_train_batch_size, steps * accumulate, rng) for e in batch]
-    optimizer = make_optimizer(cfg, list(params.values()), lr)
-    if optimizer_state:
-        load_optimizer_state(optimizer, optimizer_state)
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # the engine schedules lr across rounds
-    replay = ReplayLastBatch(model, params, None)
-    with tempfile.TemporaryDirectory() as scratch:
-        args = client_training_args(cfg, steps, device, scratch)
-        replay.args = args
-        trainer = Trainer(model=model, args=args, train_dataset=ordered, optimizers=(optimizer, constant),
-                          data_collator=lambda batch: collate(batch, pad_token_id),
-                          callbacks=[HookStep(params, hooks, cfg.max_grad_norm, replay, on_step)])
-        trainer.model_accepts_loss_kwargs = False  # per-micro-batch mean loss / accumulation, as the built-in loop
-        trainer.remove_callback(PrinterCallback)  # no log lines per client round
-        torch.manual_seed(seed)  # dropout, as the built-in loop
-        output = trainer.train()
-    replay.remove()
-    with torch.no_grad():
-        update = {k: p.detach().float() - global_state[k].to(p.device).float() for k, p in params.items()}
-    return LocalResult(
-        update=update, num_samples=len(examples), train_loss=output.training_loss, steps=steps,
-        optimizer_state=optimizer_state_to_tensors(optimizer) if cfg.keep_optimizer_state else None,
-    )

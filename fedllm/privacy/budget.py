@@ -33,7 +33,7 @@ import torch
 
 from fedllm.privacy.accountant import Ledger, Method
 from fedllm.registry import STRATEGIES, RecipeError
-from fedllm.strategies.base import ClientHooks, State, Strategy
+from fedllm.strategies.base import ALL, MEAN, ClientHooks, State, Strategy
 
 PREFIX = "privacy/"
 NOISE = PREFIX + "noise_rng"  # the server's noise generator state (uint8), checkpointed with the server state
@@ -159,6 +159,10 @@ class DelegatingHooks(ClientHooks):
     def __init__(self, inner: ClientHooks | None):
         self.inner = inner or ClientHooks()
 
+    @property
+    def rewrites_update(self) -> bool:
+        return self.inner.rewrites_update
+
     def num_steps(self, default):
         return self.inner.num_steps(default)
 
@@ -166,8 +170,7 @@ class DelegatingHooks(ClientHooks):
         self.inner.begin(params, ctx)
 
     def backward(self, inputs, loss_of, default):
-        inner = getattr(self.inner, "backward", None)  # engines without the per-example hook
-        return inner(inputs, loss_of, default) if inner else default()
+        return self.inner.backward(inputs, loss_of, default)
 
     def before_step(self, params, regrad):
         self.inner.before_step(params, regrad)
@@ -182,12 +185,19 @@ class PrivacyWrapper(Strategy):
 
     def __init__(self, inner: dict, owner: str):
         self.inner = STRATEGIES.build(inner, f"{owner}.inner")
-        self.linear, self.uniform_weights = self.inner.linear, self.inner.uniform_weights
+        # the wrapper's mechanism stands between the mean and the inner strategy: never a plain mean
+        self.needs = ALL if self.inner.needs == ALL else MEAN
+        self.uniform_weights, self.client_needs = self.inner.uniform_weights, self.inner.client_needs
+
+    def extras_like(self, global_state: State) -> State:
+        return self.inner.extras_like(global_state)
+
+    def check_federation(self, clients_per_round: int) -> None:
+        self.inner.check_federation(clients_per_round)
 
     def setup(self, run) -> None:
-        inner = getattr(self.inner, "setup", None)
-        if inner:  # the wrapper consumes the privacy section; the inner strategy sees the rest
-            inner(replace(run, privacy=None))
+        # the wrapper consumes the privacy section; the inner strategy sees the rest
+        self.inner.setup(replace(run, privacy=None))
 
     def init(self, global_state: State) -> State:
         return self.inner.init(global_state)
@@ -196,9 +206,7 @@ class PrivacyWrapper(Strategy):
         return self.inner.broadcast(split_state(server_state)[0])
 
     def inner_metrics(self, server_state: State) -> dict:
-        metrics = getattr(self.inner, "metrics", None)
-        return metrics(split_state(server_state)[0]) if metrics else {}
+        return self.inner.metrics(split_state(server_state)[0])
 
     def inner_stop_reason(self, round: int, server_state: State) -> str | None:
-        stop = getattr(self.inner, "stop_reason", None)
-        return stop(round, split_state(server_state)[0]) if stop else None
+        return self.inner.stop_reason(round, split_state(server_state)[0])

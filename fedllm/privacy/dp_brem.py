@@ -37,13 +37,15 @@ from fedllm.privacy.accountant import Event, Ledger, calibrate
 from fedllm.privacy.budget import NOISE, PREFIX, Budget, add_noise, check_privacy, flat_norm, generator_from, noise_state
 from fedllm.privacy.dp_sgd import ClippedSums
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy
+from fedllm.strategies.base import ALL, ClientHooks, RoundInfo, State, Strategy
 
 MOMENTUM, LEDGERS, SENSITIVITY = "momentum.", PREFIX + "ledger/", PREFIX + "sensitivity"
 
 
 class ClientMomentum(ClientHooks):
     """One clipped-mean gradient at x^t, folded into the client's momentum, sent in place of Δ."""
+
+    rewrites_update = True
 
     def __init__(self, clip: float, beta: float):
         self.clip, self.beta = clip, beta
@@ -80,7 +82,8 @@ class ClientMomentum(ClientHooks):
 class DPBREM(Strategy):
     """DP-BREM: client momentum, centered clipping around the global momentum, noise on the sum."""
 
-    linear = False  # centered clipping needs every client's momentum
+    needs = ALL  # centered clipping needs every client's momentum
+    client_needs = frozenset({"per_example", "variable_steps"})  # per-example clipping; one step
     uniform_weights = True
     check_privacy = staticmethod(check_privacy)  # reads the recipe's privacy: section
 

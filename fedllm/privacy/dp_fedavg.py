@@ -30,13 +30,15 @@ from fedllm.privacy.budget import (
     split_state,
 )
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import RoundInfo, State
+from fedllm.strategies.base import ALL, RoundInfo, State
 
 LEDGER = PREFIX + "ledger"
 
 
 class ClipUpload(DelegatingHooks):
     """Clips the client's whole upload (update + extras) to norm S, in place."""
+
+    rewrites_update = True
 
     def __init__(self, inner, clip_norm: float):
         super().__init__(inner)
@@ -69,7 +71,7 @@ class DPFedAvg(PrivacyWrapper):
         accountant: Literal["rdp", "pld"] | None = None,  # default rdp
     ):
         super().__init__(inner, "dp_fedavg")
-        if not self.linear:
+        if self.needs == ALL:
             raise ValueError("dp_fedavg adds noise to the mean of the clipped updates: its inner strategy must be linear")
         if clip_norm <= 0:
             raise ValueError("dp_fedavg: clip_norm must be > 0")

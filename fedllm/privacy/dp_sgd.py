@@ -158,6 +158,7 @@ class LocalDPSGD(PrivacyWrapper):
         accountant: Literal["rdp", "pld"] | None = None,  # default rdp
     ):
         super().__init__(inner, "dp_sgd")
+        self.client_needs = self.client_needs | {"per_example"}  # every micro-batch's backward, example by example
         if max_grad_norm <= 0:
             raise ValueError("dp_sgd: max_grad_norm must be > 0")
         self.clip = max_grad_norm

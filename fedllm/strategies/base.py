@@ -2,11 +2,16 @@
 
 Server side: `init` makes the server state; `broadcast` picks server tensors sent down with
 the global state (SCAFFOLD's c, a server momentum); `aggregate` makes the next global
-state. A `linear` strategy receives the weighted mean of the clients' messages (streamed as
-a running sum, all-reduced across ranks); a non-linear one (robust rules) receives every
-`(client_id, message, weight)`. Client side: `client_hooks` returns the hooks the local
-training loop calls; their `finish` may add tensors to the upload (`extras`) and return
-the client's new stored state (kept server-side in the client store).
+state. A strategy declares what it `needs` of the round's messages: "mean" (the weighted
+mean, streamed as a running sum and all-reduced across ranks), "all" (every
+`(client_id, message, weight)`: robust rules), or "plain_mean" (the new global is exactly
+x^t + mean Δ with no server state and no extras, so an adapter may aggregate in its own
+coordinates and apply the mean itself — Ferret). `extras_like(global_state)` gives the
+keys and shapes of what its hooks add to an upload. Client side: `client_hooks` returns
+the hooks `fedllm.client.Client` drives around the local loop; their `finish` may add
+tensors to the upload (`extras`) and return the client's new stored state. `client_needs`
+names what the hooks need of the local loop (fedllm.training.CAPABILITIES), checked when
+the recipe loads.
 
 Before round 0 the engine calls `setup(run)` with the run's shape (`RunInfo`); after every
 round it logs `metrics(server_state)`, and before every round it asks `stop_reason(round,
@@ -22,7 +27,8 @@ from typing import Callable
 
 import torch
 
-State = dict[str, torch.Tensor]
+from fedllm.state import State
+
 PREFIX = "strategy/"
 
 
@@ -65,7 +71,9 @@ class ClientContext:
 
 
 class ClientHooks:
-    """Client-side part of a strategy, called by the local training loop."""
+    """Client-side part of a strategy, driven by `fedllm.client.Client` around the local loop."""
+
+    rewrites_update = False  # True: `finish` edits the update in place, so it gets a materialised dict
 
     def num_steps(self, default: int) -> int:
         """Local optimizer steps this round (0: no training, e.g. FedAMD's anchors)."""
@@ -93,12 +101,21 @@ class ClientHooks:
         return {}, None
 
 
+MEAN, ALL, PLAIN_MEAN = "mean", "all", "plain_mean"
+
+
 class Strategy:
-    linear = True
+    needs = MEAN  # what `aggregate` receives: MEAN, ALL, or PLAIN_MEAN (see the module docstring)
     uniform_weights = False  # True: every accepted client weighs 1 instead of its sample count
-    # True: the new global is x^t + mean Δ exactly, with no server state or extras, so an
-    # adapter may aggregate in its own coordinate space and apply the mean itself (Ferret)
-    plain_mean = False
+    client_needs: frozenset[str] = frozenset()  # capabilities its client hooks need of the local loop
+
+    def extras_like(self, global_state: State) -> State:
+        """Tensors shaped like the extras its hooks add to an upload (values unused)."""
+        return {}
+
+    def check_federation(self, clients_per_round: int) -> None:
+        """Raises RecipeError when the planned round size cannot work (robust rules' n vs f);
+        called when the recipe loads, before any model is built."""
 
     def setup(self, run: RunInfo) -> None:
         """Called once before round 0 (and again on resume), before `init`."""
@@ -114,7 +131,8 @@ class Strategy:
         return None
 
     def aggregate(self, global_state: State, updates, server_state: State, info: RoundInfo) -> tuple[State, State]:
-        """`updates`: the weighted mean message (linear) or a list of (client_id, message, weight)."""
+        """`updates`: the weighted mean message (needs MEAN / PLAIN_MEAN) or a list of
+        (client_id, message, weight) (needs ALL)."""
         raise NotImplementedError
 
     def metrics(self, server_state: State) -> dict[str, float]:

@@ -93,6 +93,7 @@ class FedAMD(Strategy):
     """FedAMD: anchors (prob. p) send large-batch gradients, miners run SARAH from their mean."""
 
     uniform_weights = True  # the code averages miners and table rows unweighted
+    client_needs = frozenset({"regrad", "full_gradient", "variable_steps"})  # SARAH's regrad; anchors: 0 steps, ∇ at x^t
 
     def __init__(self, anchor_prob: float = 0.2, server_lr: float = 1.0, seed: int = 0):
         # defaults: the code's --pr 0.2 and --lr-global 1.0
@@ -110,6 +111,9 @@ class FedAMD(Strategy):
 
     def client_hooks(self, round: int, client_id: int):
         return AnchorHooks() if is_anchor(self.p, self.seed, round, client_id) else MinerHooks()
+
+    def extras_like(self, global_state: State) -> State:
+        return {**with_prefix(float_zeros(global_state), ROW_CHANGE), MINER: torch.zeros(1)}
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
         delta, extras = split_prefix(mean_update)

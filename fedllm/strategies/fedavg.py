@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, add_scaled
+from fedllm.strategies.base import MEAN, PLAIN_MEAN, ClientHooks, RoundInfo, State, Strategy, add_scaled
 
 
 @STRATEGIES.register("fedavg")
@@ -15,8 +15,8 @@ class FedAvg(Strategy):
         self.server_lr = server_lr
 
     @property
-    def plain_mean(self) -> bool:
-        return self.server_lr == 1.0
+    def needs(self) -> str:
+        return PLAIN_MEAN if self.server_lr == 1.0 else MEAN
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
         return add_scaled(global_state, mean_update, self.server_lr), server_state

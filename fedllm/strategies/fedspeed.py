@@ -89,6 +89,7 @@ class FedSpeed(Strategy):
         if rho < 0 or lam < 0:
             raise ValueError("fedspeed: rho and lam must be ≥ 0")
         self.rho, self.lam = rho, lam
+        self.client_needs = frozenset({"regrad"}) if rho > 0 else frozenset()  # the ascent re-grads the batch
 
     def init(self, global_state: State) -> State:
         return with_prefix(float_zeros(global_state), H_SUM)

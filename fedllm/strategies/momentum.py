@@ -22,7 +22,7 @@ import torch
 
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
-from fedllm.strategies.scaffold import C, ControlVariates, float_zeros, on_params, stepped, update_server_c
+from fedllm.strategies.scaffold import C, DC, ControlVariates, float_zeros, on_params, stepped, update_server_c
 
 G = "g."
 
@@ -119,6 +119,9 @@ class ScaffoldMomentum(FedAvgMomentum):
 
     def client_hooks(self, round: int, client_id: int):
         return ScaffoldMomentumHooks(self.beta)
+
+    def extras_like(self, global_state: State) -> State:
+        return with_prefix(float_zeros(global_state), DC)
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
         delta, extras = split_prefix(mean_update)

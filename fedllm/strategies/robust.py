@@ -15,7 +15,7 @@ sharing four options:
   MoNNA = `momentum: 0.99, nnm: true` plus any rule (the paper pairs NNA with trimmed mean).
 - `server_lr` η_g: x ← x + η_g · rule(…).
 
-The server gathers every message (`linear = False`; across ranks by all-gather), so a round
+The server gathers every message (`needs = ALL`; across ranks by all-gather), so a round
 holds all n updates at once. Messages are flattened over the adapter's tensors in sorted
 key order; distances are over that whole vector. Sample counts are ignored (`uniform_weights`).
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES, RecipeError
-from fedllm.strategies.base import PREFIX, ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
+from fedllm.strategies.base import ALL, PREFIX, ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
 from fedllm.strategies.robust_rules import (
     bulyan, centered_clip, geometric_median, krum, median, multi_krum, nearest_neighbor_mixing, require, trimmed_mean,
 )
@@ -62,7 +62,7 @@ def unflatten(vector: torch.Tensor, like: State, keys: list[str]) -> State:
 
 
 class Robust(Strategy):
-    linear = False
+    needs = ALL
     uniform_weights = True
     keeps_previous = False  # True: the rule starts from the previous round's aggregate
 
@@ -81,19 +81,25 @@ class Robust(Strategy):
     def rule(self, X: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def setup(self, run) -> None:
+    def check_federation(self, clients_per_round: int) -> None:
         # fail before any training when the planned round size cannot meet this rule's n-vs-f
         # requirement (every rule checks it on its input)
         try:
-            self.rule(torch.zeros(run.clients_per_round, 1), torch.zeros(1))
+            self.rule(torch.zeros(clients_per_round, 1), torch.zeros(1))
         except ValueError as err:
-            raise RecipeError(f"{err} (federation.clients_per_round={run.clients_per_round})") from None
+            raise RecipeError(f"{err} (federation.clients_per_round={clients_per_round})") from None
+
+    def setup(self, run) -> None:
+        self.check_federation(run.clients_per_round)
 
     def init(self, global_state: State) -> State:
         return with_prefix(float_zeros(global_state), PREVIOUS) if self.keeps_previous else {}
 
     def client_hooks(self, round: int, client_id: int):
         return ClientMomentum(self.momentum) if self.momentum > 0 else None
+
+    def extras_like(self, global_state: State) -> State:
+        return with_prefix(float_zeros(global_state), M) if self.momentum > 0 else {}
 
     def aggregate(self, global_state: State, messages, server_state: State, info: RoundInfo):
         keys = sorted(global_state)

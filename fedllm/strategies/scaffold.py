@@ -115,6 +115,9 @@ class Scaffold(Strategy):
     def client_hooks(self, round: int, client_id: int):
         return ScaffoldHooks()
 
+    def extras_like(self, global_state: State) -> State:
+        return with_prefix(float_zeros(global_state), DC)
+
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
         delta, extras = split_prefix(mean_update)
         return stepped(global_state, delta, self.server_lr), update_server_c(server_state, extras, info)

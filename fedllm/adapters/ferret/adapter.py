@@ -34,10 +34,11 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 
-from fedllm.adapters.ferret.aggregate import CoordinateSum
+from fedllm.adapters.ferret.aggregate import CompactRounds, CoordinateSum
 from fedllm.adapters.full import FullParameters
 from fedllm.adapters.ferret.projections import Bases, generate, truncated_normal_variance, truncation
 from fedllm.registry import ADAPTERS, RecipeError
+from fedllm.strategies.base import PLAIN_MEAN, Strategy
 from fedllm.wire import Message, WireContext
 
 SEED_TAG = 0xFE77E7  # keeps Ferret's seed streams apart from every other use of the recipe seed
@@ -227,7 +228,13 @@ class Ferret(FullParameters):
             out.update(unflatten(flat.mul_(-self.server_lr), block))  # back to x_i − x^t, times the server lr
         return out
 
-    # ---- aggregation in coordinate space (see ferret_aggregate) -------------------------
+    # ---- aggregation in coordinate space (see aggregate.py) ------------------------------
+    def aggregation(self, strategy: Strategy, seed: int) -> CompactRounds | None:
+        """Coordinate-space rounds under a plain-mean strategy where the pool allows it."""
+        if strategy.needs != PLAIN_MEAN or self.coordinate_sum(WireContext(0, -1, seed)) is None:
+            return None
+        return CompactRounds(self, seed)
+
     def coordinate_sum(self, ctx: WireContext):
         """An accumulator of the round's coordinates, or None where reconstruction is not one
         fixed linear map of the pool (official budgets with orthogonalised bases: the basis

@@ -8,12 +8,14 @@ applies it to its own copy of x^t to get x^{t+1} (so the server and the clients 
 bit-identical weights), and a client that missed rounds applies each missed one in turn."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from fedllm.distributed import all_gather_rows, all_reduce_sum_, is_distributed
-from fedllm.wire import Message, WireContext
+from fedllm.distributed import Reducer
+from fedllm.state import State
+from fedllm.strategies.base import RoundInfo, Strategy
+from fedllm.wire import Message, WireContext, serialized_size
 
 if TYPE_CHECKING:
     from fedllm.adapters.ferret.adapter import Ferret
@@ -44,14 +46,14 @@ class CoordinateSum:
             self.entries[key] = (seeds, dense.mul_(weight))
         self.weight += weight
 
-    def all_reduce(self, device) -> None:
+    def all_reduce(self, reducer: Reducer) -> None:
         """Every rank ends with the sum over all ranks' clients (tensors only)."""
-        if not is_distributed():
+        if not reducer.active:
             return
         total = torch.tensor([self.weight], dtype=torch.float64)
-        self.weight = float(all_reduce_sum_(total, device)[0])
+        self.weight = float(reducer.sum_(total)[0])
         if self.shared:
-            all_reduce_sum_(self.entries[0][1], device)
+            reducer.sum_(self.entries[0][1])
             return
         k = max(self.adapter.ks)
         rows = [
@@ -60,7 +62,7 @@ class CoordinateSum:
         ]
         table = torch.stack(rows) if rows else torch.zeros(0, 1 + 2 * k + self.width, dtype=torch.float64)
         self.entries = {
-            int(row[0]): (join_seeds(row[1 : 1 + 2 * k]), row[1 + 2 * k :].clone()) for row in all_gather_rows(table, device)
+            int(row[0]): (join_seeds(row[1 : 1 + 2 * k]), row[1 + 2 * k :].clone()) for row in reducer.gather_rows(table)
         }
 
     def message(self) -> Message:
@@ -82,3 +84,66 @@ def split_seeds(seeds: list[int]) -> torch.Tensor:
 def join_seeds(halves: torch.Tensor) -> list[int]:
     values = [int(v) for v in halves.tolist()]
     return [hi * LOW32 + lo for hi, lo in zip(values[0::2], values[1::2])]
+
+
+def is_finite(tensors: State) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
+
+
+class CoordinateMean:
+    """The round's collector: sums the clients' wire coordinates; at the end the round's
+    compact aggregate is the download message, and the server applies it to x^t in place
+    exactly as each client will (one reconstruction per round). The strategy is a plain
+    mean (Strategy.needs == "plain_mean"), so it has nothing to add."""
+
+    def __init__(self, rounds: "CompactRounds", round: int):
+        self.rounds, self.ctx = rounds, WireContext(round, -1, rounds.seed)
+        self.coords = rounds.adapter.coordinate_sum(self.ctx)
+
+    def add(self, client_id: int, message: State, weight: float) -> bool:
+        if not is_finite(message):
+            return False
+        self.coords.add(message, weight, WireContext(self.ctx.round, client_id, self.ctx.seed))
+        return True
+
+    def finish(self, strategy: Strategy, global_state: State, server_state: State, info: Callable[[float], RoundInfo],
+               reducer: Reducer) -> tuple[State, State]:
+        self.coords.all_reduce(reducer)
+        download = self.coords.message()
+        self.rounds.adapter.apply_broadcast(download, global_state, self.ctx)
+        self.rounds.sizes.append(serialized_size(download))
+        return global_state, server_state
+
+    def unchanged(self) -> None:
+        self.rounds.sizes.append(0)  # nothing to download for this round
+
+
+class CompactRounds:
+    """Ferret's side of the protocol across rounds: each round's collector, and what a
+    client downloads to hold x^t — the aggregate of every round since it last took part
+    (it then held that round's x; a new client holds x^0, the base weights), or the full
+    state when that is smaller. The per-round sizes are checkpointed (`state`)."""
+
+    def __init__(self, adapter: "Ferret", seed: int):
+        self.adapter, self.seed = adapter, seed
+        self.sizes: list[int] = []  # serialized size of each round's compact aggregate
+        self._full_state_bytes: int | None = None
+
+    def collector(self, round: int) -> CoordinateMean:
+        return CoordinateMean(self, round)
+
+    def download_bytes(self, round: int, last_taken: int, global_state: State) -> int:
+        """`last_taken`: the last round < `round` in which the client was sampled (0: none)."""
+        missed = sum(self.sizes[last_taken:round])
+        return min(missed, self.full_state_bytes(global_state)) if missed else 0
+
+    def full_state_bytes(self, global_state: State) -> int:
+        if self._full_state_bytes is None:
+            self._full_state_bytes = serialized_size(self.adapter.encode_global(global_state))
+        return self._full_state_bytes
+
+    def state(self) -> State:
+        return {"broadcast_sizes": torch.tensor(self.sizes, dtype=torch.int64)}
+
+    def load_state(self, state: State) -> None:
+        self.sizes = state.get("broadcast_sizes", torch.zeros(0, dtype=torch.int64)).tolist()

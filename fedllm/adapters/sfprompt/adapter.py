@@ -11,7 +11,8 @@ shared by all clients. A client's round, in the paper's order:
    with fedllm.wire and counted (the engine adds those bytes to the client's ledger);
 4. the engine averages prompts (and enabled tail tensors) with the recipe's strategy.
 
-The engine calls `local_round` instead of its own loop because this adapter defines it.
+The adapter brings its own local loop (`SplitLoop`, via `local_loop()`); the engine's Client
+drives the strategy hooks around it as around any loop.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from fedllm.adapters.base import Adapter
 from fedllm.adapters.sfprompt.split import SplitLM, causal_lm_loss, el2n_scores, token_logits
-from fedllm.client import LocalResult, make_optimizer, micro_batches
+from fedllm.training import LocalJob, LocalLoop, LocalResult, StepDriver, make_optimizer, micro_batches
 from fedllm.data import collate
 from fedllm.registry import ADAPTERS, RecipeError
 from fedllm.wire import Message, deserialize, serialize
@@ -162,48 +163,8 @@ class SFPrompt(Adapter):
         }
 
     # ---- one client's round -------------------------------------------------------------
-    def local_round(
-        self, model: PromptedLM, params, global_state, examples, cfg, *, lr, seed, pad_token_id, device,
-        round: int, client_id: int, hooks=None, steps: Optional[int] = None, on_step=None, **_,
-    ) -> SplitResult:
-        """Prune, local-loss steps, split steps from x^t (already loaded); returns Δ, the
-        split-phase loss, the kept-sample count and the bytes that crossed the cut."""
-        if cfg.gradient_accumulation_steps != 1 or cfg.fp16:
-            raise RecipeError("sfprompt takes one micro-batch per step: set client.gradient_accumulation_steps=1, no fp16")
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        kept = self.prune(model, examples, cfg, pad_token_id, device, round, client_id)
-        optimizer = make_optimizer(cfg, list(params.values()), lr)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
-        split_steps = self.split_steps if self.split_steps is not None else (steps or cfg.max_steps or 1)
-        cut = Cut()
-        model.train()
-
-        def step(forward_backward, batch):
-            inputs = {k: v.to(device) for k, v in collate(batch, pad_token_id).items()}
-            with autocast:
-                loss = forward_backward(model, inputs, cut)
-            if hooks is not None:
-                hooks.before_step(params, no_regrad)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if on_step is not None:
-                on_step()
-            return loss
-
-        batch_size = cfg.per_device_train_batch_size
-        local = [step(shortcut_step, b) for b in micro_batches(kept, batch_size, self.local_loss_steps, rng)]
-        split = [step(split_step, b) for b in micro_batches(kept, batch_size, split_steps, rng)]
-        losses = split or local  # the loss of the whole model when there is one
-        with torch.no_grad():
-            update = {k: p.detach().float() - global_state[k].to(p.device).float() for k, p in params.items()}
-        return SplitResult(
-            update=update, num_samples=len(kept), steps=len(local) + len(split), optimizer_state=None,
-            train_loss=torch.stack(losses).float().mean().item() if losses else float("nan"),
-            split_bytes_up=cut.bytes_up, split_bytes_down=cut.bytes_down,
-        )
+    def local_loop(self) -> "SplitLoop":
+        return SplitLoop(self)
 
     @torch.no_grad()
     def scores(self, model: PromptedLM, examples, batch_size: int, pad_token_id: int, device) -> torch.Tensor:
@@ -250,6 +211,53 @@ class SFPrompt(Adapter):
         (Path(path) / SPLIT_CONFIG).write_text(json.dumps(meta, indent=1))
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
+
+
+class SplitLoop(LocalLoop):
+    """SFPrompt's local round in the paper's order: prune, local-loss steps on the shortcut,
+    then split steps across the cut. One micro-batch per step and no second pass, so it
+    offers the hooks no per-example backward, no regrad and no full-data gradient."""
+
+    name = "adapter sfprompt's split loop"
+    # the hooks see each step; the step counts are the adapter's (a strategy's 0 steps still train)
+    supports: frozenset[str] = frozenset()
+
+    def __init__(self, adapter: SFPrompt):
+        self.adapter = adapter
+
+    def train(self, job: LocalJob, driver: StepDriver) -> SplitResult:
+        """Prune, local-loss steps, split steps from x^t (already loaded); returns Δ, the
+        split-phase loss, the kept-sample count and the bytes that crossed the cut."""
+        cfg, model, params, device, sf = job.cfg, job.model, job.params, job.device, self.adapter
+        if cfg.gradient_accumulation_steps != 1 or cfg.fp16:
+            raise RecipeError("sfprompt takes one micro-batch per step: set client.gradient_accumulation_steps=1, no fp16")
+        torch.manual_seed(job.seed)
+        rng = np.random.default_rng(job.seed)
+        kept = sf.prune(model, job.examples, cfg, job.pad_token_id, device, job.round, job.client_id)
+        optimizer = make_optimizer(cfg, list(params.values()), job.lr)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+        split_steps = sf.split_steps if sf.split_steps is not None else (job.steps or cfg.max_steps or 1)
+        cut = Cut()
+        model.train()
+
+        def step(forward_backward, batch):
+            inputs = {k: v.to(device) for k, v in collate(batch, job.pad_token_id).items()}
+            with autocast:
+                loss = forward_backward(model, inputs, cut)
+            driver.step(optimizer.step, lambda: optimizer.zero_grad(set_to_none=True), no_regrad)
+            return loss
+
+        batch_size = cfg.per_device_train_batch_size
+        local = [step(shortcut_step, b) for b in micro_batches(kept, batch_size, sf.local_loss_steps, rng)]
+        split = [step(split_step, b) for b in micro_batches(kept, batch_size, split_steps, rng)]
+        losses = split or local  # the loss of the whole model when there is one
+        with torch.no_grad():
+            update = {k: p.detach().float() - job.x_t[k].to(p.device).float() for k, p in params.items()}
+        return SplitResult(
+            update=update, num_samples=len(kept), steps=len(local) + len(split), optimizer_state=None,
+            train_loss=torch.stack(losses).float().mean().item() if losses else float("nan"),
+            split_bytes_up=cut.bytes_up, split_bytes_down=cut.bytes_down,
+        )
 
 
 def no_regrad():

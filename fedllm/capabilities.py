@@ -1,0 +1,28 @@
+"""Plugin pairings checked when a recipe loads, before any model is built: what the
+strategy's client hooks need of the local loop (fedllm.training.CAPABILITIES) and what the
+strategy needs of the federation's shape. A pairing that cannot run fails here, in one
+line naming both plugins and what to change — never mid-run."""
+from __future__ import annotations
+
+from fedllm.loops import loop_for
+from fedllm.recipe import Recipe
+from fedllm.registry import ADAPTERS, STRATEGIES, RecipeError
+from fedllm.training import CAPABILITIES, LocalLoop
+
+
+def local_loop(recipe: Recipe, adapter) -> LocalLoop:
+    """The adapter's own loop if it brings one (SFPrompt), else the recipe's `client.trainer`."""
+    return adapter.local_loop() or loop_for(recipe.client.trainer)
+
+
+def check_pairings(recipe: Recipe) -> None:
+    strategy = STRATEGIES.build(recipe.strategy, "strategy")
+    adapter = ADAPTERS.build(recipe.adapter, "adapter")
+    loop = local_loop(recipe, adapter)
+    missing = sorted(strategy.client_needs - loop.supports)
+    if missing:
+        what = "; ".join(f"{CAPABILITIES[m]} ({m})" for m in missing)
+        fix = ("use another strategy or adapter" if adapter.local_loop() is not None
+               else "use client.trainer=builtin or another strategy")
+        raise RecipeError(f"strategy '{recipe.strategy['name']}' needs {what}, which {loop.name} does not offer: {fix}")
+    strategy.check_federation(recipe.federation.sampled_per_round())

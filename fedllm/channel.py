@@ -1,0 +1,80 @@
+"""Channel(adapter, codecs): what a message is on the wire. Up: the adapter's encoding of an
+update plus the strategy's extras, the codec chain (with each codec's per-client state),
+real serialization, the bytes counted, and the server's decoding of exactly those bytes.
+Down: the global state plus the strategy's broadcast as one real message. It takes exactly
+its inputs, so the simulation, the Trainer callback and a networked client send the same
+bytes."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from fedllm.adapters.base import Adapter
+from fedllm.state import State
+from fedllm.strategies.base import split_prefix, with_prefix
+from fedllm.wire import Message, WireContext, deserialize, serialize
+
+
+@dataclass
+class Downlink:
+    """x^t and the strategy's broadcast as a client holds them, and what each client downloads."""
+
+    x_t: State
+    broadcast: State
+    bytes_for: Callable[[int], int]  # client id -> bytes it downloads to hold x^t this round
+
+
+class Channel:
+    def __init__(self, adapter: Adapter, codecs: list):
+        self.adapter, self.codecs = adapter, list(codecs)
+
+    # ---- client → server ---------------------------------------------------------------
+    def encode(self, update: Mapping, extras: State, ctx: WireContext, codec_states: dict[int, State]) -> bytes:
+        """The client's half: the bytes it sends. `codec_states` (codec index -> that codec's
+        stored state for this client) is updated in place."""
+        message = self.adapter.encode(update, ctx)
+        message.tensors.update(with_prefix(extras))
+        for i, codec in enumerate(self.codecs):
+            own = codec_states.setdefault(i, {})
+            message = codec.encode(message, replace(ctx, state=own))
+            if not own:
+                del codec_states[i]
+        return serialize(message)
+
+    def decode(self, wire: bytes, ctx: WireContext, adapter_space: bool = False) -> State:
+        """The server's half, from the bytes alone: the update and the prefixed extras, or
+        (`adapter_space`) the adapter's own wire tensors, for aggregation in its coordinates."""
+        return self.decode_message(deserialize(wire), ctx, adapter_space)
+
+    def decode_message(self, message: Message, ctx: WireContext, adapter_space: bool = False) -> State:
+        for codec in reversed(self.codecs):
+            message = codec.decode(message, ctx)
+        if adapter_space:
+            return message.tensors
+        plain, extras = split_prefix(message.tensors)
+        return {**self.adapter.decode(Message(plain, message.meta), ctx), **with_prefix(extras)}
+
+    def up(self, update: Mapping, extras: State, ctx: WireContext, codec_states: dict[int, State],
+           adapter_space: bool = False) -> tuple[State, int]:
+        """Both halves, as the simulation runs them: what the server decodes, and the bytes."""
+        wire = self.encode(update, extras, ctx, codec_states)
+        message, size = deserialize(wire), len(wire)
+        del wire  # for a full-parameter update, at most two full-size objects live at once
+        return self.decode_message(message, ctx, adapter_space), size
+
+    # ---- server → clients --------------------------------------------------------------
+    def down(self, global_state: State, broadcast: State, device: torch.device) -> Downlink:
+        """The global state (+ the strategy's broadcast tensors) as real bytes, decoded as a
+        client decodes them; every client downloads the same message."""
+        message = self.adapter.encode_global(global_state)
+        message.tensors.update(with_prefix(broadcast))
+        wire = serialize(message)
+        message = deserialize(wire)
+        plain, broadcast = split_prefix(message.tensors)
+        x_t = self.adapter.decode_global(Message(plain, message.meta))
+        size = len(wire)
+        on_device = lambda state: {k: t.to(device) for k, t in state.items()}  # noqa: E731
+        return Downlink(on_device(x_t), on_device(broadcast), lambda client_id: size)

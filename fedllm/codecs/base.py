@@ -1,0 +1,17 @@
+"""The codec contract (see the package docstring): encode on the client, decode on the
+server, and an optional privacy report."""
+from __future__ import annotations
+
+from fedllm.wire import Message
+
+
+class Codec:
+    def encode(self, message: Message, ctx) -> Message:
+        raise NotImplementedError
+
+    def decode(self, message: Message, ctx) -> Message:
+        raise NotImplementedError
+
+    def accounting(self, rounds_done: int) -> dict:
+        """Privacy numbers logged after `rounds_done` rounds (e.g. RQM's ε); {} for none."""
+        return {}

@@ -1,0 +1,134 @@
+"""How a round's client messages become the new global state. A collector takes each
+client's decoded message as it arrives (`add`: False when non-finite, dropped), then
+`finish`es once, after which every rank holds the same new global state. Chosen by what
+the strategy declares it needs (`Strategy.needs`):
+- StreamedMean ("mean", "plain_mean"): a running float64 weighted sum, all-reduced;
+- Gathered ("all": robust rules; and simulated attacks): every message at once;
+- an adapter's own (`Adapter.aggregation`: Ferret's coordinate sum under a plain mean)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from fedllm.distributed import Reducer, canonical_shapes, pack, slices
+from fedllm.state import State
+from fedllm.strategies.base import ALL, RoundInfo, Strategy, with_prefix
+
+RoundInfoOf = Callable[[float], RoundInfo]  # the round's facts, given the accepted clients' total weight
+
+
+SMALL = 2**20  # entries up to which one flat float64 copy per message is cheaper than a loop over tensors
+
+
+class WeightedSum:
+    """Running Σ w_i·u_i in float64, so a round's memory does not grow with its clients
+    and the sum does not depend (beyond fp64 rounding) on how clients split over ranks."""
+
+    def __init__(self, template: State):
+        self.shapes = canonical_shapes(template)  # ranks all-reduce this buffer element by element
+        self.size = sum(t.numel() for t in template.values())
+        self.flat = torch.zeros(self.size + 1, dtype=torch.float64)
+
+    def flatten(self, update: State) -> torch.Tensor:
+        return pack(update, self.shapes)
+
+    def add(self, update: State, weight: float) -> None:
+        # tensor by tensor into the float64 buffer: no full-size temporary for a large update
+        for key, _, where in slices(self.shapes):
+            self.flat[where].add_(update[key].reshape(-1).cpu(), alpha=weight)
+        self.flat[-1] += weight
+
+    def add_flat(self, flat: torch.Tensor, weight: float) -> None:
+        self.flat[:-1].add_(flat, alpha=weight)
+        self.flat[-1] += weight
+
+    @property
+    def total_weight(self) -> float:
+        return float(self.flat[-1])
+
+    def mean(self) -> State:
+        weight = self.flat[-1]
+        return {key: (self.flat[where] / weight).to(torch.float32).reshape(shape) for key, shape, where in slices(self.shapes)}
+
+
+def is_finite(update: State) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in update.values())
+
+
+def weighted_mean(kept: list[tuple[int, State, float]], template: State) -> State:
+    total = WeightedSum(template)
+    for _, message, weight in kept:
+        total.add(message, weight)
+    return total.mean()
+
+
+def message_template(strategy: Strategy, global_state: State) -> State:
+    """The keys and shapes of a decoded client message, for a rank that has none this round
+    but still takes part in the collectives: the update plus the strategy's extras."""
+    zeros = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in global_state.items()}
+    return {**zeros, **with_prefix(strategy.extras_like(global_state))}
+
+
+def apply_strategy(strategy: Strategy, global_state: State, server_state: State, updates, info: RoundInfo) -> tuple[State, State]:
+    new_global, server_state = strategy.aggregate({k: t.float() for k, t in global_state.items()}, updates, server_state, info)
+    return {k: new_global[k].to(global_state[k].dtype) for k in global_state}, server_state
+
+
+class StreamedMean:
+    def __init__(self, template: Callable[[], State]):
+        self.template, self.total = template, None
+
+    def add(self, client_id: int, message: State, weight: float) -> bool:
+        self.total = self.total or WeightedSum(message)
+        if self.total.size > SMALL:  # a large update (full-parameter) is summed tensor by tensor
+            if not is_finite(message):
+                return False
+            self.total.add(message, weight)
+            return True
+        flat = self.total.flatten(message)  # one flat copy serves the finiteness check and the sum
+        if not bool(torch.isfinite(flat).all()):
+            return False
+        self.total.add_flat(flat, weight)
+        return True
+
+    def finish(self, strategy: Strategy, global_state: State, server_state: State, info: RoundInfoOf,
+               reducer: Reducer) -> tuple[State, State]:
+        total = self.total or WeightedSum(self.template())
+        reducer.sum_(total.flat)
+        return apply_strategy(strategy, global_state, server_state, total.mean(), info(total.total_weight))
+
+    def unchanged(self) -> None:
+        pass
+
+
+class Gathered:
+    def __init__(self, template: Callable[[], State], round: int, attack=None, byzantine: frozenset = frozenset()):
+        self.template, self.kept = template, []
+        self.round, self.attack, self.byzantine = round, attack, byzantine
+
+    def add(self, client_id: int, message: State, weight: float) -> bool:
+        if not is_finite(message):
+            return False
+        self.kept.append((client_id, message, weight))
+        return True
+
+    def finish(self, strategy: Strategy, global_state: State, server_state: State, info: RoundInfoOf,
+               reducer: Reducer) -> tuple[State, State]:
+        template = self.kept[0][1] if self.kept else self.template()
+        kept = reducer.gather_messages(self.kept, template)
+        if self.attack is not None:
+            kept = self.attack.poison_updates(kept, self.byzantine, self.round)
+        updates = kept if strategy.needs == ALL else weighted_mean(kept, template)
+        return apply_strategy(strategy, global_state, server_state, updates, info(sum(w for _, _, w in kept)))
+
+    def unchanged(self) -> None:
+        pass
+
+
+def default_collector(strategy: Strategy, template: Callable[[], State], round: int, attack=None,
+                      byzantine: frozenset = frozenset()):
+    """The collector a strategy's `needs` call for; a simulated attack needs every message."""
+    if strategy.needs == ALL or attack is not None:
+        return Gathered(template, round, attack, byzantine)
+    return StreamedMean(template)

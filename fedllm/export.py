@@ -1,0 +1,31 @@
+"""Writing a run's global adapter: PEFT format where the update is one, else merged weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedllm.adapters.base import Adapter
+from fedllm.models import build_model
+from fedllm.recipe import load_recipe
+from fedllm.state import State, checkpoint_dirs, read_checkpoint
+
+
+def write_export(adapter: Adapter, model, tokenizer, global_state: State, out: Path, fmt: str = "peft") -> None:
+    adapter.load(model, {k: t.to(next(model.parameters()).device) for k, t in global_state.items()})
+    adapter.export(model, str(out), fmt)
+    tokenizer.save_pretrained(str(out))
+
+
+def export_run(run_dir: str, out: str, round: str = "last", fmt: str | None = None) -> Path:
+    """Writes the global adapter of a checkpointed round (`peft`) or the merged model (`merged`)."""
+    run_dir = Path(run_dir)
+    done = {int(p.name.split("_")[1]): p for p in checkpoint_dirs(run_dir)}
+    if not done:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint to export")
+    wanted = max(done) if round == "last" else int(round)
+    if wanted not in done:
+        raise FileNotFoundError(f"no checkpoint of round {wanted} in {run_dir}; available: {sorted(done)}")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tokenizer, model, adapter = build_model(recipe)
+    parts, _ = read_checkpoint(done[wanted])
+    write_export(adapter, model, tokenizer, parts["global"], Path(out), fmt or adapter.export_formats[0])
+    return Path(out)

@@ -1,0 +1,15 @@
+"""Local training loops (fedllm.training.LocalLoop): the built-in one and a Hugging Face
+Trainer, chosen by the recipe's `client.trainer`; an adapter may bring its own
+(SFPrompt's split loop)."""
+from fedllm.loops.builtin import BuiltinLoop
+
+def loop_for(trainer: str):
+    """The loop named by `client.trainer` (the Trainer's module is imported only when used)."""
+    if trainer == "hf":
+        from fedllm.loops.trainer import TrainerLoop
+
+        return TrainerLoop()
+    return BuiltinLoop()
+
+
+__all__ = ["BuiltinLoop", "loop_for"]
