@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "resume":
             print(f"run directory: {engine.resume_run(args.run_dir)}")
         elif args.command == "export":
-            print(f"exported to {engine.export_run(args.run_dir, args.out, args.round, args.fmt)}")
+            from fedllm.export import export_run
+
+            print(f"exported to {export_run(args.run_dir, args.out, args.round, args.fmt)}")
     except (RecipeError, FileNotFoundError, OSError) as err:  # OSError: a model/dataset that cannot be loaded
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 2

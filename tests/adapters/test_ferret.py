@@ -17,8 +17,6 @@ from fedllm.adapters.ferret.projections import generate, truncated_normal_varian
 from fedllm.models import byte_tokenizer, load_model
 from fedllm.recipe import ModelConfig, load_recipe, recipe_from_dict
 from fedllm.registry import ADAPTERS
-from fedllm import server
-from fedllm.server import evaluate
 from fedllm.wire import WireContext, deserialize, serialize
 from tests.conftest import tiny_recipe
 
@@ -221,17 +219,17 @@ def test_a_ferret_federation_lowers_the_eval_loss_and_the_ledger_counts_its_byte
     raw = tiny_recipe(tmp_path, client={"max_steps": 4, "learning_rate": 0.05, "optim": "sgd"}, federation={"rounds": 3})
     fed = engine.Federation(recipe_from_dict({**raw, "adapter": {"name": "ferret", "k": 4}}), tmp_path / "runs" / "run")
     fed.start()
-    before = evaluate(fed, fed.data.eval)["eval_loss"]
+    before = fed.evaluate(fed.data.eval)["eval_loss"]
     rows = fed.run()
     assert rows[-1]["eval_loss"] < before - 0.3, (before, [r["eval_loss"] for r in rows])
     ledger = [json.loads(line) for line in (fed.run_dir / "ledger.jsonl").read_text().splitlines()]
     full_bytes = 4 * sum(p.numel() for p in fed.params.values())
-    assert fed.compact and len(ledger) == 3 * 2 and all(e["bytes_up"] < full_bytes / 1000 for e in ledger)
+    assert fed.own_aggregation is not None and len(ledger) == 3 * 2 and all(e["bytes_up"] < full_bytes / 1000 for e in ledger)
     # the download is the aggregate of every round the client missed since it last took part
     for e in ledger:
-        last = fed.last_round_taken(e["client"], e["round"])
-        assert e["bytes_down"] == sum(fed.broadcast_sizes[last : e["round"]]) < full_bytes / 100
-    assert [e["bytes_down"] for e in ledger[:2]] == [0, 0] and len(fed.broadcast_sizes) == 3
+        last = fed.participation.last_round(e["client"], e["round"])
+        assert e["bytes_down"] == sum(fed.own_aggregation.sizes[last : e["round"]]) < full_bytes / 100
+    assert [e["bytes_down"] for e in ledger[:2]] == [0, 0] and len(fed.own_aggregation.sizes) == 3
     meta = json.loads((fed.run_dir / "run_meta.json").read_text())["adapter"]
     assert meta["ferret_generator_device"] == "cpu" and meta["ferret_blocks"] == 18
     assert (fed.run_dir / "final" / "model.safetensors").exists()
@@ -242,7 +240,8 @@ def two_rounds(tmp_path, name, adapter, compact=True, rounds=2):
     raw = tiny_recipe(tmp_path, client={"max_steps": 2, "learning_rate": 0.05, "optim": "sgd"},
                       federation={"rounds": rounds, "num_clients": 4, "clients_per_round": 3})
     fed = engine.Federation(recipe_from_dict({**raw, "adapter": {"name": "ferret", "k": 6, **adapter}}), tmp_path / name)
-    fed.compact = fed.compact and compact
+    if not compact:  # the generic path: every client decoded, the strategy's own collector
+        fed.own_aggregation = None
     return fed
 
 
@@ -251,10 +250,10 @@ def test_the_compact_path_equals_decoding_every_client(tmp_path, adapter):
     states = []
     for compact in (True, False):
         fed = two_rounds(tmp_path, f"c{compact}", adapter, compact)
-        assert fed.compact == compact
+        assert (fed.own_aggregation is not None) == compact
         start = {k: t.clone() for k, t in fed.global_state.items()}  # the compact path updates x^t in place
         for t in range(2):
-            fed.global_state = server.run_round(fed, t).global_state
+            fed.global_state = fed.run_round(t).global_state
         states.append(fed.global_state)
     moved = max(float((states[0][k] - start[k]).abs().max()) for k in states[0])
     for k in states[0]:
@@ -274,8 +273,8 @@ def test_a_client_applying_the_downloads_holds_the_servers_weights_bit_for_bit(t
 
     monkeypatch.setattr(fed.adapter, "apply_broadcast", capture)
     for t in range(3):
-        fed.global_state = server.run_round(fed, t).global_state
-    assert [len(d) for d in downloads] == fed.broadcast_sizes
+        fed.global_state = fed.run_round(t).global_state
+    assert [len(d) for d in downloads] == fed.own_aggregation.sizes
     for t, wire in enumerate(downloads):  # a client that missed every round catches up in order
         apply(deserialize(wire), client, WireContext(t, -1, 0))
     assert all(torch.equal(client[k], fed.global_state[k]) for k in client)
@@ -283,7 +282,7 @@ def test_a_client_applying_the_downloads_holds_the_servers_weights_bit_for_bit(t
 
 def test_a_shared_pool_generates_each_basis_once_per_round(tmp_path):
     fed = two_rounds(tmp_path, "run", {"seed_pool": "per_round"})
-    server.run_round(fed, 0)
+    fed.run_round(0)
     assert fed.adapter.bases.generated == sum(fed.adapter.ks)  # 3 clients' projections + the server's rebuild
 
 
@@ -293,4 +292,4 @@ def test_compact_download_sizes_are_checkpointed_and_resumed(tmp_path):
     fed.run()
     again = engine.Federation(fed.recipe, fed.run_dir)
     again.resume()
-    assert again.broadcast_sizes == fed.broadcast_sizes and len(fed.broadcast_sizes) == 2 and min(fed.broadcast_sizes) > 0
+    assert again.own_aggregation.sizes == fed.own_aggregation.sizes and len(fed.own_aggregation.sizes) == 2 and min(fed.own_aggregation.sizes) > 0

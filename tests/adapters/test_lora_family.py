@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from fedllm.aggregation import WeightedSum
+from fedllm.collectors import WeightedSum
 from fedllm.models import byte_tokenizer, load_model
 from fedllm.recipe import ModelConfig
 from fedllm.registry import ADAPTERS

@@ -10,7 +10,8 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model
 
 import fedllm.adapters.sfprompt.adapter as sfprompt
 from fedllm.adapters.sfprompt.split import SplitLM, token_logits
-from fedllm.client import client_seed
+from fedllm.strategies.base import ClientHooks
+from fedllm.training import LocalJob, StepDriver, client_seed
 from fedllm.data import collate
 from fedllm.engine import run_recipe
 from fedllm.models import byte_tokenizer, load_model
@@ -126,8 +127,9 @@ def test_split_bytes_are_the_serialized_activations_and_gradients(monkeypatch):
     params = sf.trainable(model)
     x_t = sf.state(model)
     cfg = ClientConfig(per_device_train_batch_size=2, learning_rate=0.01)
-    result = sf.local_round(model, params, x_t, examples(), cfg, lr=0.01, seed=client_seed(0, 0, 1),
-                            pad_token_id=TOKENIZER.pad_token_id, device=torch.device("cpu"), round=0, client_id=1)
+    job = LocalJob(model, params, x_t, examples(), cfg, lr=0.01, seed=client_seed(0, 0, 1), steps=2, optimizer_state=None,
+                   pad_token_id=TOKENIZER.pad_token_id, device=torch.device("cpu"), round=0, client_id=1)
+    result = sf.local_loop().train(job, StepDriver(ClientHooks(), params, cfg.max_grad_norm))
     # 2 split steps × (activations + mask up, body output down, its gradient up, the body input's gradient down)
     names = [tuple(sorted(m.tensors)) for m in sent]
     assert names == [("attention_mask", "hidden"), ("hidden",), ("grad",), ("grad",)] * 2
@@ -166,7 +168,7 @@ def test_the_recipes_validate():
 
 
 def test_a_federated_run_counts_split_bytes_and_lowers_the_eval_loss(tmp_path):
-    """Needs the engine to call `adapter.local_round` and log its split bytes."""
+    """Needs the engine to run the adapter's own loop and log its split bytes."""
     recipe = tiny_recipe(
         tmp_path,
         data={"max_samples": 80, "max_length": 64},

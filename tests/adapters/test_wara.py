@@ -17,8 +17,10 @@ from transformers import AutoModelForCausalLM
 import fedllm.adapters.wara  # noqa: F401  registers 'wara'
 from fedllm.adapters.wara import WaRALinear
 from fedllm.adapters.wara.wavelets import analysis, pad_to_even, synthesis, wavelet_filters
-from fedllm.aggregation import WeightedSum
-from fedllm.engine import build_model, export_run, resume_run, run_recipe
+from fedllm.collectors import WeightedSum
+from fedllm.engine import resume_run, run_recipe
+from fedllm.export import export_run
+from fedllm.models import build_model
 from fedllm.models import byte_tokenizer, load_model
 from fedllm.recipe import ModelConfig, load_recipe
 from fedllm.registry import ADAPTERS, RecipeError

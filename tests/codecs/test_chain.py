@@ -1,13 +1,11 @@
-"""Codecs chain in recipe order through the engine's real send path (encode in order, real
+"""Codecs chain in recipe order through the real channel (encode in order, real
 bytes, decode in reverse), and every codec is a registered, documented plugin."""
-from types import SimpleNamespace
-
 import torch
 
 from fedllm.adapters.base import Adapter
 from fedllm.codecs.fedzip import FedZip
 from fedllm.registry import CODECS
-from fedllm.server import send_update
+from fedllm.channel import Channel
 from fedllm.wire import Message, WireContext, serialize
 
 
@@ -16,8 +14,7 @@ def test_a_chain_encodes_in_recipe_order_and_decodes_in_reverse():
     update = {"a": torch.randn(32, 8, generator=gen), "b": torch.randn(100, generator=gen)}
     extras = {"c": torch.randn(10, generator=gen)}
     chain = [CODECS.build({"name": "fp16"}), CODECS.build({"name": "fedzip", "keep": 0.5})]
-    fed = SimpleNamespace(adapter=Adapter(), codecs=chain)
-    decoded, sent = send_update(fed, {k: t.clone() for k, t in update.items()}, extras, WireContext(0, 0, 0))
+    decoded, sent = Channel(Adapter(), chain).up({k: t.clone() for k, t in update.items()}, extras, WireContext(0, 0, 0), {})
     assert set(decoded) == {"a", "b", "strategy/c"}
     zip_ = FedZip(keep=0.5)
     for name, original in {**update, "strategy/c": extras["c"]}.items():

@@ -2,14 +2,13 @@
 beside the float tensors untouched: every codec passes them through bit-exact, leaves them
 out of its compressed payload and its state, and decodes the floats exactly as it would
 without them."""
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from fedllm.adapters.base import Adapter
 from fedllm.registry import CODECS
-from fedllm.server import send_update
+from fedllm.channel import Channel
 from fedllm.wire import Message, WireContext, deserialize, serialize
 
 CODECS_UNDER_TEST = [
@@ -74,8 +73,7 @@ def test_rqm_counts_only_float_coordinates():
 def test_a_codec_chain_through_the_send_path_keeps_integers_exact():
     floats, ints = ferret_like_message()
     chain = [CODECS.build({"name": "fp16"}), CODECS.build({"name": "fedzip", "error_feedback": True})]
-    fed = SimpleNamespace(adapter=Adapter(), codecs=chain)
-    decoded, _ = send_update(fed, {**floats, **ints}, {"step": torch.tensor([5], dtype=torch.int64)}, WireContext(0, 0, 0), {})
+    decoded, _ = Channel(Adapter(), chain).up({**floats, **ints}, {"step": torch.tensor([5], dtype=torch.int64)}, WireContext(0, 0, 0), {})
     for name, t in ints.items():
         assert decoded[name].dtype == t.dtype and torch.equal(decoded[name], t)
     assert torch.equal(decoded["strategy/step"], torch.tensor([5]))

@@ -6,7 +6,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from fedllm.engine import Federation, build_model, export_run, run_recipe
+from fedllm.engine import Federation, run_recipe
+from fedllm.export import export_run
+from fedllm.models import build_model
 from fedllm.models import load_model
 from fedllm.recipe import load_recipe
 from fedllm.registry import CODECS

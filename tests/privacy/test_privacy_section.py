@@ -73,7 +73,7 @@ def server_noise(s, state, rounds):
     x, drawn = {"w": torch.zeros(1000)}, []
     for t in rounds:
         info = RoundInfo(t, [0, 1, 2], 3.0, 3)
-        updates = x if s.linear else [(c, {"w": torch.zeros(1000)}, 1.0) for c in range(3)]
+        updates = x if s.needs != "all" else [(c, {"w": torch.zeros(1000)}, 1.0) for c in range(3)]
         new, state = s.aggregate(x, updates, state, info)
         drawn.append(new["w"])
     return torch.stack(drawn), state

@@ -1,23 +1,30 @@
 """A plain-tensor federation for strategy tests: the heterogeneous quadratic of ALGORITHMS.md
-(f_i(x) = ½(x − b_i)ᵀA_i(x − b_i), A_i diagonal), driven through the SAME Strategy and
-ClientHooks objects the LLM engine uses, called the way fedllm/server.py and client.py call
-them: sampler → broadcast → per client: stored state → num_steps → begin → K × (gradient,
-before_step with regrad, SGD step) → finish → store → message (update + "strategy/" extras)
-→ weighted mean (linear) or the sorted list (robust) → aggregate.
+(f_i(x) = ½(x − b_i)ᵀA_i(x − b_i), A_i diagonal), driven through the SAME Strategy objects
+and the SAME `fedllm.client.Client` (the only driver of ClientHooks) and `fedllm.channel.Channel`
+the LLM engine uses; only the local loop is the quadratic's: K × (gradient, the driver's
+step: hooks' before_step with regrad, plain SGD). Then the weighted mean (needs "mean") or
+the sorted list (needs "all") → aggregate.
 
-Everything stays in float64 (the engine rounds messages to fp32 on the wire) so exact
-methods can be seen converging to ~1e-15. Gradients are deterministic, so "the same batch"
-for regrad is trivially the same function.
+Everything stays in float64 (safetensors carries F64 exactly; the LLM engine's updates are
+fp32) so exact methods can be seen converging to ~1e-15. Gradients are deterministic, so
+"the same batch" for regrad is trivially the same function.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from fedllm.adapters.base import Adapter
+from fedllm.channel import Channel
+from fedllm.client import Client
 from fedllm.samplers import Uniform
-from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, with_prefix
+from fedllm.state import ClientRecord
+from fedllm.strategies.base import ALL, RoundInfo
+from fedllm.training import FULL_GRADIENT, REGRAD, VARIABLE_STEPS, LocalJob, LocalLoop, LocalResult, StepDriver
+from fedllm.wire import WireContext
 
 
 @dataclass
@@ -50,29 +57,55 @@ class Quadratic:
         return a * (x.detach() - b)
 
 
-def run_client(strategy, problem: Quadratic, round: int, i: int, x_t: dict, broadcast: dict, store: dict, lr: float, steps: int):
-    """One local round, as fedllm.server.run_client + fedllm.client.local_round do it."""
-    params = {"x": torch.nn.Parameter(x_t["x"].clone())}
-    hooks = strategy.client_hooks(round, i) or ClientHooks()
-    k_steps = hooks.num_steps(steps)
+class QuadraticLoop(LocalLoop):
+    """Plain SGD on client i's quadratic, no clipping; Δ stays float64."""
 
-    def gradient(limit=None):
-        return {"x": problem.grad(i, params["x"])}
+    name = "the quadratic loop"
+    supports = frozenset({REGRAD, FULL_GRADIENT, VARIABLE_STEPS})
 
-    def regrad():
-        params["x"].grad = problem.grad(i, params["x"])
+    def __init__(self, problem: "Quadratic"):
+        self.problem = problem
 
-    hooks.begin(params, ClientContext(round, i, x_t, broadcast, store.get(i, {}), lr, k_steps, gradient))
-    for _ in range(k_steps):
-        params["x"].grad = problem.grad(i, params["x"])
-        hooks.before_step(params, regrad)
-        with torch.no_grad():
-            params["x"] -= lr * params["x"].grad  # plain SGD, no clipping
-    update = {"x": params["x"].detach() - x_t["x"]}
-    extras, client_state = hooks.finish(params, update)
-    if client_state:
-        store[i] = {k: t.clone() for k, t in client_state.items()}
-    return {**update, **with_prefix(extras)}
+    def gradient(self, job: LocalJob) -> torch.Tensor:
+        return self.problem.grad(job.client_id, job.params["x"])
+
+    def train(self, job: LocalJob, driver: StepDriver) -> LocalResult:
+        x = job.params["x"]
+
+        def regrad():
+            x.grad = self.gradient(job)
+
+        def sgd_step():
+            with torch.no_grad():
+                x.sub_(job.lr * x.grad)
+
+        for _ in range(job.steps):
+            x.grad = self.gradient(job)
+            driver.step(sgd_step, lambda: None, regrad)
+        return LocalResult({"x": x.detach() - job.x_t["x"]}, 1, float("nan"), job.steps, None)
+
+    def full_gradient(self, job: LocalJob, limit=None) -> dict:
+        return {"x": self.gradient(job)}
+
+
+def quadratic_client(strategy, problem: "Quadratic", steps: int) -> Client:
+    """The engine's Client on a one-tensor 'model' holding x."""
+    model = torch.nn.Module()
+    model.x = torch.nn.Parameter(torch.zeros(problem.A.shape[1], dtype=torch.float64))
+    cfg = SimpleNamespace(max_steps=steps, gradient_accumulation_steps=1, per_device_train_batch_size=1,
+                          num_train_epochs=None, max_grad_norm=None, keep_optimizer_state=False)
+    data = [[{}]] * problem.num_clients  # one "example" each: every client weighs 1
+    return Client(model, {"x": model.x}, Adapter(), strategy, QuadraticLoop(problem), cfg, data, 0,
+                  torch.device("cpu"), seed=0)
+
+
+def run_client(client: Client, channel: Channel, round: int, i: int, x_t: dict, broadcast: dict, store: dict, lr: float):
+    """One local round through the real Client and Channel; returns the decoded message."""
+    upload = client.run(i, round, x_t, broadcast, ClientRecord(strategy=store.get(i, {})), lr)
+    if upload.record.strategy:
+        store[i] = {k: t.clone() for k, t in upload.record.strategy.items()}
+    message, _ = channel.up(upload.update, upload.extras, WireContext(round, i, 0), {})
+    return message
 
 
 def weighted_mean(kept: list) -> dict:
@@ -100,18 +133,19 @@ def simulate(strategy, problem: Quadratic, rounds: int, lr: float, steps: int, c
     server_state = dict(start.server_state) if start else strategy.init(x)
     store = dict(start.store) if start else {}
     history = list(start.history) if start else []
+    client, channel = quadratic_client(strategy, problem, steps), Channel(Adapter(), [])
     for t in range(len(history), len(history) + rounds):
         sampled = Uniform().sample(t, n, clients_per_round or n, seed)
         broadcast = {k: v.clone() for k, v in strategy.broadcast(server_state).items()}
         sent = {k: v.clone() for k, v in broadcast.items()}
         kept = []
         for i in sampled:  # like the engine, every client of the round sees the same dict
-            message = run_client(strategy, problem, t, i, x, broadcast, store, lr, steps)
+            message = run_client(client, channel, t, i, x, broadcast, store, lr)
             kept.append((i, message, 1.0))  # equal sample counts: uniform and sample weights agree
         assert all(torch.equal(broadcast[k], sent[k]) for k in sent), "a client hook wrote into the broadcast"
         if attack is not None:
             kept = attack.poison_updates(kept, set(byzantine), t)
-        updates = kept if not strategy.linear else weighted_mean(kept)
+        updates = kept if strategy.needs == ALL else weighted_mean(kept)
         info = RoundInfo(t, sampled, float(len(kept)), n, lr=lr, local_steps=steps)
         x, server_state = strategy.aggregate(x, updates, server_state, info)
         history.append(float(torch.linalg.vector_norm(x["x"] - problem.optimum)))

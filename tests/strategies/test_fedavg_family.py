@@ -1,6 +1,6 @@
 import torch
 
-from fedllm.aggregation import WeightedSum
+from fedllm.collectors import WeightedSum
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import ClientContext, RoundInfo
 
