@@ -2,7 +2,7 @@
 on the same model inside the engine's own `run_round` (CPU: about a minute).
 
 For each adapter setting it runs rounds of recipes/ferret_quickstart.yaml and times, summed
-over the round's clients: local training (`local_round`), projection (`adapter.encode`) and
+over the round's clients: local training (the loop's `train`), projection (`adapter.encode`) and
 reconstruction (`adapter.apply_broadcast`, once per round on the compact path; `decode` per
 client otherwise), plus the bases really generated. Goal: reconstruction <
 local training.
@@ -24,7 +24,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fedllm.adapters.ferret  # noqa: F401
-import fedllm.server as server
 from fedllm import models
 from fedllm.engine import Federation
 from fedllm.recipe import load_recipe
@@ -70,15 +69,11 @@ def measure(overrides: list[str], rounds: int) -> dict:
         # reconstruction: once per round in coordinate space (compact path), else per client
         fed.adapter.apply_broadcast = timed(fed.adapter.apply_broadcast, clock, "reconstruct")
         fed.adapter.decode = timed(fed.adapter.decode, clock, "reconstruct")
-        train = server.local_round
-        server.local_round = timed(train, clock, "train")  # what run_client calls
-        try:
-            for t in range(rounds):
-                result = server.run_round(fed, t)
-                fed.global_state = result.global_state
-                clock["round"] += result.seconds
-        finally:
-            server.local_round = train
+        fed.client.loop.train = timed(fed.client.loop.train, clock, "train")  # what Client.run calls
+        for t in range(rounds):
+            result = fed.run_round(t)
+            fed.global_state = result.global_state
+            clock["round"] += result.seconds
         params = sum(p.numel() for p in fed.params.values())
         per_round = {k: v / rounds for k, v in clock.items()}
         return {**per_round, "params": params, "bases": fed.adapter.bases.generated / rounds,

@@ -27,13 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedllm import server
-from fedllm.client import client_seed, micro_batches, round_learning_rate
 from fedllm.data import collate
 from fedllm.engine import Federation
 from fedllm.recipe import recipe_from_dict
-from fedllm.server import run_round
 from fedllm.state import nbytes
+from fedllm.training import client_seed, micro_batches, round_learning_rate
 
 TIME_GOAL, MEMORY_GOAL = 1.05, 1.2
 
@@ -92,35 +90,33 @@ def summary(engine: list[float], bare: list[float], num_clients: int) -> dict:
 
 
 @contextlib.contextmanager
-def clocked_local_round(spent: list[float]):
-    """Times every `local_round` call inside run_round (CPU clock), to split the engine's
+def clocked_local_round(fed, spent: list[float]):
+    """Times every local loop's `train` inside run_round (CPU clock), to split the engine's
     overhead into the training loop's own and the rest of the round (load, store, hooks,
     serialization, checks, sum). Costs two clock reads per client."""
-    inner = getattr(server, "local_round", None)
-    if inner is None:  # the engine was refactored: no split, the totals still hold
-        yield
-        return
+    loop = fed.client.loop
+    inner = loop.train
 
-    def local_round(*args, **kwargs):
+    def train(*args, **kwargs):
         start = time.process_time()
         try:
             return inner(*args, **kwargs)
         finally:
             spent.append(time.process_time() - start)
 
-    server.local_round = local_round
+    loop.train = train
     try:
         yield
     finally:
-        server.local_round = inner
+        del loop.train  # back to the class's method
 
 
 def bench_time(tmp: Path, num_clients: int, reps: int, profile: bool) -> dict:
     fed = Federation(recipe_from_dict(recipe(tmp / "time", num_clients, num_clients)), tmp / "time")
     fed.start()
-    clients = fed.sampler.sample(0, num_clients, num_clients, fed.recipe.seed)
+    clients = fed.participation.sampled(0)
     # Same batches: from x^t, the bare loop's first client must see the engine's first loss.
-    engine_loss = next(s["train_loss"] for s in run_round(fed, 0).stats if s["client"] == clients[0])
+    engine_loss = next(s["train_loss"] for s in fed.run_round(0).stats if s["client"] == clients[0])
     fed.adapter.load(fed.model, fed.global_state)
     bare_loss = bare_round(fed, 0, clients[:1])[0]
     if abs(engine_loss - bare_loss) > 1e-5 * max(1.0, abs(engine_loss)):
@@ -129,8 +125,8 @@ def bench_time(tmp: Path, num_clients: int, reps: int, profile: bool) -> dict:
     engine, bare, inside = {"wall": [], "cpu": []}, {"wall": [], "cpu": []}, []
     for i in range(reps):  # alternate, and swap who goes first, so drift hits both alike
         spent = []
-        order = [(engine, lambda: run_round(fed, 0)), (bare, lambda: bare_round(fed, 0, clients))]
-        with clocked_local_round(spent):
+        order = [(engine, lambda: fed.run_round(0)), (bare, lambda: bare_round(fed, 0, clients))]
+        with clocked_local_round(fed, spent):
             for times, fn in order if i % 2 == 0 else order[::-1]:
                 wall, cpu = time.perf_counter(), time.process_time()
                 fn()
@@ -150,7 +146,7 @@ def bench_time(tmp: Path, num_clients: int, reps: int, profile: bool) -> dict:
             "rest_of_round_ms_per_client": 1e3 * statistics.median(e - x for e, x in zip(engine["cpu"], inside)) / num_clients,
         }
     if profile:
-        out["profile"] = {"engine": profiled(lambda: run_round(fed, 0)), "bare": profiled(lambda: bare_round(fed, 0, clients))}
+        out["profile"] = {"engine": profiled(lambda: fed.run_round(0)), "bare": profiled(lambda: bare_round(fed, 0, clients))}
     return out
 
 
