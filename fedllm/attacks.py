@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fedllm.registry import ATTACKS
+from fedllm.seeds import derive
 
 
 class Attack:
@@ -26,7 +27,8 @@ class Attack:
     def choose(self, num_clients: int, seed: int) -> set[int]:
         if self.count > num_clients:
             raise ValueError(f"byzantine.count={self.count} exceeds the {num_clients} clients")
-        return set(np.random.default_rng([seed, 0xB1]).choice(num_clients, self.count, replace=False).tolist())
+        rng = np.random.default_rng(derive(seed, tag="byzantine"))
+        return set(rng.choice(num_clients, self.count, replace=False).tolist())
 
     def poison_data(self, examples: list[dict], seed: int) -> list[dict]:
         return examples
@@ -139,7 +141,7 @@ class LabelFlip(Attack):
     def poison_data(self, examples: list[dict], seed: int) -> list[dict]:
         if len(examples) < 2:
             return examples
-        order = np.random.default_rng([seed, 0x1F]).permutation(len(examples))
+        order = np.random.default_rng(derive(seed, tag="label-flip")).permutation(len(examples))
         partner = {int(order[j]): int(order[(j + 1) % len(order)]) for j in range(len(order))}
         limit = max(len(e["input_ids"]) for e in examples)
         poisoned = []

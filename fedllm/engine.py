@@ -26,6 +26,7 @@ from fedllm.models import build_model
 from fedllm.recipe import Recipe, dump_recipe, load_recipe
 from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES
 from fedllm.samplers import Participation
+from fedllm.seeds import derive
 from fedllm.state import ClientRecord, ClientStore, State, checkpoint_dirs, read_checkpoint, write_checkpoint
 from fedllm.strategies.base import RoundInfo, RunInfo
 from fedllm.training import default_steps, round_learning_rate
@@ -103,7 +104,8 @@ class Federation:
         self.attack = ATTACKS.build(recipe.byzantine, "byzantine") if recipe.byzantine else None
         self.byzantine = self.attack.choose(fed.num_clients, recipe.seed) if self.attack else set()
         for client_id in sorted(self.byzantine):
-            self.data.clients[client_id] = self.attack.poison_data(self.data.clients[client_id], recipe.seed + client_id)
+            self.data.clients[client_id] = self.attack.poison_data(self.data.clients[client_id],
+                                                                 derive(recipe.seed, client_id, tag="poison"))
         self.global_state = self.adapter.state(self.model)  # the one extra copy of the trainable tensors
         # every rank starts from rank 0's server state (e.g. a secret DP noise generator)
         self.server_state = broadcast_state_(self.strategy.init(self.global_state), self.device)

@@ -5,10 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedllm.registry import SAMPLERS
-
-
-def round_rng(seed: int, round: int, *more: int) -> np.random.Generator:
-    return np.random.default_rng([seed, round, *more])
+from fedllm.seeds import derive
 
 
 @SAMPLERS.register("uniform")
@@ -16,7 +13,9 @@ class Uniform:
     """k clients uniformly without replacement, a fresh draw every round."""
 
     def sample(self, round: int, num_clients: int, k: int, seed: int) -> list[int]:
-        return sorted(round_rng(seed, round).choice(num_clients, size=k, replace=False).tolist())
+        rng = np.random.default_rng(derive(seed, round, tag="sampler"))
+        return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
+
 
 
 class Participation:

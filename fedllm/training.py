@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedllm.data import collate
+from fedllm.seeds import derive
 from fedllm.state import State
 from fedllm.strategies.base import ClientHooks
 
@@ -133,7 +134,7 @@ class DeltaView(Mapping):
 def client_seed(seed: int, round: int, client_id: int) -> int:
     """Every random choice of a local round derives from (seed, round, client): the same on
     any rank, in any order, and after a resume."""
-    return int(np.random.SeedSequence([seed, round, client_id]).generate_state(1, np.uint64)[0] >> 1)
+    return derive(seed, round, client_id, tag="client")
 
 
 def round_learning_rate(cfg, round: int, rounds: int) -> float:

@@ -10,13 +10,13 @@ from peft.tuners.lora import LoraLayer
 
 from fedllm.adapters.lora import LoRA
 from fedllm.registry import ADAPTERS
+from fedllm.seeds import derive
 
 
 def module_generator(seed: int, module_name: str) -> torch.Generator:
     # A dedicated generator per (seed, module): independent of any earlier global-RNG use,
     # so every party derives bit-identical A without sending it.
-    digest = hashlib.sha256(f"ffa-lora:{seed}:{module_name}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator(device="cpu").manual_seed(derive(seed, module_name, tag="ffa-lora"))
 
 
 @ADAPTERS.register("ffa_lora")

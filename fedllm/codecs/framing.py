@@ -17,6 +17,7 @@ import zlib
 import numpy as np
 import torch
 
+from fedllm.seeds import derive
 from fedllm.wire import Message
 
 DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
@@ -78,10 +79,11 @@ def client_state(ctx, codec: str) -> dict:
     return state
 
 
-def rng(ctx, salt: int) -> np.random.Generator:
+def rng(ctx, codec: str) -> np.random.Generator:
     """The random stream of one (run seed, round, client, codec): the same on any rank and
     after a resume, independent of the global RNGs."""
-    return np.random.default_rng([ctx.seed, ctx.round, ctx.client_id + 1, salt])
+    # client + 1: the engine's template client −1 must be a valid SeedSequence word
+    return np.random.default_rng(derive(ctx.seed, ctx.round, ctx.client_id + 1, tag=codec))
 
 
 def floats_to_bytes(t: torch.Tensor) -> bytes:

@@ -24,8 +24,6 @@ from fedllm.registry import CODECS
 from fedllm.wire import Message
 from fedllm.codecs.base import Codec
 
-SALT = 0x05D  # separates this codec's random stream from other codecs'
-
 
 def buckets(x: np.ndarray, size: int) -> np.ndarray:
     """x flattened and zero-padded to whole buckets: shape (n_buckets, size)."""
@@ -55,7 +53,7 @@ class QSGD(Codec):
 
     def encode(self, message: Message, ctx) -> Message:
         floating, passthrough = framing.split_floating(message)
-        rng = framing.rng(ctx, SALT)
+        rng = framing.rng(ctx, "qsgd")
         entries = []
         for name, t in floating.items():
             norms, signed = quantize(t.detach().cpu().double().numpy(), self.levels, self.bucket_size, rng)

@@ -36,7 +36,6 @@ from fedllm.registry import CODECS
 from fedllm.wire import Message
 from fedllm.codecs.base import Codec
 
-SALT = 0x2D3
 CHUNK = 1 << 15  # coordinates per vectorised step: bounds the (chunk × m) kept masks
 
 
@@ -134,7 +133,7 @@ class RQM(Codec):
 
     def encode(self, message: Message, ctx) -> Message:
         floating, passthrough = framing.split_floating(message)
-        rng = framing.rng(ctx, SALT)
+        rng = framing.rng(ctx, "rqm")
         entries = [(framing.describe(name, t), pack_uints(self.quantize(t.detach().cpu().double().numpy(), rng), self.width))
                    for name, t in floating.items()]
         self.dimension = sum(t.numel() for t in floating.values())

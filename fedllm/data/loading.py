@@ -55,7 +55,7 @@ def load_rows(path: str, subset: str | None = None, split: str = "train") -> dat
     return datasets.load_dataset(path, subset, split=split)
 
 
-def take_sample(rows: datasets.Dataset, max_samples: int | None, seed: int | tuple[int, ...]) -> datasets.Dataset:
+def take_sample(rows: datasets.Dataset, max_samples: int | None, seed: int | np.random.SeedSequence) -> datasets.Dataset:
     """The first `max_samples` rows after a shuffle seeded by `seed` (all rows if None)."""
     if max_samples is None or max_samples >= len(rows):
         return rows

@@ -13,9 +13,7 @@ from fedllm.data.loading import load_rows, take_sample
 from fedllm.data.tokenize import tokenize_examples
 from fedllm.recipe import DataConfig
 from fedllm.registry import PARTITIONERS, RecipeError
-
-# independent random streams from the one recipe seed
-SAMPLE_STREAM, EVAL_STREAM = 1, 2
+from fedllm.seeds import derive
 
 
 @dataclass
@@ -34,12 +32,12 @@ def _hold_out(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[datas
         raise RecipeError(
             f"data.eval_fraction={fraction} of {len(rows)} rows leaves no training rows; lower it or use more data"
         )
-    order = np.random.default_rng((seed, EVAL_STREAM)).permutation(len(rows))
+    order = np.random.default_rng(derive(seed, tag="eval-split")).permutation(len(rows))
     return rows.select(np.sort(order[n_eval:]).tolist()), rows.select(np.sort(order[:n_eval]).tolist())
 
 
 def _split_train_eval(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    rows = take_sample(load_rows(cfg.path, cfg.subset, cfg.split), cfg.max_samples, (seed, SAMPLE_STREAM))
+    rows = take_sample(load_rows(cfg.path, cfg.subset, cfg.split), cfg.max_samples, derive(seed, tag="data-sample"))
     check_columns(rows.column_names, cfg.format)
     if cfg.eval_path is None and cfg.eval_split is None:
         return _hold_out(rows, cfg.eval_fraction, seed)

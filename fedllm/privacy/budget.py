@@ -28,11 +28,11 @@ import math
 import secrets
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from fedllm.privacy.accountant import Ledger, Method
 from fedllm.registry import STRATEGIES, RecipeError
+from fedllm.seeds import derive
 from fedllm.strategies.base import ALL, MEAN, ClientHooks, State, Strategy
 
 PREFIX = "privacy/"
@@ -46,31 +46,24 @@ def split_state(server_state: State) -> tuple[State, State]:
     return inner, {k: t for k, t in server_state.items() if k.startswith(PREFIX)}
 
 
-def seeded(noise_seed: int, *salt: int) -> int:
-    """A generator seed from `privacy.noise_seed` (reproducible, so not private) and a salt."""
-    words = [int(v) % 2**64 for v in (noise_seed, *salt)]  # SeedSequence takes no negatives (client -1: a template)
-    entropy = np.random.SeedSequence(words).generate_state(1, np.uint64)[0]
-    return int(entropy >> np.uint64(1))
-
-
 def secret_seed() -> int:
     """63 bits from the OS CSPRNG. Under torch.distributed every rank draws its own; the engine
     then gives every rank rank 0's initial server state, so all add the same noise."""
     return secrets.randbits(63)
 
 
-def noise_state(noise_seed: int | None, salt: int) -> torch.Tensor:
+def noise_state(noise_seed: int | None, tag: str) -> torch.Tensor:
     """A fresh server noise generator's state: secret, or from `noise_seed` for experiments."""
-    seed = secret_seed() if noise_seed is None else seeded(noise_seed, salt)
+    seed = secret_seed() if noise_seed is None else derive(noise_seed, tag=tag)
     return torch.Generator().manual_seed(seed).get_state()
 
 
-def generator_from(server_state: State, noise_seed: int | None, salt: int) -> torch.Generator:
+def generator_from(server_state: State, noise_seed: int | None, tag: str) -> torch.Generator:
     """The server's noise generator, where the last round left it (a checkpoint from before
     the generator was server state starts a fresh one)."""
     state = server_state.get(NOISE)
     generator = torch.Generator()
-    generator.set_state(noise_state(noise_seed, salt) if state is None else state.to(torch.uint8).cpu().contiguous())
+    generator.set_state(noise_state(noise_seed, tag) if state is None else state.to(torch.uint8).cpu().contiguous())
     return generator
 
 

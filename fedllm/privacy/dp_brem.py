@@ -154,7 +154,7 @@ class DPBREM(Strategy):
     def init(self, global_state: State) -> State:
         self.budget.require_noise()
         momentum = {MOMENTUM + k: torch.zeros_like(t, dtype=torch.float32) for k, t in global_state.items()}
-        return {**momentum, NOISE: noise_state(self.budget.noise_seed, 0xB3E)}
+        return {**momentum, NOISE: noise_state(self.budget.noise_seed, "dp-brem")}
 
     def client_hooks(self, round: int, client_id: int):
         return ClientMomentum(self.clips(round)[0], self.beta)
@@ -169,7 +169,7 @@ class DPBREM(Strategy):
             scale = min(1.0, client_clip / max(flat_norm(diff), 1e-12))
             for k in total:
                 total[k] += scale * diff[k]
-        generator = generator_from(server_state, self.budget.noise_seed, 0xB3E)
+        generator = generator_from(server_state, self.budget.noise_seed, "dp-brem")
         noisy = add_noise(total, sigma * record_clip, generator)
         M = {k: M[k] + noisy[k] / len(kept) for k in M}
         eta = self.lr(info.round)

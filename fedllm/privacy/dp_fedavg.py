@@ -101,7 +101,7 @@ class DPFedAvg(PrivacyWrapper):
 
     def init(self, global_state: State) -> State:
         self.budget.require_noise()
-        return {**super().init(global_state), LEDGER: Ledger().state(), NOISE: noise_state(self.budget.noise_seed, 0xD9)}
+        return {**super().init(global_state), LEDGER: Ledger().state(), NOISE: noise_state(self.budget.noise_seed, "dp-fedavg")}
 
     def client_hooks(self, round: int, client_id: int):
         return ClipUpload(self.inner.client_hooks(round, client_id), self.clip_norm)
@@ -111,7 +111,7 @@ class DPFedAvg(PrivacyWrapper):
         z = self.budget.require_noise()
         m = self.sample or len(info.clients)  # the planned m: a dropped client does not shrink it
         total = {k: t.float() * info.total_weight for k, t in mean_update.items()}  # Σ clip(Δ_k)
-        generator = generator_from(own, self.budget.noise_seed, 0xD9)
+        generator = generator_from(own, self.budget.noise_seed, "dp-fedavg")
         noisy = add_noise(total, z * self.clip_norm, generator)
         noisy = {k: t / m for k, t in noisy.items()}
         new_global, inner_state = self.inner.aggregate(global_state, noisy, inner_state, info)

@@ -42,8 +42,9 @@ from typing import Callable, Literal
 import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
-from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, check_privacy, secret_seed, seeded, split_state
+from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, check_privacy, secret_seed, split_state
 from fedllm.registry import STRATEGIES
+from fedllm.seeds import derive
 from fedllm.strategies.base import RoundInfo, State
 
 LEDGERS = PREFIX + "ledger/"
@@ -192,7 +193,7 @@ class LocalDPSGD(PrivacyWrapper):
     def client_hooks(self, round: int, client_id: int):
         # a fresh secret seed per local round (see the module docstring), or a reproducible one
         noise_seed = self.budget.noise_seed
-        seed = secret_seed() if noise_seed is None else seeded(noise_seed, round, client_id, 0x5D)
+        seed = secret_seed() if noise_seed is None else derive(noise_seed, round, client_id, tag="dp-sgd")
         return PrivateGradient(self.inner.client_hooks(round, client_id), self.clip, self.budget.require_noise(), seed)
 
     def ledgers(self, server_state: State) -> dict[int, Ledger]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fedllm.registry import STRATEGIES
+from fedllm.seeds import derive
 from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
 from fedllm.strategies.scaffold import float_zeros, on_params, stepped
 
@@ -36,7 +37,7 @@ ROW, TABLE_MEAN, ROW_CHANGE, MINER = "g.", "table_mean.", "dg.", "miner"
 def is_anchor(p: float, seed: int, round: int, client_id: int) -> bool:
     if client_id < 0 or p <= 0:  # client −1: the engine's shape template, a miner
         return False
-    return p >= 1 or bool(np.random.default_rng([seed, round, client_id, 0xA4C]).random() < p)
+    return p >= 1 or bool(np.random.default_rng(derive(seed, round, client_id, tag="fedamd-anchor")).random() < p)
 
 
 class AnchorHooks(ClientHooks):

@@ -38,10 +38,10 @@ from fedllm.adapters.ferret.aggregate import CompactRounds, CoordinateSum
 from fedllm.adapters.full import FullParameters
 from fedllm.adapters.ferret.projections import Bases, generate, truncated_normal_variance, truncation
 from fedllm.registry import ADAPTERS, RecipeError
+from fedllm.seeds import derive
 from fedllm.strategies.base import PLAIN_MEAN, Strategy
 from fedllm.wire import Message, WireContext
 
-SEED_TAG = 0xFE77E7  # keeps Ferret's seed streams apart from every other use of the recipe seed
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -173,8 +173,7 @@ class Ferret(FullParameters):
     def pool(self, ctx: WireContext) -> list[int]:
         """The K seeds: drawn per client per round (the paper), per round, or once per run
         (the code's candidate pool); all derived from the recipe seed, never the global RNG."""
-        entropy = {"per_client": [ctx.seed, ctx.round, ctx.client_id], "per_round": [ctx.seed, ctx.round], "shared": [ctx.seed]}
-        state = np.random.SeedSequence(entropy[self.seed_pool] + [SEED_TAG]).generate_state(max(self.ks), np.uint64)
+        state = derive(ctx.seed, *self.scope(ctx), tag="ferret-pool").generate_state(max(self.ks), np.uint64)
         return [int(s >> np.uint64(1)) for s in state]  # 63 bits: fits int64 on the wire
 
     def scope(self, ctx: WireContext) -> tuple:
@@ -184,7 +183,7 @@ class Ferret(FullParameters):
     def chosen(self, ctx: WireContext, g: int, k: int, m: int) -> list[int]:
         if m == k:
             return list(range(k))
-        rng = np.random.default_rng([ctx.seed, ctx.round, ctx.client_id, g, SEED_TAG])
+        rng = np.random.default_rng(derive(ctx.seed, ctx.round, ctx.client_id, g, tag="ferret-subset"))
         return sorted(rng.choice(k, m, replace=False).tolist())
 
     def scale(self, d: int, n: int) -> float:

@@ -5,20 +5,14 @@ instead of receiving it. Coordinates γ = c·V Δ and reconstructions Σ_k γ_k 
 a chunk of bases at a time, so memory stays at one chunk whatever K is."""
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Iterator, Sequence
 
 import torch
 
+from fedllm.seeds import derive
+
 CHUNK_ELEMENTS = 2**22  # bases held at once while projecting or reconstructing (16 MiB in fp32)
-
-
-def generator_seed(seed: int, block: int) -> int:
-    # One dedicated generator per (seed, block), never the global RNG: whatever ran before,
-    # on whichever rank, the same (seed, block) gives the same basis.
-    digest = hashlib.sha256(f"ferret:{seed}:{block}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def truncation(d: int) -> float:
@@ -40,7 +34,10 @@ def generate(seeds: Sequence[int], block: int, d: int, device: torch.device | st
     edge = math.erf(a / math.sqrt(2))
     out = torch.empty(len(seeds), d, dtype=torch.float32, device=device)
     for row, seed in zip(out, seeds):
-        row.uniform_(-edge, edge, generator=torch.Generator(device=device).manual_seed(generator_seed(seed, block)))
+        # one dedicated generator per (seed, block), never the global RNG: whatever ran before,
+        # on whichever rank, the same (seed, block) gives the same basis
+        generator = torch.Generator(device=device).manual_seed(derive(seed, block, tag="ferret"))
+        row.uniform_(-edge, edge, generator=generator)
     # inverse-CDF sampling, u ~ U(2Φ(−a)−1, 2Φ(a)−1) ↦ √2·erf⁻¹(u), written out rather than
     # torch.nn.init.trunc_normal_ (the official code's call): that one changed algorithm across
     # torch versions (rejection sampling in 2.13), which would silently change every basis
