@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import fedllm.plugins  # noqa: F401
 from fedllm.client import num_micro_batches
 from fedllm.data import prepare_data
 from fedllm.distributed import barrier, broadcast_int, broadcast_state_, is_distributed, process_state

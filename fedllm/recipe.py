@@ -129,8 +129,6 @@ class Recipe(Section):
 
     def check_plugins(self) -> "Recipe":
         """Validates every plugin section against its registry; fills in their defaults."""
-        import fedllm.plugins  # noqa: F401  registers every built-in plugin
-
         self.adapter = {"name": self.adapter.get("name"), **ALL["adapters"].validate(self.adapter, "adapter")}
         self.strategy = {"name": self.strategy.get("name"), **ALL["strategies"].validate(self.strategy, "strategy")}
         self.codecs = [

@@ -7,6 +7,10 @@
 `STRATEGIES.build({"name": "fedprox", "mu": 0.1})` validates the options against the
 signature (unknown keys and wrong types are errors that name the key and the fix) and
 calls the constructor with them: a plugin never sees the whole recipe.
+
+Plugins are found through the entry-point group `fedllm.plugins`, loaded once on the first
+lookup; fedllm's own packages are listed in its pyproject.toml, and another package adds
+plugins the same way: `[project.entry-points."fedllm.plugins"] mine = "my_package.plugins"`.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import difflib
 import inspect
 import typing
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
 import pydantic
@@ -57,6 +62,39 @@ def _options_of(factory: Callable) -> list[Option]:
     return options
 
 
+class PluginError(ImportError):
+    """A plugin package named by an entry point that cannot be imported."""
+
+
+class PluginGroup:
+    """The packages of one entry-point group, imported once (importing them registers their plugins)."""
+
+    def __init__(self, group: str):
+        self.group, self.loaded, self.error = group, False, None
+
+    def load(self) -> None:
+        if self.error:
+            raise PluginError(self.error)
+        if self.loaded:
+            return
+        self.loaded = True  # before importing: a plugin that looks another up while importing must not recurse
+        found = entry_points(group=self.group)
+        for ep in found:
+            try:
+                ep.load()
+            except Exception as err:  # whatever the cause, one line that names the entry point
+                cause = " ".join(f"{type(err).__name__}: {err}".split())
+                self.error = f"plugin entry point '{ep.name} = {ep.value}' (group '{self.group}') failed to import: {cause}"
+                raise PluginError(self.error) from err
+        if not found:  # e.g. an editable install made before the group existed
+            self.error = (f"no plugins in the entry-point group '{self.group}': reinstall fedllm "
+                          "(pip install -e .) so that its entry points are registered")
+            raise PluginError(self.error)
+
+
+PLUGINS = PluginGroup("fedllm.plugins")
+
+
 class Registry:
     def __init__(self, kind: str):
         self.kind = kind
@@ -73,13 +111,11 @@ class Registry:
         return decorate
 
     def names(self) -> list[str]:
-        import fedllm.plugins  # noqa: F401
-
+        PLUGINS.load()
         return sorted(self._factories)
 
     def get(self, name: str) -> Callable:
-        if name not in self._factories:
-            import fedllm.plugins  # noqa: F401  built-in plugins register on first use
+        PLUGINS.load()
         if name not in self._factories:
             raise RecipeError(
                 f"unknown {self.kind} '{name}'{nearest(name, self._factories)} "

@@ -1,5 +1,16 @@
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import pytest
+
+import fedllm
 from fedllm.cli import list_plugins
-from fedllm.registry import ALL, Registry
+from fedllm.registry import ALL, PluginError, PluginGroup, Registry
 
 
 def test_fedllm_list_shows_every_plugin_with_options_and_defaults():
@@ -23,3 +34,42 @@ def test_the_constructor_signature_is_the_option_schema():
     built = reg.build({"name": "w", "size": "3"})
     assert (built.size, built.colour) == (3, "red")
     assert [o.describe() for o in reg.options("w")] == ["size: int  (required)", "colour: str = 'red'"]
+
+
+def test_the_registry_imports_no_fedllm_module():
+    # plugins reach the registry through entry points, so the registry sits below every plugin
+    import ast
+
+    import fedllm.registry
+
+    tree = ast.parse(Path(fedllm.registry.__file__).read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.startswith(("fedllm", "."))]
+
+
+def test_every_built_in_plugin_is_found_after_a_fresh_import():
+    code = "import json\nfrom fedllm.registry import ALL\nprint(json.dumps({k: r.names() for k, r in ALL.items()}))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    fresh = json.loads(out.stdout.strip().splitlines()[-1])  # only the registry imported: entry points bring the rest
+    for module in pkgutil.walk_packages(fedllm.__path__, "fedllm."):  # here: every fedllm module imported
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    for kind, registry in ALL.items():
+        built_in = [n for n in registry.names() if registry.get(n).__module__.startswith("fedllm.")]  # not the tests'
+        assert sorted(built_in) == fresh[kind]
+    assert {"ferret", "scaffold", "dp_fedavg", "rqm", "dirichlet", "uniform", "sign_flip"} <= {n for v in fresh.values() for n in v}
+
+
+def test_a_plugin_that_fails_to_import_names_its_entry_point(monkeypatch):
+    import fedllm.registry
+
+    broken = EntryPoint(name="broken", value="no_such_package.plugins", group="fedllm.plugins")
+    monkeypatch.setattr(fedllm.registry, "entry_points", lambda group: [broken])
+    group = PluginGroup("fedllm.plugins")
+    for _ in range(2):  # and again on the next lookup, not a confusing 'unknown strategy'
+        with pytest.raises(PluginError) as err:
+            group.load()
+        text = str(err.value)
+        assert "'broken = no_such_package.plugins'" in text and "No module named 'no_such_package'" in text
+        assert "\n" not in text
