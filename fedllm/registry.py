@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import typing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
 import pydantic
+
+log = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -100,12 +103,18 @@ class Registry:
         self.kind = kind
         self._factories: dict[str, Callable] = {}
         self._schemas: dict[str, type[pydantic.BaseModel]] = {}
+        self._aliases: dict[str, str] = {}  # deprecated name -> registered name
 
-    def register(self, name: str):
+    def register(self, name: str, deprecated_aliases: tuple[str, ...] = ()):
+        """Registers the decorated plugin as `name`; an old name in `deprecated_aliases` still
+        builds it, with a warning that names the new one (`fedllm list` shows only `name`)."""
+
         def decorate(factory):
-            if name in self._factories:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            for taken in (name, *deprecated_aliases):
+                if taken in self._factories or taken in self._aliases:
+                    raise ValueError(f"{self.kind} '{taken}' is registered twice")
             self._factories[name] = factory
+            self._aliases.update(dict.fromkeys(deprecated_aliases, name))
             return factory
 
         return decorate
@@ -114,8 +123,13 @@ class Registry:
         PLUGINS.load()
         return sorted(self._factories)
 
-    def get(self, name: str) -> Callable:
+    def canonical(self, name: str) -> str:
+        """The registered name of `name` (itself, or the new name of a deprecated alias)."""
         PLUGINS.load()
+        return self._aliases.get(name, name)
+
+    def get(self, name: str) -> Callable:
+        name = self.canonical(name)
         if name not in self._factories:
             raise RecipeError(
                 f"unknown {self.kind} '{name}'{nearest(name, self._factories)} "
@@ -127,6 +141,7 @@ class Registry:
         return _options_of(self.get(name))
 
     def _schema(self, name: str) -> type[pydantic.BaseModel]:
+        name = self.canonical(name)
         if name not in self._schemas:
             fields = {
                 o.name: (o.annotation, ... if o.required else o.default) for o in self.options(name)
@@ -142,6 +157,8 @@ class Registry:
             raise RecipeError(f"'{where}' needs a 'name:' (one of: {', '.join(self.names())})")
         name = spec["name"]
         self.get(name)
+        if self.canonical(name) != name:
+            log.warning(f"{where}: {self.kind} '{name}' is deprecated; use its new name '{self.canonical(name)}'")
         options = {k: v for k, v in spec.items() if k != "name"}
         try:
             validated = self._schema(name)(**options)

@@ -1,5 +1,6 @@
 import importlib
 import json
+import logging
 import pkgutil
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import pytest
 
 import fedllm
 from fedllm.cli import list_plugins
-from fedllm.registry import ALL, PluginError, PluginGroup, Registry
+from fedllm.recipe import recipe_from_dict
+from fedllm.registry import ALL, STRATEGIES, PluginError, PluginGroup, Registry
 
 
 def test_fedllm_list_shows_every_plugin_with_options_and_defaults():
@@ -73,3 +75,26 @@ def test_a_plugin_that_fails_to_import_names_its_entry_point(monkeypatch):
         text = str(err.value)
         assert "'broken = no_such_package.plugins'" in text and "No module named 'no_such_package'" in text
         assert "\n" not in text
+
+
+def test_a_deprecated_alias_builds_the_same_strategy_and_warns_once_with_the_new_name(caplog):
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        old = STRATEGIES.build({"name": "fedavg_m", "beta": 0.3})
+    new = STRATEGIES.build({"name": "fedavg_client_momentum", "beta": 0.3})
+    assert type(old) is type(new) and old.beta == new.beta == 0.3
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "'fedavg_m' is deprecated" in warning and "'fedavg_client_momentum'" in warning and "\n" not in warning
+    assert "fedavg_m" not in STRATEGIES.names() and "  fedavg_m:" not in list_plugins()  # fedllm list: the new name only
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        recipe = recipe_from_dict({"strategy": {"name": "fedavg_m"}})
+    assert recipe.strategy["name"] == "fedavg_client_momentum" and len(caplog.records) == 1  # the run records the new name
+
+
+def test_an_alias_cannot_take_a_registered_name():
+    reg = Registry("widget")
+    reg.register("new", deprecated_aliases=("old",))(dict)
+    for name in ("new", "old"):
+        with pytest.raises(ValueError, match=f"widget '{name}' is registered twice"):
+            reg.register(name)(list)
+    assert reg.names() == ["new"] and reg.get("old") is dict
