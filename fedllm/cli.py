@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from fedllm.registry import RecipeError
+from fedllm.registry import PluginError, RecipeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def list_plugins() -> str:
-    import fedllm.plugins  # noqa: F401
     from fedllm.models import PRESETS
     from fedllm.registry import ALL
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             from fedllm.export import export_run
 
             print(f"exported to {export_run(args.run_dir, args.out, args.round, args.fmt)}")
-    except (RecipeError, FileNotFoundError, OSError) as err:  # OSError: a model/dataset that cannot be loaded
+    except (RecipeError, PluginError, FileNotFoundError, OSError) as err:  # OSError: a model/dataset that cannot be loaded
         print(f"fedllm: error: {err}", file=sys.stderr)
         return 2
     return 0

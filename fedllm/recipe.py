@@ -129,19 +129,13 @@ class Recipe(Section):
 
     def check_plugins(self) -> "Recipe":
         """Validates every plugin section against its registry; fills in their defaults."""
-        import fedllm.plugins  # noqa: F401  registers every built-in plugin
-
-        self.adapter = {"name": self.adapter.get("name"), **ALL["adapters"].validate(self.adapter, "adapter")}
-        self.strategy = {"name": self.strategy.get("name"), **ALL["strategies"].validate(self.strategy, "strategy")}
-        self.codecs = [
-            {"name": c.get("name"), **ALL["codecs"].validate(c, f"codecs[{i}]")} for i, c in enumerate(self.codecs)
-        ]
+        self.adapter = checked("adapters", self.adapter, "adapter")
+        self.strategy = checked("strategies", self.strategy, "strategy")
+        self.codecs = [checked("codecs", c, f"codecs[{i}]") for i, c in enumerate(self.codecs)]
         if self.byzantine is not None:
-            self.byzantine = {"name": self.byzantine.get("name"), **ALL["attacks"].validate(self.byzantine, "byzantine")}
-        p = self.data.partitioner
-        self.data.partitioner = {"name": p.get("name"), **ALL["partitioners"].validate(p, "data.partitioner")}
-        s = self.federation.sampler
-        self.federation.sampler = {"name": s.get("name"), **ALL["samplers"].validate(s, "federation.sampler")}
+            self.byzantine = checked("attacks", self.byzantine, "byzantine")
+        self.data.partitioner = checked("partitioners", self.data.partitioner, "data.partitioner")
+        self.federation.sampler = checked("samplers", self.federation.sampler, "federation.sampler")
         self.federation.sampled_per_round()
         if self.privacy is not None:
             self.check_privacy()
@@ -164,6 +158,12 @@ class Recipe(Section):
                 f"inner: {{name: {self.strategy['name']}}}) or remove the privacy: section"
             )
         check(self.strategy, self.privacy.model_dump())
+
+
+def checked(kind: str, spec: dict, where: str) -> dict:
+    """A plugin section validated, with its defaults, under the plugin's current name (not a deprecated alias)."""
+    options = ALL[kind].validate(spec, where)
+    return {"name": ALL[kind].canonical(spec["name"]), **options}
 
 
 def _valid_keys(model: type[BaseModel], prefix: tuple = ()) -> dict[tuple, list[str]]:

@@ -7,16 +7,24 @@
 `STRATEGIES.build({"name": "fedprox", "mu": 0.1})` validates the options against the
 signature (unknown keys and wrong types are errors that name the key and the fix) and
 calls the constructor with them: a plugin never sees the whole recipe.
+
+Plugins are found through the entry-point group `fedllm.plugins`, loaded once on the first
+lookup; fedllm's own packages are listed in its pyproject.toml, and another package adds
+plugins the same way: `[project.entry-points."fedllm.plugins"] mine = "my_package.plugins"`.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import typing
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, Callable
 
 import pydantic
+
+log = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -57,29 +65,71 @@ def _options_of(factory: Callable) -> list[Option]:
     return options
 
 
+class PluginError(ImportError):
+    """A plugin package named by an entry point that cannot be imported."""
+
+
+class PluginGroup:
+    """The packages of one entry-point group, imported once (importing them registers their plugins)."""
+
+    def __init__(self, group: str):
+        self.group, self.loaded, self.error = group, False, None
+
+    def load(self) -> None:
+        if self.error:
+            raise PluginError(self.error)
+        if self.loaded:
+            return
+        self.loaded = True  # before importing: a plugin that looks another up while importing must not recurse
+        found = entry_points(group=self.group)
+        for ep in found:
+            try:
+                ep.load()
+            except Exception as err:  # whatever the cause, one line that names the entry point
+                cause = " ".join(f"{type(err).__name__}: {err}".split())
+                self.error = f"plugin entry point '{ep.name} = {ep.value}' (group '{self.group}') failed to import: {cause}"
+                raise PluginError(self.error) from err
+        if not found:  # e.g. an editable install made before the group existed
+            self.error = (f"no plugins in the entry-point group '{self.group}': reinstall fedllm "
+                          "(pip install -e .) so that its entry points are registered")
+            raise PluginError(self.error)
+
+
+PLUGINS = PluginGroup("fedllm.plugins")
+
+
 class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._factories: dict[str, Callable] = {}
         self._schemas: dict[str, type[pydantic.BaseModel]] = {}
+        self._aliases: dict[str, str] = {}  # deprecated name -> registered name
 
-    def register(self, name: str):
+    def register(self, name: str, deprecated_aliases: tuple[str, ...] = ()):
+        """Registers the decorated plugin as `name`; an old name in `deprecated_aliases` still
+        builds it, with a warning that names the new one (`fedllm list` shows only `name`)."""
+
         def decorate(factory):
-            if name in self._factories:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            for taken in (name, *deprecated_aliases):
+                if taken in self._factories or taken in self._aliases:
+                    raise ValueError(f"{self.kind} '{taken}' is registered twice")
             self._factories[name] = factory
+            self._aliases.update(dict.fromkeys(deprecated_aliases, name))
             return factory
 
         return decorate
 
     def names(self) -> list[str]:
-        import fedllm.plugins  # noqa: F401
-
+        PLUGINS.load()
         return sorted(self._factories)
 
+    def canonical(self, name: str) -> str:
+        """The registered name of `name` (itself, or the new name of a deprecated alias)."""
+        PLUGINS.load()
+        return self._aliases.get(name, name)
+
     def get(self, name: str) -> Callable:
-        if name not in self._factories:
-            import fedllm.plugins  # noqa: F401  built-in plugins register on first use
+        name = self.canonical(name)
         if name not in self._factories:
             raise RecipeError(
                 f"unknown {self.kind} '{name}'{nearest(name, self._factories)} "
@@ -91,6 +141,7 @@ class Registry:
         return _options_of(self.get(name))
 
     def _schema(self, name: str) -> type[pydantic.BaseModel]:
+        name = self.canonical(name)
         if name not in self._schemas:
             fields = {
                 o.name: (o.annotation, ... if o.required else o.default) for o in self.options(name)
@@ -106,6 +157,8 @@ class Registry:
             raise RecipeError(f"'{where}' needs a 'name:' (one of: {', '.join(self.names())})")
         name = spec["name"]
         self.get(name)
+        if self.canonical(name) != name:
+            log.warning(f"{where}: {self.kind} '{name}' is deprecated; use its new name '{self.canonical(name)}'")
         options = {k: v for k, v in spec.items() if k != "name"}
         try:
             validated = self._schema(name)(**options)

@@ -1,5 +1,6 @@
 """FedAvg-M and SCAFFOLD-M — Cheng, Huang, Wu & Yuan, "Momentum Benefits Non-IID Federated
-Learning Simply and Provably" (ICLR 2024), Algorithms 1 and 2.
+Learning Simply and Provably" (ICLR 2024), Algorithms 1 and 2: `fedavg_client_momentum` (was
+`fedavg_m`) and `scaffold_m`. Not `fedavgm` (Hsu et al. 2019), whose momentum is in the server step.
 
 Both keep a server momentum g, the average local direction of the last round, broadcast
 to the clients, and blend it into every local step:
@@ -71,7 +72,7 @@ class ScaffoldMomentumHooks(MomentumHooks):
         return self.cv.refreshed({k: t / self.steps for k, t in self.grad_sum.items()})
 
 
-@STRATEGIES.register("fedavg_m")
+@STRATEGIES.register("fedavg_client_momentum", deprecated_aliases=("fedavg_m",))
 class FedAvgMomentum(Strategy):
     """FedAvg-M: local direction β∇f + (1−β)g; g = mean(x^t − x_i)/(η_l K); x −= γ g."""
 

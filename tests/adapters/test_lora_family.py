@@ -106,7 +106,6 @@ def a_checksum_in_fresh_process(burn_global_rng: bool) -> str:
         "from fedllm.models import byte_tokenizer, load_model\n"
         "from fedllm.recipe import ModelConfig\n"
         "from fedllm.registry import ADAPTERS\n"
-        "import fedllm.plugins\n"
         "a = ADAPTERS.build({'name': 'ffa_lora', 'r': 4})\n"
         "m = a.attach(load_model(ModelConfig(), byte_tokenizer(), seed=0), seed=7)\n"
         "print(json.dumps(a.metadata(m)))\n"

@@ -19,7 +19,7 @@ ROWS = {  # name -> (options, simulate settings)
     "fedyogi": ({"server_lr": 0.3}, {}),
     "scaffold": ({}, {}),
     "scaffold_m": ({"beta": 0.5}, {}),
-    "fedavg_m": ({"beta": 0.5}, {}),
+    "fedavg_client_momentum": ({"beta": 0.5}, {}),
     "fedspeed": ({"rho": 0.01, "lam": 0.5}, {}),
     "fedamd": ({"anchor_prob": 0.3}, {"clients_per_round": 5}),
     "median": ({"f": 1}, {}),

@@ -44,14 +44,14 @@ def test_drift_corrected_methods_reach_the_optimum(spec, rounds):
 
 
 @pytest.mark.parametrize("beta, rounds, expected", [(1.0, 60, 0.490), (0.5, 60, 0.297), (0.1, 160, 0.068)])
-def test_fedavg_m_error_shrinks_with_beta(beta, rounds, expected):
-    assert stalled_error({"name": "fedavg_m", "beta": beta}, rounds) == pytest.approx(expected, abs=1e-3)
+def test_fedavg_client_momentum_error_shrinks_with_beta(beta, rounds, expected):
+    assert stalled_error({"name": "fedavg_client_momentum", "beta": beta}, rounds) == pytest.approx(expected, abs=1e-3)
 
 
-def test_fedavg_m_with_beta_1_is_fedavg():
-    fedavg, fedavg_m = run({"name": "fedavg"}, 20), run({"name": "fedavg_m", "beta": 1.0}, 20)
+def test_fedavg_client_momentum_with_beta_1_is_fedavg():
+    fedavg, momentum = run({"name": "fedavg"}, 20), run({"name": "fedavg_client_momentum", "beta": 1.0}, 20)
     # equal up to fp32 rounding: FedAvg's `add_scaled` computes in fp32
-    torch.testing.assert_close(fedavg_m.x, fedavg.x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(momentum.x, fedavg.x, rtol=0, atol=1e-6)
 
 
 def test_fedamd_reaches_the_optimum_with_the_codes_step_sizes():

@@ -14,7 +14,7 @@ PROBLEM = Quadratic.reference()
 SPECS = [
     ({"name": "scaffold"}, {}),
     ({"name": "fedspeed", "rho": 0.05, "lam": 0.5}, {}),
-    ({"name": "fedavg_m", "beta": 0.3}, {}),
+    ({"name": "fedavg_client_momentum", "beta": 0.3}, {}),
     ({"name": "scaffold_m", "beta": 0.3}, {}),
     ({"name": "fedamd", "anchor_prob": 0.3}, {"clients_per_round": 5}),
     ({"name": "centered_clip", "tau": 2.0, "f": 2, "nnm": True, "momentum": 0.5}, {"clients_per_round": 7}),

@@ -88,16 +88,16 @@ def test_fedspeed_server_adds_the_mean_of_every_clients_h():
     torch.testing.assert_close(x["w"], torch.tensor([1.5, -3.0]))
 
 
-def test_fedavg_m_client_blends_its_gradient_with_the_server_direction():
+def test_fedavg_client_momentum_client_blends_its_gradient_with_the_server_direction():
     g = torch.tensor([1.0, -1.0])
-    hooks, params = client({"name": "fedavg_m", "beta": 0.25}, torch.zeros(2), {"g.w": g})
+    hooks, params = client({"name": "fedavg_client_momentum", "beta": 0.25}, torch.zeros(2), {"g.w": g})
     params["w"].grad = torch.tensor([4.0, 4.0])
     hooks.before_step(params, regrad=None)
     torch.testing.assert_close(params["w"].grad, torch.tensor([1.75, 0.25]))  # β·grad + (1−β)·g
 
 
-def test_fedavg_m_server_reads_the_mean_direction_back_from_the_update():
-    s = STRATEGIES.build({"name": "fedavg_m", "server_lr": 2.0})
+def test_fedavg_client_momentum_server_reads_the_mean_direction_back_from_the_update():
+    s = STRATEGIES.build({"name": "fedavg_client_momentum", "server_lr": 2.0})
     x = {"w": torch.zeros(2)}
     x, state = s.aggregate(x, {"w": torch.tensor([-0.4, 0.8])}, s.init(x), info([0], 1, lr=0.1, steps=4))
     torch.testing.assert_close(state["g.w"], torch.tensor([1.0, -2.0]))  # −Δ/(η_l K)
