@@ -130,6 +130,7 @@ class Recipe(Section):
     def check_plugins(self) -> "Recipe":
         """Validates every plugin section against its registry; fills in their defaults."""
         self.adapter = checked("adapters", self.adapter, "adapter")
+        moved_to_privacy(self.strategy)
         self.strategy = checked("strategies", self.strategy, "strategy")
         self.codecs = [checked("codecs", c, f"codecs[{i}]") for i, c in enumerate(self.codecs)]
         if self.byzantine is not None:
@@ -158,6 +159,17 @@ class Recipe(Section):
                 f"inner: {{name: {self.strategy['name']}}}) or remove the privacy: section"
             )
         check(self.strategy, self.privacy.model_dump())
+
+
+def moved_to_privacy(strategy: dict) -> None:
+    """The DP budget options moved from the DP strategies to the privacy: section: a recipe that
+    still sets one on its strategy learns where it went (rather than 'unknown key')."""
+    if not isinstance(strategy, dict) or not isinstance(strategy.get("name"), str):
+        return  # validation says what is wrong
+    own = {o.name for o in ALL["strategies"].options(strategy["name"])}
+    for key in strategy:
+        if key in PrivacyConfig.model_fields and key not in own:
+            raise RecipeError(f"set privacy.{key} instead of strategy.{key} (the DP budget lives in the privacy: section)")
 
 
 def checked(kind: str, spec: dict, where: str) -> dict:

@@ -3,9 +3,8 @@
 - The budget: give either `noise_multiplier` or `target_epsilon` (the noise is then chosen
   so that the planned rounds spend exactly that ε at `delta`, default 1e-5); `max_epsilon`
   (default: the target) stops the run cleanly before a round that would spend more. These
-  belong in the recipe's `privacy:` section, which reaches the strategy as `RunInfo.privacy`
-  in `setup(run)`; the strategy options of the same names still work, but a value set in
-  both places is an error that says which to remove.
+  are set in the recipe's `privacy:` section only (a strategy option of the same name is a
+  recipe error that says so), which reaches the strategy as `RunInfo.privacy` in `setup(run)`.
 - The noise is secret: nobody who reads the recipe can rebuild it and subtract it. The
   server's generator is seeded from `secrets` when the strategy's state is made (rank 0's
   seed, shared with every rank, since each aggregates the same mean) and its state is
@@ -37,7 +36,7 @@ from fedllm.strategies.base import ALL, MEAN, ClientHooks, State, Strategy
 
 PREFIX = "privacy/"
 NOISE = PREFIX + "noise_rng"  # the server's noise generator state (uint8), checkpointed with the server state
-BUDGET = ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "accountant")  # privacy: keys a strategy option may also set
+BUDGET = ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "accountant")  # the privacy: keys of the Budget
 
 
 def split_state(server_state: State) -> tuple[State, State]:
@@ -81,19 +80,12 @@ def flat_norm(*states: State) -> float:
 
 
 def check_privacy(options: dict, privacy: dict | None) -> dict:
-    """The budget from the strategy's own options and the recipe's `privacy:` section (either
-    may leave a key unset: None). A key set in both is a RecipeError naming the one to remove."""
-    privacy = privacy or {}
-    both = [k for k in BUDGET if options.get(k) is not None and privacy.get(k) is not None]
-    if both:
-        raise RecipeError(
-            "the privacy budget is set twice: " + ", ".join(f"'privacy.{k}' and 'strategy.{k}'" for k in both)
-            + f"; remove {', '.join(repr('strategy.' + k) for k in both)} (the privacy: section is the place for it)"
-        )
-    merged = {k: privacy.get(k) if privacy.get(k) is not None else options.get(k) for k in BUDGET}
-    if (merged["noise_multiplier"] is None) == (merged["target_epsilon"] is None):
+    """The budget keys of the recipe's `privacy:` section (unset: None), checked; the strategy's
+    `options` hold none of them."""
+    budget = {k: (privacy or {}).get(k) for k in BUDGET}
+    if (budget["noise_multiplier"] is None) == (budget["target_epsilon"] is None):
         raise RecipeError("set exactly one of 'privacy.noise_multiplier' and 'privacy.target_epsilon'")
-    return merged
+    return budget
 
 
 class Budget:
@@ -101,7 +93,7 @@ class Budget:
 
     def __init__(self, owner: str, noise_multiplier: float | None, target_epsilon: float | None, delta: float | None,
                  max_epsilon: float | None, accountant: Method | None):
-        # neither is allowed here: the privacy: section may bring one at setup (check_privacy)
+        # neither is allowed here: a strategy has no budget until setup(run) brings the privacy: section
         if noise_multiplier is not None and target_epsilon is not None:
             raise ValueError(f"{owner}: set exactly one of noise_multiplier and target_epsilon")
         if noise_multiplier is not None and noise_multiplier <= 0:
@@ -115,22 +107,19 @@ class Budget:
         self.noise_seed: int | None = None  # privacy.noise_seed: reproducible, not private, noise
 
     @classmethod
-    def of(cls, owner: str, options: dict, run=None) -> "Budget":
-        """The budget of a run: the strategy options merged with `run.privacy` (setup), or the
-        options alone, possibly without a noise level yet (construction)."""
+    def of(cls, owner: str, run=None) -> "Budget":
+        """The budget of a run, from `run.privacy` (setup), or none yet (construction)."""
         if run is None:
-            return cls(owner, **{k: options[k] for k in BUDGET})
-        budget = cls(owner, **check_privacy(options, getattr(run, "privacy", None)))
+            return cls(owner, **dict.fromkeys(BUDGET))
+        budget = cls(owner, **check_privacy({}, getattr(run, "privacy", None)))
         budget.noise_seed = (getattr(run, "privacy", None) or {}).get("noise_seed")
         return budget
 
     def require_noise(self) -> float:
-        if self.noise_multiplier is None and self.target_epsilon is None:
-            raise RecipeError(f"{self.owner}: no budget: set privacy.noise_multiplier or privacy.target_epsilon")
-        if self.noise_multiplier is None:
+        if self.noise_multiplier is None:  # setup(run) checks that the privacy: section has a budget
             raise RuntimeError(
-                f"{self.owner}: target_epsilon needs the planned rounds, which the engine passes in setup(run) "
-                "before the first round; this engine did not call it"
+                f"{self.owner}: no noise level before setup(run), which brings the privacy: section and the planned "
+                "rounds before the first round; this engine did not call it"
             )
         return self.noise_multiplier
 

@@ -29,8 +29,6 @@ The budget and `noise_seed` come from the recipe's `privacy:` section; the serve
 secret unless `noise_seed` is set, and its generator is server state (`fedllm.privacy.budget`)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
@@ -95,20 +93,13 @@ class DPBREM(Strategy):
         record_clip: float = 10.0,  # R, per-example clipping norm
         client_clip: float = 5.0,  # C, centered clipping radius
         final_clip_ratio: float = 0.3,  # R_t and C_t shrink linearly to this fraction
-        # the budget: prefer the recipe's privacy: section (same names); kept here for old recipes
-        noise_multiplier: float | None = None,  # σ (noise std σ·R_t on the sum); or target_epsilon
-        target_epsilon: float | None = None,
-        delta: float | None = None,  # default 1e-5
-        max_epsilon: float | None = None,
-        accountant: Literal["rdp", "pld"] | None = None,  # default rdp
+        # the budget (σ, noise std σ·R_t on the sum, or a target ε) is the recipe's privacy: section
     ):
         if not 0 <= momentum < 1:
             raise ValueError("dp_brem: momentum must be in [0, 1)")
         self.server_lr, self.final_lr_ratio, self.beta = server_lr, final_lr_ratio, momentum
         self.record_clip, self.client_clip, self.final_clip_ratio = record_clip, client_clip, final_clip_ratio
-        self.options = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
-                            max_epsilon=max_epsilon, accountant=accountant)
-        self.budget = Budget.of("dp_brem", self.options)
+        self.budget = Budget.of("dp_brem")
         self.rounds, self.batch, self.rates = None, None, []
 
     # ---- schedules ---------------------------------------------------------------------
@@ -127,7 +118,7 @@ class DPBREM(Strategy):
     # ---- accounting ----------------------------------------------------------------------
     def setup(self, run) -> None:
         self.rounds, self.batch = run.rounds, run.batch_size
-        self.budget = Budget.of("dp_brem", self.options, run)
+        self.budget = Budget.of("dp_brem", run)
         self.rates = [min(1.0, run.batch_size / max(n, 1)) for n in run.client_sizes]
         if self.budget.target_epsilon is not None:
             worst = max(range(len(self.rates)), key=lambda i: self.rates[i])

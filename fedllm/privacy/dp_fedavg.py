@@ -20,8 +20,6 @@ come from the recipe's `privacy:` section; the noise is secret unless `noise_see
 (`fedllm.privacy.budget`)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
@@ -62,13 +60,7 @@ class DPFedAvg(PrivacyWrapper):
     def __init__(
         self,
         inner: dict = {"name": "fedavg"},  # the (linear) strategy that receives the noisy mean
-        clip_norm: float = 1.0,  # S
-        # the budget: prefer the recipe's privacy: section (same names); kept here for old recipes
-        noise_multiplier: float | None = None,  # z; or give target_epsilon
-        target_epsilon: float | None = None,  # choose z so the planned rounds spend this ε
-        delta: float | None = None,  # default 1e-5
-        max_epsilon: float | None = None,  # stop before exceeding (default: target_epsilon)
-        accountant: Literal["rdp", "pld"] | None = None,  # default rdp
+        clip_norm: float = 1.0,  # S; the budget (z or a target ε) is the recipe's privacy: section
     ):
         super().__init__(inner, "dp_fedavg")
         if self.needs == ALL:
@@ -77,16 +69,14 @@ class DPFedAvg(PrivacyWrapper):
             raise ValueError("dp_fedavg: clip_norm must be > 0")
         self.uniform_weights = True  # the mean is over clients, each clipped to S
         self.clip_norm = clip_norm
-        self.options = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
-                            max_epsilon=max_epsilon, accountant=accountant)
-        self.budget = Budget.of("dp_fedavg", self.options)
+        self.budget = Budget.of("dp_fedavg")
         self.population, self.sample = None, None
 
     def setup(self, run) -> None:
         if run.sampler != "uniform":
             raise ValueError(f"dp_fedavg accounts for the uniform client sampler; this run samples with '{run.sampler}'")
         super().setup(run)
-        self.budget = Budget.of("dp_fedavg", self.options, run)
+        self.budget = Budget.of("dp_fedavg", run)
         self.population, self.sample = run.num_clients, run.clients_per_round
         if self.budget.target_epsilon is not None:
             self.budget.noise_multiplier = calibrate(

@@ -37,7 +37,7 @@ unused and its ledger does not move."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
@@ -150,28 +150,20 @@ class LocalDPSGD(PrivacyWrapper):
     def __init__(
         self,
         inner: dict = {"name": "fedavg"},  # the strategy that aggregates the private updates
-        max_grad_norm: float = 1.0,  # C, the per-example clipping norm
-        # the budget: prefer the recipe's privacy: section (same names); kept here for old recipes
-        noise_multiplier: float | None = None,  # σ; or give target_epsilon
-        target_epsilon: float | None = None,  # choose σ so every client spends ≤ this ε by the last round
-        delta: float | None = None,  # default 1e-5
-        max_epsilon: float | None = None,  # stop before any client exceeds it (default: target_epsilon)
-        accountant: Literal["rdp", "pld"] | None = None,  # default rdp
+        max_grad_norm: float = 1.0,  # C, the per-example clipping norm; the budget is the privacy: section
     ):
         super().__init__(inner, "dp_sgd")
         self.client_needs = self.client_needs | {"per_example"}  # every micro-batch's backward, example by example
         if max_grad_norm <= 0:
             raise ValueError("dp_sgd: max_grad_norm must be > 0")
         self.clip = max_grad_norm
-        self.options = dict(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
-                            max_epsilon=max_epsilon, accountant=accountant)
-        self.budget = Budget.of("dp_sgd", self.options)
+        self.budget = Budget.of("dp_sgd")
         self.rates: list[float] = []
         self.steps: list[int] = []
 
     def setup(self, run) -> None:
         super().setup(run)
-        self.budget = Budget.of("dp_sgd", self.options, run)
+        self.budget = Budget.of("dp_sgd", run)
         self.rates = [min(1.0, run.batch_size / max(n, 1)) for n in run.client_sizes]
         self.steps = list(run.local_steps)
         if self.budget.target_epsilon is not None:

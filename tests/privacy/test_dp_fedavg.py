@@ -35,7 +35,7 @@ def upload(strategy, update, extras=None):
 
 
 def test_every_upload_is_clipped_to_the_clip_norm_jointly_with_its_extras():
-    s = build(clip_norm=2.0, noise_multiplier=1.0)
+    s = build(clip_norm=2.0)
     gen = torch.Generator().manual_seed(0)
     for scale in (0.1, 1.0, 10.0, 1000.0):
         update = {"a": scale * torch.randn(30, generator=gen), "b": scale * torch.randn(4, 5, generator=gen)}
@@ -48,8 +48,8 @@ def test_every_upload_is_clipped_to_the_clip_norm_jointly_with_its_extras():
 
 
 def test_zero_updates_get_noise_of_std_z_s_over_m(run_info):
-    s = build(clip_norm=0.5, noise_multiplier=1.3)
-    s.setup(run_info(num_clients=10, clients_per_round=4))
+    s = build(clip_norm=0.5)
+    s.setup(run_info(num_clients=10, clients_per_round=4, privacy={"noise_multiplier": 1.3}))
     zeros = {"w": torch.zeros(200_000)}
     new, _ = s.aggregate(zeros, zeros, s.init(zeros), RoundInfo(0, [1, 3, 5, 7], 4.0, 10))
     assert new["w"].mean().abs() < 1e-3
@@ -57,8 +57,8 @@ def test_zero_updates_get_noise_of_std_z_s_over_m(run_info):
 
 
 def test_the_mean_is_over_the_planned_m_and_the_same_on_every_call(run_info):
-    s = build(clip_norm=1.0, noise_multiplier=1e-6)
-    s.setup(run_info(num_clients=4, clients_per_round=4))
+    s = build(clip_norm=1.0)
+    s.setup(run_info(num_clients=4, clients_per_round=4, privacy={"noise_multiplier": 1e-6}))
     x = {"w": torch.zeros(3)}
     mean_of_three = {"w": torch.tensor([0.3, 0.0, -0.3])}  # one of four clients was dropped
     info = RoundInfo(0, [0, 1, 2], 3.0, 4)
@@ -70,20 +70,20 @@ def test_the_mean_is_over_the_planned_m_and_the_same_on_every_call(run_info):
 
 
 def test_epsilon_is_reported_every_round_and_matches_the_event(run_info):
-    s = build(noise_multiplier=1.0)
-    s.setup(run_info(num_clients=5))
+    s = build()
+    s.setup(run_info(num_clients=5, privacy={"noise_multiplier": 1.0}))
     x, state = {"w": torch.zeros(2)}, None
     state = s.init(x)
     _, state = s.aggregate(x, x, state, RoundInfo(0, list(range(5)), 5.0, 5))
     assert s.metrics(state)["epsilon"] == pytest.approx(4.7285, abs=1e-4)  # all clients: Gaussian, z = 1
-    partial = build(noise_multiplier=1.0)
-    partial.setup(run_info(num_clients=100, clients_per_round=10))
+    partial = build()
+    partial.setup(run_info(num_clients=100, clients_per_round=10, privacy={"noise_multiplier": 1.0}))
     assert partial.event(1.0).kind == "without_replacement" and partial.event(1.0).noise == 0.5  # sum moves ≤ 2S
 
 
 def test_target_epsilon_sets_the_noise_and_the_budget_stops_the_run(run_info):
-    s = build(target_epsilon=3.0)
-    s.setup(run_info(rounds=5, num_clients=3))
+    s = build()
+    s.setup(run_info(rounds=5, num_clients=3, privacy={"target_epsilon": 3.0}))
     x = {"w": torch.zeros(2)}
     state, spent = s.init(x), []
     for t in range(7):
@@ -97,8 +97,8 @@ def test_target_epsilon_sets_the_noise_and_the_budget_stops_the_run(run_info):
 
 def test_a_resumed_ledger_continues_epsilon(run_info):
     def fresh():
-        s = build(noise_multiplier=2.0)
-        s.setup(run_info(num_clients=3))
+        s = build()
+        s.setup(run_info(num_clients=3, privacy={"noise_multiplier": 2.0}))
         return s
 
     x = {"w": torch.zeros(2)}
@@ -116,11 +116,10 @@ def test_a_resumed_ledger_continues_epsilon(run_info):
 
 
 def test_options_are_checked(run_info):
-    with pytest.raises(ValueError, match="exactly one of noise_multiplier and target_epsilon"):
-        build(noise_multiplier=1.0, target_epsilon=1.0)
-    with pytest.raises(RecipeError, match="exactly one of 'privacy.noise_multiplier' and 'privacy.target_epsilon'"):
-        build().setup(run_info())  # no budget here nor in the privacy: section
+    for privacy in ({"noise_multiplier": 1.0, "target_epsilon": 1.0}, None):  # both, or no budget
+        with pytest.raises(RecipeError, match="exactly one of 'privacy.noise_multiplier' and 'privacy.target_epsilon'"):
+            build().setup(run_info(privacy=privacy))
     with pytest.raises(ValueError, match="must be linear"):
-        build(noise_multiplier=1.0, inner={"name": "test_gathering_inner"})
+        build(inner={"name": "test_gathering_inner"})
     with pytest.raises(RuntimeError, match="setup"):
-        build(target_epsilon=1.0).init({"w": torch.zeros(1)})
+        build().init({"w": torch.zeros(1)})

@@ -31,8 +31,9 @@ def test_padding_is_trimmed_per_example():
     assert [r["input_ids"].tolist() for r in rows] == [[[5, 6, 7]], [[8]]]
 
 
-def test_the_step_gradient_gets_noise_of_std_sigma_c_over_b():
-    s = STRATEGIES.build({"name": "dp_sgd", "max_grad_norm": 0.5, "noise_multiplier": 2.0})
+def test_the_step_gradient_gets_noise_of_std_sigma_c_over_b(run_info):
+    s = STRATEGIES.build({"name": "dp_sgd", "max_grad_norm": 0.5})
+    s.setup(run_info(privacy={"noise_multiplier": 2.0}))
     params = {"w": torch.nn.Parameter(torch.ones(100_000))}
     hooks = s.client_hooks(0, 0)
     hooks.begin(params, ClientContext(0, 0, {"w": torch.ones(100_000)}, {}, {}, 0.1, 1))
@@ -46,9 +47,10 @@ def test_the_step_gradient_gets_noise_of_std_sigma_c_over_b():
 
 
 def test_target_epsilon_bounds_the_worst_client(run_info):
-    s = STRATEGIES.build({"name": "dp_sgd", "target_epsilon": 3.0})
+    s = STRATEGIES.build({"name": "dp_sgd"})
     # sampling rates b/n_i = 0.5, 1 and 0.25
-    s.setup(run_info(rounds=4, num_clients=3, client_sizes=[16, 8, 32], local_steps=[5, 5, 5], batch_size=8))
+    s.setup(run_info(rounds=4, num_clients=3, client_sizes=[16, 8, 32], local_steps=[5, 5, 5], batch_size=8,
+                     privacy={"target_epsilon": 3.0}))
     x = {"w": torch.zeros(2)}
     state = s.init(x)
     for t in range(4):
@@ -74,8 +76,9 @@ class RawGradient(Strategy):
         return Hooks()
 
 
-def test_a_wrapped_strategy_cannot_read_raw_gradients():
-    s = STRATEGIES.build({"name": "dp_sgd", "noise_multiplier": 1.0, "inner": {"name": "test_raw_gradient_inner"}})
+def test_a_wrapped_strategy_cannot_read_raw_gradients(run_info):
+    s = STRATEGIES.build({"name": "dp_sgd", "inner": {"name": "test_raw_gradient_inner"}})
+    s.setup(run_info(privacy={"noise_multiplier": 1.0}))
     params = {"w": torch.nn.Parameter(torch.zeros(2))}
     ctx = ClientContext(0, 0, {"w": torch.zeros(2)}, {}, {}, 0.1, 1, gradient=lambda limit: {"w": torch.ones(2)})
     with pytest.raises(ValueError, match="bypass per-example clipping"):

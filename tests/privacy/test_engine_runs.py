@@ -27,7 +27,7 @@ def rows_of(run_dir):
 
 def test_dp_fedavg_reports_epsilon_stops_at_the_budget_and_resumes_continuously(recipe_file):
     path = recipe_file(
-        strategy={"name": "dp_fedavg", "clip_norm": 1.0, "noise_multiplier": 1.0, "max_epsilon": 8.0},
+        strategy={"name": "dp_fedavg", "clip_norm": 1.0}, privacy={"noise_multiplier": 1.0, "max_epsilon": 8.0},
         federation={"rounds": 4, "num_clients": 3, "clients_per_round": 3}, eval={"every": 0},
     )
     run_dir = run_recipe(str(path))
@@ -36,7 +36,7 @@ def test_dp_fedavg_reports_epsilon_stops_at_the_budget_and_resumes_continuously(
     assert [round(r["epsilon"], 2) for r in rows] == [4.73, 7.08]
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
     assert int(checkpoint_dirs(run_dir)[-1].name.split("_")[1]) == 2
-    resume_run(str(run_dir), ["strategy.max_epsilon=null", "federation.rounds=3"])
+    resume_run(str(run_dir), ["privacy.max_epsilon=null", "federation.rounds=3"])
     rows = rows_of(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2] and round(rows[-1]["epsilon"], 2) == 9.01
 
@@ -44,7 +44,7 @@ def test_dp_fedavg_reports_epsilon_stops_at_the_budget_and_resumes_continuously(
 def test_local_dp_sgd_runs_per_example_and_spends_at_most_the_target(recipe_file):
     path = recipe_file(
         adapter={"name": "ffa_lora", "r": 4, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-        strategy={"name": "dp_sgd", "target_epsilon": 3.0, "max_grad_norm": 1.0},
+        strategy={"name": "dp_sgd", "max_grad_norm": 1.0}, privacy={"target_epsilon": 3.0},
         federation={"rounds": 2, "num_clients": 3, "clients_per_round": 3},
         client={"max_steps": 1, "max_grad_norm": None, "optim": "sgd", "learning_rate": 0.05}, eval={"every": 0},
     )
@@ -55,9 +55,9 @@ def test_local_dp_sgd_runs_per_example_and_spends_at_most_the_target(recipe_file
 
 def test_dp_brem_sends_momenta_and_learns(recipe_file):
     path = recipe_file(
-        strategy={"name": "dp_brem", "noise_multiplier": 0.05, "server_lr": 1.0, "record_clip": 1.0, "client_clip": 1.0},
+        strategy={"name": "dp_brem", "server_lr": 1.0, "record_clip": 1.0, "client_clip": 1.0},
         federation={"rounds": 3, "num_clients": 3, "clients_per_round": 3}, client={"max_grad_norm": None},
-        privacy={"noise_seed": 0},  # reproducible noise: the assertion on the loss must not depend on a secret draw
+        privacy={"noise_multiplier": 0.05, "noise_seed": 0},  # reproducible noise: the assertion on the loss must not depend on a secret draw
     )
     run_dir = run_recipe(str(path))
     rows = rows_of(run_dir)
@@ -86,9 +86,9 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_ranks_give_the_one_rank_result_with_dp_noise_and_error_feedback(recipe_file, tmp_path):
     path = recipe_file(
-        strategy={"name": "dp_fedavg", "clip_norm": 1.0, "noise_multiplier": 0.5},
+        strategy={"name": "dp_fedavg", "clip_norm": 1.0},
         codecs=[{"name": "topk", "fraction": 0.2}], federation={"rounds": 2, "num_clients": 5, "clients_per_round": 3},
-        eval={"every": 0}, privacy={"noise_seed": 0},  # two runs compared: the same (non-private) noise
+        eval={"every": 0}, privacy={"noise_multiplier": 0.5, "noise_seed": 0},  # two runs compared: the same (non-private) noise
     )
     one_dir = run_recipe(str(path))
     train = str(Path(__file__).resolve().parents[2] / "scripts" / "train.py")
@@ -110,7 +110,7 @@ def test_the_engine_sends_the_clipped_update_not_the_raw_one(recipe_file, tmp_pa
     from fedllm.state import ClientRecord
     from fedllm.wire import WireContext
 
-    path = recipe_file(strategy={"name": "dp_fedavg", "clip_norm": 1e-3, "noise_multiplier": 1.0},
+    path = recipe_file(strategy={"name": "dp_fedavg", "clip_norm": 1e-3}, privacy={"noise_multiplier": 1.0},
                        federation={"rounds": 1, "num_clients": 3, "clients_per_round": 3})
     fed = Federation(load_recipe(path), tmp_path / "run")
     down = fed.downlink(0)

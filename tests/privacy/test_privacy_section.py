@@ -1,14 +1,14 @@
-"""The recipe's privacy: section: it sets the budget the strategy options used to set (same
-z), a value in both places or a section no strategy reads is an error, and the noise is
-secret (two runs differ) unless privacy.noise_seed makes it reproducible, with the server's
-noise stream continuing exactly across a checkpoint."""
+"""The recipe's privacy: section: it sets the budget (the z the strategy options used to
+choose), a budget key on the strategy or a section no strategy reads is an error, and the
+noise is secret (two runs differ) unless privacy.noise_seed makes it reproducible, with the
+server's noise stream continuing exactly across a checkpoint."""
 import inspect
 
 import pytest
 import torch
 from safetensors.torch import load, save
 
-from fedllm.recipe import recipe_from_dict
+from fedllm.recipe import load_recipe, recipe_from_dict
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientContext, RoundInfo
 
@@ -22,10 +22,9 @@ def built(name, run_info, privacy=None, **options):
 
 
 @pytest.mark.parametrize("name, z", [("dp_fedavg", 3.33902), ("dp_sgd", 1.66310), ("dp_brem", 0.164608)])
-def test_privacy_target_epsilon_chooses_the_same_noise_as_the_strategy_option(run_info, name, z):
-    old = built(name, run_info, target_epsilon=3.0)
+def test_privacy_target_epsilon_chooses_the_noise(run_info, name, z):
     new = built(name, run_info, privacy={"target_epsilon": 3.0})
-    assert new.budget.noise_multiplier == old.budget.noise_multiplier == pytest.approx(z, abs=1e-5)
+    assert new.budget.noise_multiplier == pytest.approx(z, abs=1e-5)  # as the strategy option of old chose it
     assert (new.budget.delta, new.budget.method, new.budget.limit) == (1e-5, "rdp", 3.0)  # the defaults
     tighter = built(name, run_info, privacy={"target_epsilon": 3.0, "delta": 1e-7, "max_epsilon": 4.0})
     assert tighter.budget.noise_multiplier > z and (tighter.budget.delta, tighter.budget.limit) == (1e-7, 4.0)
@@ -37,19 +36,27 @@ def test_a_recipe_privacy_section_reaches_the_strategy_unchanged(run_info):
                                            "max_epsilon": 8.0, "accountant": None, "noise_seed": None}
     s = built("dp_fedavg", run_info, privacy=recipe.privacy.model_dump())
     assert (s.budget.noise_multiplier, s.budget.limit) == (1.0, 8.0)
-    assert recipe_from_dict({}).privacy is None  # absent: None, and the strategy options alone apply
+    assert recipe_from_dict({}).privacy is None  # absent: None (a DP strategy then has no budget: an error)
 
 
-def test_a_budget_value_in_both_places_says_which_to_remove(run_info):
-    with pytest.raises(RecipeError) as err:
-        recipe_from_dict({"strategy": {"name": "dp_sgd", "target_epsilon": 3.0}, "privacy": {"target_epsilon": 1.0}})
-    assert "'privacy.target_epsilon' and 'strategy.target_epsilon'" in str(err.value)
-    assert "remove 'strategy.target_epsilon'" in str(err.value)
-    with pytest.raises(RecipeError, match="remove 'strategy.delta'"):  # the same check in set-up (RunInfo built directly)
-        built("dp_brem", run_info, privacy={"noise_multiplier": 1.0, "delta": 1e-6}, delta=1e-5)
-    # different keys in the two places are fine: the old options and the new section combine
-    s = built("dp_fedavg", run_info, privacy={"noise_seed": 1, "delta": 1e-6}, noise_multiplier=2.0)
-    assert (s.budget.noise_multiplier, s.budget.delta) == (2.0, 1e-6)
+@pytest.mark.parametrize("name", ["dp_fedavg", "dp_sgd", "dp_brem"])
+@pytest.mark.parametrize("key, value", [("target_epsilon", 3.0), ("noise_multiplier", 1.0), ("delta", 1e-6),
+                                        ("max_epsilon", 8.0), ("accountant", "pld"), ("noise_seed", 1)])
+def test_a_budget_option_on_the_strategy_says_where_it_moved(name, key, value):
+    for privacy in (None, {"target_epsilon": 1.0}):  # with or without a privacy: section
+        with pytest.raises(RecipeError) as err:
+            recipe_from_dict({"strategy": {"name": name, key: value}, "privacy": privacy})
+        assert str(err.value).startswith(f"set privacy.{key} instead of strategy.{key}") and "\n" not in str(err.value)
+    with pytest.raises(RecipeError, match=f"unknown key 'strategy.{key}'"):  # built directly: not an option either
+        STRATEGIES.build({"name": name, key: value}, "strategy")
+
+
+def test_a_budget_override_on_the_strategy_says_where_it_moved(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("strategy: {name: dp_fedavg, clip_norm: 2.0}\nprivacy: {noise_multiplier: 1.0}\n")
+    with pytest.raises(RecipeError, match="set privacy.max_epsilon instead of strategy.max_epsilon"):
+        load_recipe(path, ["strategy.max_epsilon=8"])
+    assert load_recipe(path, ["privacy.max_epsilon=8"]).strategy["clip_norm"] == 2.0  # the strategy's own options stay
 
 
 def test_a_privacy_section_with_a_strategy_that_ignores_it_is_an_error():
@@ -172,7 +179,7 @@ def test_an_engine_run_resumed_from_a_checkpoint_redoes_the_last_round_with_the_
     from fedllm.engine import resume_run, run_recipe
     from fedllm.state import checkpoint_dirs
 
-    path = recipe_file(strategy={"name": "dp_fedavg", "clip_norm": 1.0, "noise_multiplier": 1.0},  # no noise_seed: secret
+    path = recipe_file(strategy={"name": "dp_fedavg", "clip_norm": 1.0}, privacy={"noise_multiplier": 1.0},  # no noise_seed: secret
                        federation={"rounds": 3, "num_clients": 3, "clients_per_round": 3}, eval={"every": 0},
                        output={"checkpoint_every": 1, "keep_last": 0})
     run_dir = run_recipe(str(path))
