@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fedllm.codecs import framing
+import fedllm.codecs.framing as framing
 from fedllm.codecs.bitstream import (
     bit_width, huffman_decode, huffman_encode, huffman_lengths, pack_uints, rice_decode, rice_encode,
     rice_parameter, unpack_uints,

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
-from fedllm.codecs import framing
+import fedllm.codecs.framing as framing
 from fedllm.codecs.bitstream import bit_width, pack_uints, unpack_uints
 from fedllm.privacy.accountant import ORDERS
 from fedllm.registry import CODECS

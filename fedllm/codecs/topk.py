@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from fedllm.codecs import framing
+import fedllm.codecs.framing as framing
 from fedllm.codecs.bitstream import bit_width, pack_uints, unpack_uints
 from fedllm.registry import CODECS
 from fedllm.wire import Message

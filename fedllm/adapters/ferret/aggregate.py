@@ -8,7 +8,7 @@ applies it to its own copy of x^t to get x^{t+1} (so the server and the clients 
 bit-identical weights), and a client that missed rounds applies each missed one in turn."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
@@ -16,9 +16,6 @@ from fedllm.distributed import Reducer
 from fedllm.state import State
 from fedllm.strategies.base import RoundInfo, Strategy
 from fedllm.wire import Message, WireContext, serialized_size
-
-if TYPE_CHECKING:
-    from fedllm.adapters.ferret.adapter import Ferret
 
 LOW32 = 2**32
 
