@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from fedllm.codecs.base import Codec
 from fedllm.codecs.framing import DTYPES
 from fedllm.registry import CODECS
 from fedllm.wire import Message
-from fedllm.codecs.base import Codec
 
 
 class Cast(Codec):

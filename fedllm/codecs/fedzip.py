@@ -32,9 +32,9 @@ from fedllm.codecs.bitstream import (
     bit_width, huffman_decode, huffman_encode, huffman_lengths, pack_uints, rice_decode, rice_encode,
     rice_parameter, unpack_uints,
 )
+from fedllm.codecs.base import Codec
 from fedllm.registry import CODECS
 from fedllm.wire import Message
-from fedllm.codecs.base import Codec
 
 ENCODINGS = ("huffman", "gap", "position")  # the order breaks ties under `auto`
 

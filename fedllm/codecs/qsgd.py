@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 import fedllm.codecs.framing as framing
+from fedllm.codecs.base import Codec
 from fedllm.codecs.bitstream import bit_width, pack_uints, unpack_uints
 from fedllm.registry import CODECS
 from fedllm.wire import Message
-from fedllm.codecs.base import Codec
 
 
 def buckets(x: np.ndarray, size: int) -> np.ndarray:

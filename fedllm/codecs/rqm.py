@@ -30,11 +30,11 @@ import torch
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 import fedllm.codecs.framing as framing
+from fedllm.codecs.base import Codec
 from fedllm.codecs.bitstream import bit_width, pack_uints, unpack_uints
 from fedllm.privacy.accountant import ORDERS
 from fedllm.registry import CODECS
 from fedllm.wire import Message
-from fedllm.codecs.base import Codec
 
 CHUNK = 1 << 15  # coordinates per vectorised step: bounds the (chunk × m) kept masks
 

@@ -10,13 +10,13 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model
 
 import fedllm.adapters.sfprompt.adapter as sfprompt
 from fedllm.adapters.sfprompt.split import SplitLM, token_logits
-from fedllm.strategies.base import ClientHooks
-from fedllm.training import LocalJob, StepDriver, client_seed
 from fedllm.data import collate
 from fedllm.engine import run_recipe
 from fedllm.models import byte_tokenizer, load_model
 from fedllm.recipe import ClientConfig, ModelConfig, load_recipe
 from fedllm.registry import ADAPTERS
+from fedllm.strategies.base import ClientHooks
+from fedllm.training import LocalJob, StepDriver, client_seed
 from fedllm.wire import Message, serialize
 
 from tests.conftest import tiny_recipe

@@ -3,9 +3,9 @@ bytes, decode in reverse), and every codec is a registered, documented plugin.""
 import torch
 
 from fedllm.adapters.base import Adapter
+from fedllm.channel import Channel
 from fedllm.codecs.fedzip import FedZip
 from fedllm.registry import CODECS
-from fedllm.channel import Channel
 from fedllm.wire import Message, WireContext, serialize
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fedllm.adapters.base import Adapter
-from fedllm.registry import CODECS
 from fedllm.channel import Channel
+from fedllm.registry import CODECS
 from fedllm.wire import Message, WireContext, deserialize, serialize
 
 CODECS_UNDER_TEST = [

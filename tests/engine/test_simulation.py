@@ -6,10 +6,10 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from fedllm.codecs.base import Codec
 from fedllm.engine import Federation, run_recipe
 from fedllm.export import export_run
-from fedllm.models import build_model
-from fedllm.models import load_model
+from fedllm.models import build_model, load_model
 from fedllm.recipe import load_recipe
 from fedllm.registry import CODECS
 from fedllm.wire import Message
@@ -46,7 +46,7 @@ NAN_CLIENT = 1
 
 
 @CODECS.register("test_nan_for_client_1")
-class NaNForClient1:
+class NaNForClient1(Codec):
     """Test codec: client 1's upload turns into NaN on the wire."""
 
     def encode(self, message: Message, ctx) -> Message:

@@ -12,7 +12,7 @@ from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strate
 class Gathering(Strategy):
     """Test strategy: wants every message (like a robust rule)."""
 
-    linear = False
+    needs = "all"
 
 
 def build(**options):

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedllm.engine import resume_run, run_recipe
-from fedllm.strategies import base
 from fedllm.state import checkpoint_dirs
+from fedllm.strategies import base
 
 pytestmark = pytest.mark.skipif(not hasattr(base, "RunInfo"), reason="needs the engine's privacy/codec-state hooks (issue 9)")
 

@@ -40,8 +40,9 @@ def build(name: str):
     return STRATEGIES.build({"name": name, **ROWS[name][0]})
 
 
-def test_every_registered_strategy_has_a_row():
-    assert set(STRATEGIES.names()) - ELSEWHERE - set(ROWS) == set(), "add a row to ROWS"
+def test_every_built_in_strategy_has_a_row():
+    built_in = {n for n in STRATEGIES.names() if STRATEGIES.get(n).__module__.startswith("fedllm.")}  # not tests' own
+    assert built_in - ELSEWHERE - set(ROWS) == set(), "add a row to ROWS"
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from fedllm.adapters.ferret.aggregate import CompactRounds, CoordinateSum
-from fedllm.adapters.full import FullParameters
 from fedllm.adapters.ferret.projections import Bases, generate, truncated_normal_variance, truncation
+from fedllm.adapters.full import FullParameters
 from fedllm.registry import ADAPTERS, RecipeError
 from fedllm.seeds import derive
 from fedllm.strategies.base import PLAIN_MEAN, Strategy

@@ -30,9 +30,9 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from fedllm.adapters.base import Adapter
 from fedllm.adapters.sfprompt.split import SplitLM, causal_lm_loss, el2n_scores, token_logits
-from fedllm.training import LocalJob, LocalLoop, LocalResult, StepDriver, make_optimizer, micro_batches
 from fedllm.data import collate
 from fedllm.registry import ADAPTERS, RecipeError
+from fedllm.training import LocalJob, LocalLoop, LocalResult, StepDriver, make_optimizer, micro_batches
 from fedllm.wire import Message, deserialize, serialize
 
 SPLIT_CONFIG = "sfprompt_split.json"
