@@ -50,11 +50,11 @@ from transformers import Trainer, TrainerCallback
 
 from fedllm.channel import Channel
 from fedllm.collectors import default_collector
-from fedllm.distributed import Reducer, all_gather_rows, barrier, is_distributed
+from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_state_, is_distributed
 from fedllm.engine import gather_stats
 from fedllm.loops.trainer import ReplayLastBatch
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
-from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, split_prefix, with_prefix
+from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, RunInfo, split_prefix, with_prefix
 from fedllm.training import CAPABILITIES, REGRAD, StepDriver, load_optimizer_state, optimizer_state_to_tensors
 from fedllm.wire import WireContext
 
@@ -107,10 +107,11 @@ class FederatedCallback(TrainerCallback):
 
     def __init__(self, recipe=None, *, strategy="fedavg", adapter="lora", codecs=(), local_steps: int | None = None,
                  num_samples: int | None = None, client_id: int | None = None, seed: int = 0,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, privacy: dict | None = None):
         if recipe is not None:
             strategy, adapter, codecs = recipe.strategy, recipe.adapter, recipe.codecs
             local_steps, seed = local_steps or recipe.client.max_steps, recipe.seed
+            privacy = recipe.privacy.model_dump() if recipe.privacy else privacy
         if not local_steps or local_steps <= 0:
             raise ValueError("FederatedCallback needs local_steps > 0 (optimizer steps between synchronisations)")
         self.strategy = build_plugin(STRATEGIES, strategy, "strategy")
@@ -123,6 +124,7 @@ class FederatedCallback(TrainerCallback):
         self.channel = Channel(self.adapter, [build_plugin(CODECS, c, f"codecs[{i}]") for i, c in enumerate(codecs)])
         self.local_steps, self.num_samples, self.client_id, self.seed = local_steps, num_samples, client_id, seed
         self.max_grad_norm = max_grad_norm
+        self.privacy = privacy
         self.round = 0
         self.trainer = None
 
@@ -140,6 +142,7 @@ class FederatedCallback(TrainerCallback):
         if self.num_samples is None:
             dataset = getattr(train_dataloader, "dataset", None)
             self.num_samples = len(dataset) if hasattr(dataset, "__len__") else 1
+        self.strategy.setup(self.run_info(args, state))  # before init, as the engine: e.g. DP's noise level
         self.params = self.adapter.trainable(model)
         self.reducer = Reducer(self.device)
         self.regrad = ReplayLastBatch(model, self.params, args)
@@ -149,7 +152,9 @@ class FederatedCallback(TrainerCallback):
         else:
             self.round = 0
             self.global_state = {k: p.detach().cpu().clone() for k, p in self.params.items()}
-            self.server_state = self.strategy.init({k: t.float() for k, t in self.global_state.items()})
+            # every rank starts from rank 0's server state (a DP strategy's secret noise generator)
+            self.server_state = broadcast_state_(self.strategy.init({k: t.float() for k, t in self.global_state.items()}),
+                                                 self.device)
             self.client_state = {}
         self.begin_round()
 
@@ -214,7 +219,20 @@ class FederatedCallback(TrainerCallback):
         return {
             "fed/round": self.round, "fed/clients": len(clients),
             "fed/bytes_up": sum(s["bytes_up"] for s in stats), "fed/bytes_down": sum(s["bytes_down"] for s in stats),
+            **{f"fed/{k}": v for k, v in self.strategy.metrics(self.server_state).items()},  # e.g. the ε spent
         }
+
+    def run_info(self, args, state) -> RunInfo:
+        """The run's shape as the strategy's `setup` reads it: every rank is a client in every
+        round, for as many rounds as the Trainer's steps allow."""
+        sizes = all_gather_rows(torch.tensor([[float(self.num_samples)]], dtype=torch.float64), args.device)
+        return RunInfo(
+            rounds=math.ceil(state.max_steps / self.local_steps), num_clients=self.world_size,
+            clients_per_round=self.world_size, sampler="uniform", client_sizes=[int(n) for n in sizes.flatten().tolist()],
+            local_steps=[self.local_steps] * self.world_size,
+            batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps, seed=self.seed,
+            privacy=self.privacy,
+        )
 
     # ---- checks --------------------------------------------------------------------------
     def check_schedule(self, args, state) -> None:

@@ -28,7 +28,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", WORKER, str(out), "federated", "controls", "resume"]
+           f"--master_port={free_port()}", WORKER, str(out), "federated", "controls", "resume", "private"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
@@ -105,3 +105,14 @@ def test_ffa_lora_with_fedprox_trains_and_sends_only_b(runs):
     assert all(row["fed/bytes_up"] == 2 * b_only for row in rounds)
     for f in (f0, f1):  # the shared seeded A, never trained
         assert max_diff(section(f, "a/"), section(f, "a_init/")) == 0.0
+
+
+def test_dp_fedavg_takes_its_budget_from_the_privacy_section_and_ranks_share_the_secret_noise(runs):
+    r0, r1 = runs("dp")
+    for step in (2, 4):
+        g0, g1 = section(r0, f"global/{step}/"), section(r1, f"global/{step}/")
+        assert all(torch.equal(g0[k], g1[k]) for k in g0)  # the same noise on both ranks
+        l0, l1 = section(r0, f"local/{step}/"), section(r1, f"local/{step}/")
+        assert max_diff(g0, l0) > 0 and max_diff(g0, l1) > 0
+    epsilons = [row["fed/epsilon"] for row in runs.log("dp") if "fed/epsilon" in row]
+    assert len(epsilons) == 2 and 0 < epsilons[0] < epsilons[1]  # accounted, and growing per round

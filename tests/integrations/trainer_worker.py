@@ -120,7 +120,17 @@ def resume():
         dump(name, {f"server/{k}": t for k, t in fed.server_state.items()}, trainer)
 
 
+def private():
+    # DP-FedAvg with the budget given as the recipe's privacy: section would give it; the
+    # server noise is secret, so both ranks must draw it from rank 0's generator
+    seen = {}
+    fed = FederatedCallback(strategy={"name": "dp_fedavg", "clip_norm": 0.05}, privacy={"noise_multiplier": 1.0},
+                            local_steps=2)
+    trainer = train("dp", [Record("local", 2, seen), fed, Record("global", 2, seen)], max_steps=4)
+    dump("dp", seen, trainer)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     for scenario in sys.argv[2:]:
-        {"federated": federated, "controls": controls, "resume": resume}[scenario]()
+        {"federated": federated, "controls": controls, "resume": resume, "private": private}[scenario]()
