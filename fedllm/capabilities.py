@@ -1,12 +1,13 @@
 """Plugin pairings checked when a recipe loads, before any model is built: what the
 strategy's client hooks need of the local loop (fedllm.training.CAPABILITIES) and what the
 strategy needs of the federation's shape. A pairing that cannot run fails here, in one
-line naming both plugins and what to change — never mid-run."""
+line naming both plugins and what to change — never mid-run. (A privacy wrapper refuses
+an inner strategy it would break in its own constructor, which also runs here.)"""
 from __future__ import annotations
 
 from fedllm.loops import loop_for
 from fedllm.recipe import Recipe
-from fedllm.registry import ADAPTERS, STRATEGIES, RecipeError
+from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
 from fedllm.training import CAPABILITIES, LocalLoop
 
 
@@ -25,4 +26,8 @@ def check_pairings(recipe: Recipe) -> None:
         fix = ("use another strategy or adapter" if adapter.local_loop() is not None
                else "use client.trainer=builtin or another strategy")
         raise RecipeError(f"strategy '{recipe.strategy['name']}' needs {what}, which {loop.name} does not offer: {fix}")
+    for spec in recipe.codecs:
+        if strategy.counts_in_extras and CODECS.build(spec, "codecs").randomizes:
+            raise RecipeError(f"strategy '{recipe.strategy['name']}' counts 0/1 flags in its uploads, which codec "
+                              f"'{spec['name']}' randomizes: remove that codec or use another strategy")
     strategy.check_federation(recipe.federation.sampled_per_round())

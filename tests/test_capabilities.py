@@ -41,6 +41,9 @@ def no_model(monkeypatch):
     ({"strategy": {"name": "dp_brem"}, "privacy": {"noise_multiplier": 1.0}, "client": {"trainer": "hf"}},
      ["strategy 'dp_brem'", "client.trainer=hf", "per_example"]),
     ({"strategy": {"name": "krum", "f": 2}, "federation": {"clients_per_round": 3}}, ["clients_per_round=3"]),
+    ({"strategy": {"name": "fedamd"}, "codecs": [{"name": "rqm", "clip": 0.1}]}, ["strategy 'fedamd'", "codec 'rqm'"]),
+    ({"strategy": {"name": "dp_fedavg", "inner": {"name": "fedamd"}}, "privacy": {"noise_multiplier": 1.0}},
+     ["dp_fedavg", "'fedamd'"]),
 ])
 def test_an_impossible_pairing_fails_at_validation_with_both_names(tmp_path, capsys, no_model, case, fragments):
     assert main(["run", str(write(tmp_path, **case))]) == 2
@@ -55,6 +58,8 @@ def test_an_impossible_pairing_fails_at_validation_with_both_names(tmp_path, cap
     {"strategy": {"name": "fedamd"}, "client": {"trainer": "hf"}},
     {"adapter": SFPROMPT, "strategy": {"name": "fedprox"}},  # a data-free correction works in the split loop
     {"adapter": SFPROMPT, "strategy": {"name": "scaffold"}},
+    {"strategy": {"name": "fedamd"}, "codecs": [{"name": "qsgd"}]},  # quantizers give 0/1 flags back exactly
+    {"strategy": {"name": "scaffold"}, "codecs": [{"name": "rqm", "clip": 0.1}]},  # nothing counted in its extras
 ])
 def test_pairings_that_can_run_pass(tmp_path, case):
     check_pairings(recipe_from_dict(yaml.safe_load(write(tmp_path, **case).read_text())))
@@ -68,3 +73,20 @@ def test_every_declared_need_is_a_known_capability():
         except (TypeError, ValueError):
             strategy = STRATEGIES.build({"name": name})
         assert strategy.client_needs <= set(CAPABILITIES), name
+
+
+def test_only_randomizing_codecs_alter_a_lone_flag():
+    import torch
+
+    from fedllm.registry import CODECS
+    from fedllm.wire import Message, WireContext
+
+    for spec in ({"name": "fp16"}, {"name": "bf16"}, {"name": "qsgd"}, {"name": "topk"}, {"name": "fedzip"},
+                 {"name": "rqm", "clip": 0.1}):
+        codec, exact = CODECS.build(spec), True
+        for trial in range(10):
+            for flag in (0.0, 1.0):
+                sent = Message({"x": torch.randn(300), "strategy/miner": torch.tensor([flag])})
+                back = codec.decode(codec.encode(sent, WireContext(trial, 1, 0, state={})), WireContext(trial, 1, 0))
+                exact &= float(back.tensors["strategy/miner"]) == flag
+        assert exact != codec.randomizes, spec["name"]

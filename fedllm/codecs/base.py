@@ -6,6 +6,10 @@ from fedllm.wire import Message
 
 
 class Codec:
+    # True: a randomized mechanism whose output is random for every float coordinate, a lone
+    # 0/1 flag included (the others give such flags back exactly)
+    randomizes = False
+
     def encode(self, message: Message, ctx) -> Message:
         raise NotImplementedError
 

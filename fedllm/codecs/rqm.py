@@ -104,6 +104,8 @@ def renyi_per_coordinate(clip: float, extension: float, m: int, q: float, grid: 
 class RQM(Codec):
     """RQM: randomized quantization (random kept levels + unbiased rounding), ⌈log2 m⌉ bits/coordinate."""
 
+    randomizes = True
+
     def __init__(
         self,
         clip: float,  # c: each coordinate is clipped to [−c, c]

@@ -170,6 +170,7 @@ class PrivacyWrapper(Strategy):
         # the wrapper's mechanism stands between the mean and the inner strategy: never a plain mean
         self.needs = ALL if self.inner.needs == ALL else MEAN
         self.uniform_weights, self.client_needs = self.inner.uniform_weights, self.inner.client_needs
+        self.counts_in_extras = self.inner.counts_in_extras
 
     def extras_like(self, global_state: State) -> State:
         return self.inner.extras_like(global_state)

@@ -27,7 +27,7 @@ from fedllm.privacy.budget import (
     NOISE, PREFIX, Budget, DelegatingHooks, PrivacyWrapper, add_noise, check_privacy, flat_norm, generator_from, noise_state,
     split_state,
 )
-from fedllm.registry import STRATEGIES
+from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import ALL, RoundInfo, State
 
 LEDGER = PREFIX + "ledger"
@@ -65,6 +65,9 @@ class DPFedAvg(PrivacyWrapper):
         super().__init__(inner, "dp_fedavg")
         if self.needs == ALL:
             raise ValueError("dp_fedavg adds noise to the mean of the clipped updates: its inner strategy must be linear")
+        if self.counts_in_extras:
+            raise RecipeError(f"dp_fedavg clips and noises the whole upload, extras included, so inner strategy "
+                              f"'{inner['name']}' would miscount the flags it sends: pick another inner strategy")
         if clip_norm <= 0:
             raise ValueError("dp_fedavg: clip_norm must be > 0")
         self.uniform_weights = True  # the mean is over clients, each clipped to S

@@ -108,6 +108,7 @@ class Strategy:
     needs = MEAN  # what `aggregate` receives: MEAN, ALL, or PLAIN_MEAN (see the module docstring)
     uniform_weights = False  # True: every accepted client weighs 1 instead of its sample count
     client_needs: frozenset[str] = frozenset()  # capabilities its client hooks need of the local loop
+    counts_in_extras = False  # True: `aggregate` counts 0/1 flags in the extras' mean, which must arrive exactly
 
     def extras_like(self, global_state: State) -> State:
         """Tensors shaped like the extras its hooks add to an upload (values unused)."""

@@ -94,6 +94,7 @@ class FedAMD(Strategy):
     """FedAMD: anchors (prob. p) send large-batch gradients, miners run SARAH from their mean."""
 
     uniform_weights = True  # the code averages miners and table rows unweighted
+    counts_in_extras = True  # the mean of the 0/1 miner flags × |S| counts the round's miners
     client_needs = frozenset({"regrad", "full_gradient", "variable_steps"})  # SARAH's regrad; anchors: 0 steps, ∇ at x^t
 
     def __init__(self, anchor_prob: float = 0.2, server_lr: float = 1.0, seed: int = 0):
