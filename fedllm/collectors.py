@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from fedllm.distributed import Reducer, canonical_shapes, pack, slices
-from fedllm.state import State
+from fedllm.state import State, is_finite
 from fedllm.strategies.base import ALL, RoundInfo, Strategy, with_prefix
 
 RoundInfoOf = Callable[[float], RoundInfo]  # the round's facts, given the accepted clients' total weight
@@ -50,10 +50,6 @@ class WeightedSum:
     def mean(self) -> State:
         weight = self.flat[-1]
         return {key: (self.flat[where] / weight).to(torch.float32).reshape(shape) for key, shape, where in slices(self.shapes)}
-
-
-def is_finite(update: State) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in update.values())
 
 
 def weighted_mean(kept: list[tuple[int, State, float]], template: State) -> State:

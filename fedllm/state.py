@@ -48,6 +48,11 @@ class ClientRecord:
         return record
 
 
+def is_finite(state: State) -> bool:
+    """No NaN or Inf anywhere (a client's upload that has any is dropped from its round)."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
 def nbytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from fedllm.distributed import Reducer
-from fedllm.state import State
+from fedllm.state import State, is_finite
 from fedllm.strategies.base import RoundInfo, Strategy
 from fedllm.wire import Message, WireContext, serialized_size
 
@@ -81,10 +81,6 @@ def split_seeds(seeds: list[int]) -> torch.Tensor:
 def join_seeds(halves: torch.Tensor) -> list[int]:
     values = [int(v) for v in halves.tolist()]
     return [hi * LOW32 + lo for hi, lo in zip(values[0::2], values[1::2])]
-
-
-def is_finite(tensors: State) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 class CoordinateMean:
