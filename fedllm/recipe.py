@@ -150,9 +150,9 @@ class Recipe(Section):
         # a strategy that reads the section says so with a `check_privacy(options, privacy)`;
         # any other would ignore the budget silently
         strategies = ALL["strategies"]
-        check = getattr(strategies.get(self.strategy["name"]), "check_privacy", None)
+        check = strategies.get(self.strategy["name"]).check_privacy
         if check is None:
-            readers = [n for n in strategies.names() if hasattr(strategies.get(n), "check_privacy")]
+            readers = [n for n in strategies.names() if strategies.get(n).check_privacy is not None]
             raise RecipeError(
                 f"the privacy: section is read by the DP strategies ({', '.join(readers)}); strategy "
                 f"'{self.strategy['name']}' would ignore it. Use a DP strategy (e.g. strategy.name=dp_fedavg, "

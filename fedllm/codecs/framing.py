@@ -70,7 +70,7 @@ def restore(values: torch.Tensor, info: dict) -> torch.Tensor:
 
 
 def client_state(ctx, codec: str) -> dict:
-    state = getattr(ctx, "state", None)
+    state = ctx.state
     if state is None:
         raise RuntimeError(
             f"{codec}: error feedback keeps a per-client residual, but this engine passes codecs no "

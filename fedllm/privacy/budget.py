@@ -111,8 +111,8 @@ class Budget:
         """The budget of a run, from `run.privacy` (setup), or none yet (construction)."""
         if run is None:
             return cls(owner, **dict.fromkeys(BUDGET))
-        budget = cls(owner, **check_privacy({}, getattr(run, "privacy", None)))
-        budget.noise_seed = (getattr(run, "privacy", None) or {}).get("noise_seed")
+        budget = cls(owner, **check_privacy({}, run.privacy))
+        budget.noise_seed = (run.privacy or {}).get("noise_seed")
         return budget
 
     def require_noise(self) -> float:

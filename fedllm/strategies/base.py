@@ -109,6 +109,9 @@ class Strategy:
     uniform_weights = False  # True: every accepted client weighs 1 instead of its sample count
     client_needs: frozenset[str] = frozenset()  # capabilities its client hooks need of the local loop
     counts_in_extras = False  # True: `aggregate` counts 0/1 flags in the extras' mean, which must arrive exactly
+    # a DP strategy's reader of the recipe's privacy: section, check_privacy(options, privacy) -> budget;
+    # the section is refused for a strategy without one
+    check_privacy = None
 
     def extras_like(self, global_state: State) -> State:
         """Tensors shaped like the extras its hooks add to an upload (values unused)."""
