@@ -1,0 +1,13 @@
+"""The engine's round stays readable on one screen: sample → down → clients → up → collect
+→ aggregate, each role a call (DESIGN §10)."""
+import inspect
+
+from fedllm.engine import Federation
+
+
+def test_the_round_fits_on_one_screen_and_calls_each_role():
+    source = inspect.getsource(Federation.run_round)
+    assert len(source.splitlines()) <= 40, len(source.splitlines())
+    for role in ("self.participation.sampled(", "self.downlink(", "self.collector(", "self.client.run(",
+                 "self.channel.up(", "collect.add(", "collect.finish("):
+        assert role in source, role
