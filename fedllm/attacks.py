@@ -16,6 +16,7 @@ import torch
 
 from fedllm.registry import ATTACKS
 from fedllm.seeds import derive
+from fedllm.strategies.base import Update
 
 
 class Attack:
@@ -45,8 +46,13 @@ class MessageAttack(Attack):
 
     def poison_updates(self, kept: list, byzantine: set[int], round: int) -> list:
         honest = [m for cid, m, _ in kept if cid not in byzantine]
-        f = sum(cid in byzantine for cid, _, _ in kept)
-        return [(cid, self.forge(m, honest, len(kept), f) if cid in byzantine else m, w) for cid, m, w in kept]
+        f, n = sum(cid in byzantine for cid, _, _ in kept), len(kept)
+
+        def forged(own: Update) -> Update:  # every forge works key by key: Δ and extras alike
+            return Update(self.forge(own.delta, [h.delta for h in honest], n, f),
+                          self.forge(own.extras, [h.extras for h in honest], n, f))
+
+        return [(cid, forged(m) if cid in byzantine else m, w) for cid, m, w in kept]
 
 
 def honest_stack(honest: list[dict], key: str) -> torch.Tensor:

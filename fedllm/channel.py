@@ -14,8 +14,8 @@ import torch
 
 from fedllm.adapters.base import Adapter
 from fedllm.state import State
-from fedllm.strategies.base import split_prefix, with_prefix
-from fedllm.wire import Message, WireContext, deserialize, serialize
+from fedllm.strategies.base import Update
+from fedllm.wire import Message, WireContext, deserialize, serialize, split_extras, with_extras
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Channel:
         """The client's half: the bytes it sends. `codec_states` (codec index -> that codec's
         stored state for this client) is updated in place."""
         message = self.adapter.encode(update, ctx)
-        message.tensors.update(with_prefix(extras))
+        message.tensors = with_extras(message.tensors, extras)
         for i, codec in enumerate(self.codecs):
             own = codec_states.setdefault(i, {})
             message = codec.encode(message, replace(ctx, state=own))
@@ -44,21 +44,21 @@ class Channel:
                 del codec_states[i]
         return serialize(message)
 
-    def decode(self, wire: bytes, ctx: WireContext, adapter_space: bool = False) -> State:
-        """The server's half, from the bytes alone: the update and the prefixed extras, or
-        (`adapter_space`) the adapter's own wire tensors, for aggregation in its coordinates."""
+    def decode(self, wire: bytes, ctx: WireContext, adapter_space: bool = False) -> Update | State:
+        """The server's half, from the bytes alone: the decoded `Update`, or (`adapter_space`)
+        the adapter's own wire tensors, for aggregation in its coordinates."""
         return self.decode_message(deserialize(wire), ctx, adapter_space)
 
-    def decode_message(self, message: Message, ctx: WireContext, adapter_space: bool = False) -> State:
+    def decode_message(self, message: Message, ctx: WireContext, adapter_space: bool = False) -> Update | State:
         for codec in reversed(self.codecs):
             message = codec.decode(message, ctx)
         if adapter_space:
             return message.tensors
-        plain, extras = split_prefix(message.tensors)
-        return {**self.adapter.decode(Message(plain, message.meta), ctx), **with_prefix(extras)}
+        plain, extras = split_extras(message.tensors)
+        return Update(self.adapter.decode(Message(plain, message.meta), ctx), extras)
 
     def up(self, update: Mapping, extras: State, ctx: WireContext, codec_states: dict[int, State],
-           adapter_space: bool = False) -> tuple[State, int]:
+           adapter_space: bool = False) -> tuple[Update | State, int]:
         """Both halves, as the simulation runs them: what the server decodes, and the bytes."""
         wire = self.encode(update, extras, ctx, codec_states)
         message, size = deserialize(wire), len(wire)
@@ -70,10 +70,10 @@ class Channel:
         """The global state (+ the strategy's broadcast tensors) as real bytes, decoded as a
         client decodes them; every client downloads the same message."""
         message = self.adapter.encode_global(global_state)
-        message.tensors.update(with_prefix(broadcast))
+        message.tensors = with_extras(message.tensors, broadcast)
         wire = serialize(message)
         message = deserialize(wire)
-        plain, broadcast = split_prefix(message.tensors)
+        plain, broadcast = split_extras(message.tensors)
         x_t = self.adapter.decode_global(Message(plain, message.meta))
         size = len(wire)
         on_device = lambda state: {k: t.to(device) for k, t in state.items()}  # noqa: E731

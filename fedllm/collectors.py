@@ -13,7 +13,7 @@ import torch
 
 from fedllm.distributed import Reducer, canonical_shapes, pack, slices
 from fedllm.state import State, is_finite
-from fedllm.strategies.base import ALL, RoundInfo, Strategy, with_prefix
+from fedllm.strategies.base import ALL, RoundInfo, Strategy, Update
 
 RoundInfoOf = Callable[[float], RoundInfo]  # the round's facts, given the accepted clients' total weight
 
@@ -52,18 +52,30 @@ class WeightedSum:
         return {key: (self.flat[where] / weight).to(torch.float32).reshape(shape) for key, shape, where in slices(self.shapes)}
 
 
-def weighted_mean(kept: list[tuple[int, State, float]], template: State) -> State:
-    total = WeightedSum(template)
+def flat(update: Update) -> dict:
+    """Δ and extras as one dict keyed by (part, name), for sums and collectives over both."""
+    return {**{("delta", k): t for k, t in update.delta.items()}, **{("extras", k): t for k, t in update.extras.items()}}
+
+
+def unflat(tensors: dict) -> Update:
+    parts = {"delta": {}, "extras": {}}
+    for (part, name), t in tensors.items():
+        parts[part][name] = t
+    return Update(parts["delta"], parts["extras"])
+
+
+def weighted_mean(kept: list[tuple[int, Update, float]], template: Update) -> Update:
+    total = WeightedSum(flat(template))
     for _, message, weight in kept:
-        total.add(message, weight)
-    return total.mean()
+        total.add(flat(message), weight)
+    return unflat(total.mean())
 
 
-def message_template(strategy: Strategy, global_state: State) -> State:
+def message_template(strategy: Strategy, global_state: State) -> Update:
     """The keys and shapes of a decoded client message, for a rank that has none this round
     but still takes part in the collectives: the update plus the strategy's extras."""
     zeros = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in global_state.items()}
-    return {**zeros, **with_prefix(strategy.extras_like(global_state))}
+    return Update(zeros, strategy.extras_like(global_state))
 
 
 def apply_strategy(strategy: Strategy, global_state: State, server_state: State, updates, info: RoundInfo) -> tuple[State, State]:
@@ -72,39 +84,40 @@ def apply_strategy(strategy: Strategy, global_state: State, server_state: State,
 
 
 class StreamedMean:
-    def __init__(self, template: Callable[[], State]):
+    def __init__(self, template: Callable[[], Update]):
         self.template, self.total = template, None
 
-    def add(self, client_id: int, message: State, weight: float) -> bool:
+    def add(self, client_id: int, update: Update, weight: float) -> bool:
+        message = flat(update)
         self.total = self.total or WeightedSum(message)
         if self.total.size > SMALL:  # a large update (full-parameter) is summed tensor by tensor
             if not is_finite(message):
                 return False
             self.total.add(message, weight)
             return True
-        flat = self.total.flatten(message)  # one flat copy serves the finiteness check and the sum
-        if not bool(torch.isfinite(flat).all()):
+        vector = self.total.flatten(message)  # one flat copy serves the finiteness check and the sum
+        if not bool(torch.isfinite(vector).all()):
             return False
-        self.total.add_flat(flat, weight)
+        self.total.add_flat(vector, weight)
         return True
 
     def finish(self, strategy: Strategy, global_state: State, server_state: State, info: RoundInfoOf,
                reducer: Reducer) -> tuple[State, State]:
-        total = self.total or WeightedSum(self.template())
+        total = self.total or WeightedSum(flat(self.template()))
         reducer.sum_(total.flat)
-        return apply_strategy(strategy, global_state, server_state, total.mean(), info(total.total_weight))
+        return apply_strategy(strategy, global_state, server_state, unflat(total.mean()), info(total.total_weight))
 
     def unchanged(self) -> None:
         pass
 
 
 class Gathered:
-    def __init__(self, template: Callable[[], State], round: int, attack=None, byzantine: frozenset = frozenset()):
+    def __init__(self, template: Callable[[], Update], round: int, attack=None, byzantine: frozenset = frozenset()):
         self.template, self.kept = template, []
         self.round, self.attack, self.byzantine = round, attack, byzantine
 
-    def add(self, client_id: int, message: State, weight: float) -> bool:
-        if not is_finite(message):
+    def add(self, client_id: int, message: Update, weight: float) -> bool:
+        if not is_finite(flat(message)):
             return False
         self.kept.append((client_id, message, weight))
         return True
@@ -112,7 +125,8 @@ class Gathered:
     def finish(self, strategy: Strategy, global_state: State, server_state: State, info: RoundInfoOf,
                reducer: Reducer) -> tuple[State, State]:
         template = self.kept[0][1] if self.kept else self.template()
-        kept = reducer.gather_messages(self.kept, template)
+        gathered = reducer.gather_messages([(cid, flat(m), w) for cid, m, w in self.kept], flat(template))
+        kept = [(cid, unflat(m), w) for cid, m, w in gathered]
         if self.attack is not None:
             kept = self.attack.poison_updates(kept, self.byzantine, self.round)
         updates = kept if strategy.needs == ALL else weighted_mean(kept, template)
@@ -122,7 +136,7 @@ class Gathered:
         pass
 
 
-def default_collector(strategy: Strategy, template: Callable[[], State], round: int, attack=None,
+def default_collector(strategy: Strategy, template: Callable[[], Update], round: int, attack=None,
                       byzantine: frozenset = frozenset()):
     """The collector a strategy's `needs` call for; a simulated attack needs every message."""
     if strategy.needs == ALL or attack is not None:

@@ -12,6 +12,20 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 
+EXTRAS = "strategy/"  # a strategy's extra tensors travel in the same message under this prefix
+
+
+def with_extras(tensors: dict, extras: dict) -> dict:
+    """One message's tensors: the adapter's, then the strategy's under EXTRAS."""
+    return {**tensors, **{EXTRAS + k: t for k, t in extras.items()}}
+
+
+def split_extras(tensors: dict) -> tuple[dict, dict]:
+    """(the adapter's tensors, the strategy's extras without the prefix)."""
+    plain = {k: t for k, t in tensors.items() if not k.startswith(EXTRAS)}
+    return plain, {k[len(EXTRAS):]: t for k, t in tensors.items() if k.startswith(EXTRAS)}
+
+
 @dataclass
 class Message:
     tensors: dict[str, torch.Tensor]

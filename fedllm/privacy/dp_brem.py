@@ -156,7 +156,7 @@ class DPBREM(Strategy):
         M = {k: server_state[MOMENTUM + k].float().cpu() for k in global_state}
         total = {k: torch.zeros_like(t) for k, t in M.items()}
         for _, message, _ in kept:
-            diff = {k: message[k].float().cpu() - M[k] for k in M}
+            diff = {k: message.delta[k].float().cpu() - M[k] for k in M}
             scale = min(1.0, client_clip / max(flat_norm(diff), 1e-12))
             for k in total:
                 total[k] += scale * diff[k]

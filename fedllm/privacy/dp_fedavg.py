@@ -28,7 +28,8 @@ from fedllm.privacy.budget import (
     split_state,
 )
 from fedllm.registry import STRATEGIES, RecipeError
-from fedllm.strategies.base import ALL, RoundInfo, State
+from fedllm.strategies.base import ALL, RoundInfo, State, Update
+from fedllm.wire import split_extras, with_extras
 
 LEDGER = PREFIX + "ledger"
 
@@ -103,11 +104,13 @@ class DPFedAvg(PrivacyWrapper):
         inner_state, own = split_state(server_state)
         z = self.budget.require_noise()
         m = self.sample or len(info.clients)  # the planned m: a dropped client does not shrink it
-        total = {k: t.float() * info.total_weight for k, t in mean_update.items()}  # Σ clip(Δ_k)
+        # Σ clip(Δ_k) over the whole upload, named as on the wire: the noise is drawn in that order
+        message = with_extras(mean_update.delta, mean_update.extras)
+        total = {k: t.float() * info.total_weight for k, t in message.items()}
         generator = generator_from(own, self.budget.noise_seed, "dp-fedavg")
         noisy = add_noise(total, z * self.clip_norm, generator)
-        noisy = {k: t / m for k, t in noisy.items()}
-        new_global, inner_state = self.inner.aggregate(global_state, noisy, inner_state, info)
+        delta, extras = split_extras({k: t / m for k, t in noisy.items()})
+        new_global, inner_state = self.inner.aggregate(global_state, Update(delta, extras), inner_state, info)
         ledger = Ledger(own[LEDGER]).compose(self.event(z, info.num_clients, m))
         return new_global, {**inner_state, LEDGER: ledger.state(), NOISE: generator.get_state()}
 

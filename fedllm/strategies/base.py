@@ -17,8 +17,8 @@ Before round 0 the engine calls `setup(run)` with the run's shape (`RunInfo`); a
 round it logs `metrics(server_state)`, and before every round it asks `stop_reason(round,
 server_state)` — a privacy budget ends the run cleanly there (checkpoint, final export).
 
-Messages are keyed by the adapter's parameter names; a strategy's extras and broadcast
-tensors travel under the `strategy/` prefix and reach `aggregate` the same way.
+`aggregate` receives `Update`s: Δ keyed by the adapter's parameter names and the extras keyed
+as the strategy's hooks named them (on the wire they share one message: fedllm.wire).
 """
 from __future__ import annotations
 
@@ -29,7 +29,13 @@ import torch
 
 from fedllm.state import State
 
-PREFIX = "strategy/"
+
+@dataclass
+class Update:
+    """A client's decoded upload, or the weighted mean of a round's uploads."""
+
+    delta: State  # Δ = x_i − x^t (or what the hooks send in its place), keyed like the global state
+    extras: State = field(default_factory=dict)  # the strategy's extra tensors (SCAFFOLD's Δc, ...)
 
 
 @dataclass
@@ -135,8 +141,8 @@ class Strategy:
         return None
 
     def aggregate(self, global_state: State, updates, server_state: State, info: RoundInfo) -> tuple[State, State]:
-        """`updates`: the weighted mean message (needs MEAN / PLAIN_MEAN) or a list of
-        (client_id, message, weight) (needs ALL)."""
+        """`updates`: the weighted mean `Update` (needs MEAN / PLAIN_MEAN) or a list of
+        (client_id, Update, weight) in client order (needs ALL)."""
         raise NotImplementedError
 
     def metrics(self, server_state: State) -> dict[str, float]:
@@ -153,15 +159,15 @@ def add_scaled(x: State, d: State, scale: float) -> State:
     return {k: (x[k].float() + scale * d[k].float()).to(x[k].dtype) for k in x}
 
 
-def with_prefix(state: State, prefix: str = PREFIX) -> State:
+def with_prefix(state: State, prefix: str) -> State:
     return {prefix + k: t for k, t in state.items()}
 
 
-def strip_prefix(state: State, prefix: str = PREFIX) -> State:
+def strip_prefix(state: State, prefix: str) -> State:
     """The entries with the prefix, prefix removed."""
     return {k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}
 
 
-def split_prefix(state: State, prefix: str = PREFIX) -> tuple[State, State]:
+def split_prefix(state: State, prefix: str) -> tuple[State, State]:
     """(entries without the prefix, entries with it — prefix removed)."""
     return {k: t for k, t in state.items() if not k.startswith(prefix)}, strip_prefix(state, prefix)

@@ -28,7 +28,7 @@ import torch
 
 from fedllm.registry import STRATEGIES
 from fedllm.seeds import derive
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
+from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
 from fedllm.strategies.scaffold import float_zeros, on_params, stepped
 
 ROW, TABLE_MEAN, ROW_CHANGE, MINER = "g.", "table_mean.", "dg.", "miner"
@@ -118,7 +118,7 @@ class FedAMD(Strategy):
         return {**with_prefix(float_zeros(global_state), ROW_CHANGE), MINER: torch.zeros(1)}
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
-        delta, extras = split_prefix(mean_update)
+        delta, extras = mean_update.delta, mean_update.extras
         sampled = len(info.clients)
         # the mean of the 0/1 miner flags times |S| counts the miners; anchors sent Δ = 0
         miners = round(float(extras[MINER]) * sampled)

@@ -19,7 +19,7 @@ class FedAvg(Strategy):
         return PLAIN_MEAN if self.server_lr == 1.0 else MEAN
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
-        return add_scaled(global_state, mean_update, self.server_lr), server_state
+        return add_scaled(global_state, mean_update.delta, self.server_lr), server_state
 
 
 class ProximalTerm(ClientHooks):
@@ -61,5 +61,5 @@ class FedAvgM(Strategy):
         return {f"v.{k}": torch.zeros_like(t, dtype=torch.float32) for k, t in global_state.items()}
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
-        v = {k: self.momentum * server_state[f"v.{k}"] - mean_update[k].float() for k in global_state}
+        v = {k: self.momentum * server_state[f"v.{k}"] - mean_update.delta[k].float() for k in global_state}
         return add_scaled(global_state, v, -self.server_lr), {f"v.{k}": t for k, t in v.items()}

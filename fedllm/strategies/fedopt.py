@@ -28,7 +28,7 @@ class FedOpt(Strategy):
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
         new_global, new_state = {}, {}
         for k, x in global_state.items():
-            delta = mean_update[k].float()
+            delta = mean_update.delta[k].float()
             m = self.beta1 * server_state[f"m.{k}"] + (1 - self.beta1) * delta
             v = self.second_moment(server_state[f"v.{k}"], delta * delta)
             new_global[k] = (x.float() + self.server_lr * m / (v.sqrt() + self.tau)).to(x.dtype)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
+from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
 from fedllm.strategies.scaffold import float_zeros, on_params, stepped
 
 H, H_SUM = "h.", "h_sum."
@@ -98,7 +98,7 @@ class FedSpeed(Strategy):
         return FedSpeedHooks(self.rho, self.lam)
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
-        delta, _ = split_prefix(mean_update)
+        delta = mean_update.delta
         h_sum = stepped(strip_prefix(server_state, H_SUM), delta, float(len(info.clients)))
         mean_h = {k: t / info.num_clients for k, t in h_sum.items()}
         new_global = stepped(stepped(global_state, delta, 1.0), mean_h, 1.0)

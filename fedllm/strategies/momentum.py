@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
+from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
 from fedllm.strategies.scaffold import C, DC, ControlVariates, float_zeros, on_params, stepped, update_server_c
 
 G = "g."
@@ -107,7 +107,7 @@ class FedAvgMomentum(Strategy):
         return stepped(global_state, g, -gamma), with_prefix(g, G)
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
-        delta, _ = split_prefix(mean_update)
+        delta = mean_update.delta
         return self.momentum_step(global_state, delta, info)
 
 
@@ -125,6 +125,6 @@ class ScaffoldMomentum(FedAvgMomentum):
         return with_prefix(float_zeros(global_state), DC)
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
-        delta, extras = split_prefix(mean_update)
+        delta, extras = mean_update.delta, mean_update.extras
         new_global, g = self.momentum_step(global_state, delta, info)
         return new_global, {**g, **update_server_c(server_state, extras, info)}

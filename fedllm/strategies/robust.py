@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES, RecipeError
-from fedllm.strategies.base import ALL, PREFIX, ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
+from fedllm.strategies.base import ALL, ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
 from fedllm.strategies.robust_rules import (
     bulyan, centered_clip, geometric_median, krum, median, multi_krum, nearest_neighbor_mixing, require, trimmed_mean,
 )
@@ -103,8 +103,8 @@ class Robust(Strategy):
 
     def aggregate(self, global_state: State, messages, server_state: State, info: RoundInfo):
         keys = sorted(global_state)
-        source = PREFIX + M if self.momentum > 0 else ""
-        X = torch.stack([flatten(message, keys, source) for _, message, _ in messages])
+        # with client momentum the rule combines the momenta the clients send, not their Δ
+        X = torch.stack([flatten(m.extras, keys, M) if self.momentum > 0 else flatten(m.delta, keys, "") for _, m, _ in messages])
         if self.nnm:
             X = nearest_neighbor_mixing(X, self.f)
         previous = flatten(server_state, keys, PREVIOUS) if self.keeps_previous else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, split_prefix, strip_prefix, with_prefix
+from fedllm.strategies.base import ClientHooks, RoundInfo, State, Strategy, strip_prefix, with_prefix
 
 C, C_I, DC = "c.", "c_i.", "dc."
 
@@ -119,5 +119,5 @@ class Scaffold(Strategy):
         return with_prefix(float_zeros(global_state), DC)
 
     def aggregate(self, global_state: State, mean_update: State, server_state: State, info: RoundInfo):
-        delta, extras = split_prefix(mean_update)
+        delta, extras = mean_update.delta, mean_update.extras
         return stepped(global_state, delta, self.server_lr), update_server_c(server_state, extras, info)

@@ -6,7 +6,7 @@ from fedllm.adapters.base import Adapter
 from fedllm.channel import Channel
 from fedllm.codecs.fedzip import FedZip
 from fedllm.registry import CODECS
-from fedllm.wire import Message, WireContext, serialize
+from fedllm.wire import Message, WireContext, serialize, with_extras
 
 
 def test_a_chain_encodes_in_recipe_order_and_decodes_in_reverse():
@@ -14,7 +14,8 @@ def test_a_chain_encodes_in_recipe_order_and_decodes_in_reverse():
     update = {"a": torch.randn(32, 8, generator=gen), "b": torch.randn(100, generator=gen)}
     extras = {"c": torch.randn(10, generator=gen)}
     chain = [CODECS.build({"name": "fp16"}), CODECS.build({"name": "fedzip", "keep": 0.5})]
-    decoded, sent = Channel(Adapter(), chain).up({k: t.clone() for k, t in update.items()}, extras, WireContext(0, 0, 0), {})
+    received, sent = Channel(Adapter(), chain).up({k: t.clone() for k, t in update.items()}, extras, WireContext(0, 0, 0), {})
+    decoded = with_extras(received.delta, received.extras)  # named as on the wire
     assert set(decoded) == {"a", "b", "strategy/c"}
     zip_ = FedZip(keep=0.5)
     for name, original in {**update, "strategy/c": extras["c"]}.items():

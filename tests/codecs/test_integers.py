@@ -9,7 +9,7 @@ import torch
 from fedllm.adapters.base import Adapter
 from fedllm.channel import Channel
 from fedllm.registry import CODECS
-from fedllm.wire import Message, WireContext, deserialize, serialize
+from fedllm.wire import Message, WireContext, deserialize, serialize, with_extras
 
 CODECS_UNDER_TEST = [
     {"name": "fedzip"},
@@ -73,7 +73,8 @@ def test_rqm_counts_only_float_coordinates():
 def test_a_codec_chain_through_the_send_path_keeps_integers_exact():
     floats, ints = ferret_like_message()
     chain = [CODECS.build({"name": "fp16"}), CODECS.build({"name": "fedzip", "error_feedback": True})]
-    decoded, _ = Channel(Adapter(), chain).up({**floats, **ints}, {"step": torch.tensor([5], dtype=torch.int64)}, WireContext(0, 0, 0), {})
+    received, _ = Channel(Adapter(), chain).up({**floats, **ints}, {"step": torch.tensor([5], dtype=torch.int64)}, WireContext(0, 0, 0), {})
+    decoded = with_extras(received.delta, received.extras)  # named as on the wire
     for name, t in ints.items():
         assert decoded[name].dtype == t.dtype and torch.equal(decoded[name], t)
     assert torch.equal(decoded["strategy/step"], torch.tensor([5]))

@@ -4,7 +4,7 @@ import torch
 
 from fedllm.privacy.accountant import Event
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientContext, RoundInfo
+from fedllm.strategies.base import ClientContext, RoundInfo, Update
 
 
 def build(run_info, privacy, rounds=10, **options):
@@ -42,7 +42,7 @@ def test_the_server_clips_around_the_global_momentum_then_steps(run_info):
     x = {"w": torch.tensor([0.0, 0.0])}
     state = s.init(x)
     state["momentum.w"] = torch.tensor([1.0, 0.0])
-    kept = [(0, {"w": torch.tensor([1.0, 3.0])}, 1.0), (2, {"w": torch.tensor([1.5, 0.0])}, 1.0)]
+    kept = [(0, Update({"w": torch.tensor([1.0, 3.0])}), 1.0), (2, Update({"w": torch.tensor([1.5, 0.0])}), 1.0)]
     new, state = s.aggregate(x, kept, state, RoundInfo(0, [0, 2], 2.0, 3))
     # u_0 = clip((0, 3), 1) = (0, 1); u_2 = (0.5, 0) already inside: M = (1, 0) + (0.5, 1)/2
     torch.testing.assert_close(state["momentum.w"], torch.tensor([1.25, 0.5]))
@@ -64,7 +64,7 @@ def test_accounting_with_momentum_follows_the_records_influence(run_info):
     assert sensitivity == pytest.approx(s1 + 0.9 * s1)  # the record still sits in the momentum
     x = {"w": torch.zeros(2)}
     state = s.init(x)
-    _, state = s.aggregate(x, [(1, {"w": torch.zeros(2)}, 1.0)], state, RoundInfo(0, [1], 1.0, 3))
+    _, state = s.aggregate(x, [(1, Update({"w": torch.zeros(2)}), 1.0)], state, RoundInfo(0, [1], 1.0, 3))
     assert float(state["privacy/sensitivity"][1]) == pytest.approx(s1) and s.metrics(state)["epsilon"] > 0
 
 
@@ -74,6 +74,6 @@ def test_target_epsilon_is_met_by_the_planned_rounds(run_info):
     state = s.init(x)
     for t in range(6):
         assert s.stop_reason(t, state) is None
-        _, state = s.aggregate(x, [(c, {"w": torch.zeros(2)}, 1.0) for c in range(3)], state, RoundInfo(t, [0, 1, 2], 3.0, 3))
+        _, state = s.aggregate(x, [(c, Update({"w": torch.zeros(2)}), 1.0) for c in range(3)], state, RoundInfo(t, [0, 1, 2], 3.0, 3))
     assert s.metrics(state)["epsilon"] == pytest.approx(4.0, rel=1e-3)
     assert s.stop_reason(6, state) is not None

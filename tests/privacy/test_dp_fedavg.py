@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load, save
 
 from fedllm.registry import STRATEGIES, RecipeError
-from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strategy
+from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strategy, Update
 
 
 @STRATEGIES.register("test_gathering_inner")
@@ -51,7 +51,7 @@ def test_zero_updates_get_noise_of_std_z_s_over_m(run_info):
     s = build(clip_norm=0.5)
     s.setup(run_info(num_clients=10, clients_per_round=4, privacy={"noise_multiplier": 1.3}))
     zeros = {"w": torch.zeros(200_000)}
-    new, _ = s.aggregate(zeros, zeros, s.init(zeros), RoundInfo(0, [1, 3, 5, 7], 4.0, 10))
+    new, _ = s.aggregate(zeros, Update(zeros), s.init(zeros), RoundInfo(0, [1, 3, 5, 7], 4.0, 10))
     assert new["w"].mean().abs() < 1e-3
     assert new["w"].std().item() == pytest.approx(1.3 * 0.5 / 4, rel=0.01)
 
@@ -60,7 +60,7 @@ def test_the_mean_is_over_the_planned_m_and_the_same_on_every_call(run_info):
     s = build(clip_norm=1.0)
     s.setup(run_info(num_clients=4, clients_per_round=4, privacy={"noise_multiplier": 1e-6}))
     x = {"w": torch.zeros(3)}
-    mean_of_three = {"w": torch.tensor([0.3, 0.0, -0.3])}  # one of four clients was dropped
+    mean_of_three = Update({"w": torch.tensor([0.3, 0.0, -0.3])})  # one of four clients was dropped
     info = RoundInfo(0, [0, 1, 2], 3.0, 4)
     state = s.init(x)
     new, _ = s.aggregate(x, mean_of_three, state, info)
@@ -74,7 +74,7 @@ def test_epsilon_is_reported_every_round_and_matches_the_event(run_info):
     s.setup(run_info(num_clients=5, privacy={"noise_multiplier": 1.0}))
     x, state = {"w": torch.zeros(2)}, None
     state = s.init(x)
-    _, state = s.aggregate(x, x, state, RoundInfo(0, list(range(5)), 5.0, 5))
+    _, state = s.aggregate(x, Update(x), state, RoundInfo(0, list(range(5)), 5.0, 5))
     assert s.metrics(state)["epsilon"] == pytest.approx(4.7285, abs=1e-4)  # all clients: Gaussian, z = 1
     partial = build()
     partial.setup(run_info(num_clients=100, clients_per_round=10, privacy={"noise_multiplier": 1.0}))
@@ -89,7 +89,7 @@ def test_target_epsilon_sets_the_noise_and_the_budget_stops_the_run(run_info):
     for t in range(7):
         if s.stop_reason(t, state):
             break
-        _, state = s.aggregate(x, x, state, RoundInfo(t, [0, 1, 2], 3.0, 3))
+        _, state = s.aggregate(x, Update(x), state, RoundInfo(t, [0, 1, 2], 3.0, 3))
         spent.append(s.metrics(state)["epsilon"])
     assert len(spent) == 5 and spent[-1] == pytest.approx(3.0, rel=1e-3) and spent[-1] <= 3.0
     assert "past the budget 3" in s.stop_reason(5, state)
@@ -105,13 +105,13 @@ def test_a_resumed_ledger_continues_epsilon(run_info):
     s, state, straight = fresh(), None, []
     state = s.init(x)
     for t in range(4):
-        _, state = s.aggregate(x, x, state, RoundInfo(t, [0, 1, 2], 3.0, 3))
+        _, state = s.aggregate(x, Update(x), state, RoundInfo(t, [0, 1, 2], 3.0, 3))
         straight.append(s.metrics(state)["epsilon"])
         if t == 1:
             checkpoint = save(state)
     s, state = fresh(), load(checkpoint)
     for t in (2, 3):
-        _, state = s.aggregate(x, x, state, RoundInfo(t, [0, 1, 2], 3.0, 3))
+        _, state = s.aggregate(x, Update(x), state, RoundInfo(t, [0, 1, 2], 3.0, 3))
     assert s.metrics(state)["epsilon"] == pytest.approx(straight[-1], rel=1e-12)
 
 

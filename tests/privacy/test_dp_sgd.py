@@ -4,7 +4,7 @@ import torch
 
 from fedllm.privacy.dp_sgd import clipped_gradient_sum, single_examples
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strategy
+from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strategy, Update
 
 
 def squared_error(params):
@@ -55,7 +55,7 @@ def test_target_epsilon_bounds_the_worst_client(run_info):
     state = s.init(x)
     for t in range(4):
         assert s.stop_reason(t, state) is None
-        _, state = s.aggregate(x, x, state, RoundInfo(t, [0, 1, 2], 3.0, 3))
+        _, state = s.aggregate(x, Update(x), state, RoundInfo(t, [0, 1, 2], 3.0, 3))
     ledgers = s.ledgers(state)
     spent = {c: ledgers[c].epsilon(1e-5) for c in ledgers}
     assert spent[1] == pytest.approx(3.0, rel=1e-3) and spent[1] <= 3.0  # the smallest client spends most

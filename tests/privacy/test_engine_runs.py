@@ -108,7 +108,7 @@ def test_the_engine_sends_the_clipped_update_not_the_raw_one(recipe_file, tmp_pa
     from fedllm.engine import Federation
     from fedllm.recipe import load_recipe
     from fedllm.state import ClientRecord
-    from fedllm.wire import WireContext
+    from fedllm.wire import WireContext, with_extras
 
     path = recipe_file(strategy={"name": "dp_fedavg", "clip_norm": 1e-3}, privacy={"noise_multiplier": 1.0},
                        federation={"rounds": 1, "num_clients": 3, "clients_per_round": 3})
@@ -118,5 +118,5 @@ def test_the_engine_sends_the_clipped_update_not_the_raw_one(recipe_file, tmp_pa
     upload = fed.client.run(1, 0, x_t, down.broadcast, ClientRecord(), lr=0.01)
     message, _ = fed.channel.up(upload.update, upload.extras, WireContext(0, 1, fed.recipe.seed), upload.record.codecs)
     raw = torch.cat([(p.detach() - x_t[k]).reshape(-1) for k, p in fed.params.items()]).norm()
-    sent = torch.cat([t.reshape(-1) for t in message.values()]).norm()
+    sent = torch.cat([t.reshape(-1) for t in with_extras(message.delta, message.extras).values()]).norm()
     assert raw > 0.01 and abs(float(sent) - 1e-3) < 1e-6

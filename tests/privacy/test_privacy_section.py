@@ -11,6 +11,7 @@ from safetensors.torch import load, save
 from fedllm.recipe import load_recipe, recipe_from_dict
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientContext, RoundInfo
+from fedllm.strategies.base import Update
 
 SIZES = [64, 32, 128]  # batch 8: sampling rates 1/8, 1/4, 1/16
 
@@ -80,7 +81,7 @@ def server_noise(s, state, rounds):
     x, drawn = {"w": torch.zeros(1000)}, []
     for t in rounds:
         info = RoundInfo(t, [0, 1, 2], 3.0, 3)
-        updates = x if s.needs != "all" else [(c, {"w": torch.zeros(1000)}, 1.0) for c in range(3)]
+        updates = Update(x) if s.needs != "all" else [(c, Update({"w": torch.zeros(1000)}), 1.0) for c in range(3)]
         new, state = s.aggregate(x, updates, state, info)
         drawn.append(new["w"])
     return torch.stack(drawn), state

@@ -22,7 +22,7 @@ from fedllm.channel import Channel
 from fedllm.client import Client
 from fedllm.samplers import Uniform
 from fedllm.state import ClientRecord
-from fedllm.strategies.base import ALL, RoundInfo
+from fedllm.strategies.base import ALL, RoundInfo, Update
 from fedllm.training import FULL_GRADIENT, REGRAD, VARIABLE_STEPS, LocalJob, LocalLoop, LocalResult, StepDriver
 from fedllm.wire import WireContext
 
@@ -99,8 +99,9 @@ def quadratic_client(strategy, problem: "Quadratic", steps: int) -> Client:
                   torch.device("cpu"), seed=0)
 
 
-def run_client(client: Client, channel: Channel, round: int, i: int, x_t: dict, broadcast: dict, store: dict, lr: float):
-    """One local round through the real Client and Channel; returns the decoded message."""
+def run_client(client: Client, channel: Channel, round: int, i: int, x_t: dict, broadcast: dict, store: dict,
+               lr: float) -> Update:
+    """One local round through the real Client and Channel; returns the decoded upload."""
     upload = client.run(i, round, x_t, broadcast, ClientRecord(strategy=store.get(i, {})), lr)
     if upload.record.strategy:
         store[i] = {k: t.clone() for k, t in upload.record.strategy.items()}
@@ -108,10 +109,14 @@ def run_client(client: Client, channel: Channel, round: int, i: int, x_t: dict, 
     return message
 
 
-def weighted_mean(kept: list) -> dict:
+def weighted_mean(kept: list) -> Update:
     total = sum(w for _, _, w in kept)
-    keys = kept[0][1].keys()
-    return {k: sum(w * m[k] for _, m, w in kept) / total for k in keys}
+
+    def mean(part: str) -> dict:
+        keys = getattr(kept[0][1], part).keys()
+        return {k: sum(w * getattr(m, part)[k] for _, m, w in kept) / total for k in keys}
+
+    return Update(mean("delta"), mean("extras"))
 
 
 @dataclass

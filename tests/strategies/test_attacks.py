@@ -9,19 +9,23 @@ from quadratic import Quadratic, simulate
 from fedllm.attacks import split_response
 from fedllm.recipe import recipe_from_dict
 from fedllm.registry import ATTACKS, RecipeError, STRATEGIES
+from fedllm.strategies.base import Update
+from fedllm.wire import with_extras
 
 BYZANTINE = {1, 4}
 
 
 def round_messages():
     g = torch.Generator().manual_seed(0)
-    return [(i, {"w": torch.randn(3, 2, generator=g), "strategy/m.w": torch.randn(3, 2, generator=g)}, 1.0 + i)
+    return [(i, Update({"w": torch.randn(3, 2, generator=g)}, {"m.w": torch.randn(3, 2, generator=g)}), 1.0 + i)
             for i in range(6)]
 
 
 def poisoned(spec):
     kept = round_messages()
-    return kept, ATTACKS.build(spec).poison_updates(kept, BYZANTINE, round=0)
+    out = ATTACKS.build(spec).poison_updates(kept, BYZANTINE, round=0)
+    as_sent = lambda messages: [(i, with_extras(m.delta, m.extras), w) for i, m, w in messages]  # noqa: E731
+    return as_sent(kept), as_sent(out)  # both parts, named as on the wire
 
 
 def honest(kept, key):

@@ -2,7 +2,7 @@ import torch
 
 from fedllm.collectors import WeightedSum
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import ClientContext, RoundInfo
+from fedllm.strategies.base import ClientContext, RoundInfo, Update
 
 INFO = RoundInfo(round=0, clients=[0, 1], total_weight=4.0, num_clients=2)
 
@@ -13,7 +13,7 @@ def test_fedavg_applies_the_sample_weighted_mean_of_updates():
     total = WeightedSum(x)
     for u, n in updates:
         total.add(u, n)
-    new, _ = STRATEGIES.build({"name": "fedavg"}).aggregate(x, total.mean(), {}, INFO)
+    new, _ = STRATEGIES.build({"name": "fedavg"}).aggregate(x, Update(total.mean()), {}, INFO)
     assert torch.allclose(new["w"], torch.tensor([1.25, 5.0]))
 
 
@@ -21,7 +21,7 @@ def test_fedavgm_accumulates_server_momentum():
     s = STRATEGIES.build({"name": "fedavgm", "server_lr": 0.5, "momentum": 0.9})
     x = {"w": torch.zeros(1)}
     state = s.init(x)
-    d = {"w": torch.ones(1)}
+    d = Update({"w": torch.ones(1)})
     x, state = s.aggregate(x, d, state, INFO)  # v = -1, x = 0.5
     x, state = s.aggregate(x, d, state, INFO)  # v = -1.9, x = 0.5 + 0.95
     assert torch.allclose(x["w"], torch.tensor([1.45]))

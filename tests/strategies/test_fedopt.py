@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedllm.registry import STRATEGIES
-from fedllm.strategies.base import RoundInfo
+from fedllm.strategies.base import RoundInfo, Update
 
 INFO = RoundInfo(round=0, clients=[0], total_weight=1.0, num_clients=1)
 
@@ -34,13 +34,13 @@ def test_fedopt_matches_a_hand_computed_step(name):
     state = s.init(x)
     deltas = [0.2, -0.05, 0.3]
     for d in deltas:
-        x, state = s.aggregate(x, {"w": torch.tensor([d])}, state, INFO)
+        x, state = s.aggregate(x, Update({"w": torch.tensor([d])}), state, INFO)
     assert x["w"].item() == pytest.approx(by_hand(name, deltas), rel=1e-5)
 
 
 def test_fedadam_first_step_moves_about_server_lr_in_the_update_direction():
     s = STRATEGIES.build({"name": "fedadam", "server_lr": 0.01})
     x = {"w": torch.zeros(3)}
-    x, _ = s.aggregate(x, {"w": torch.tensor([1.0, -2.0, 0.0])}, s.init(x), INFO)
+    x, _ = s.aggregate(x, Update({"w": torch.tensor([1.0, -2.0, 0.0])}), s.init(x), INFO)
     # m = 0.1Δ, v ≈ 0.01Δ² → step ≈ η·sign(Δ)
     assert torch.allclose(x["w"], torch.tensor([0.01, -0.01, 0.0]), atol=2e-4)

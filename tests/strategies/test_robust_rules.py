@@ -6,7 +6,7 @@ import torch
 
 from fedllm.registry import STRATEGIES
 from fedllm.strategies import robust_rules as rules
-from fedllm.strategies.base import RoundInfo
+from fedllm.strategies.base import RoundInfo, Update
 
 F, D = 3, 1000
 
@@ -114,7 +114,7 @@ def messages(stack, key_shapes={"a.weight": (2, 3), "b.weight": (4,)}):
             n = torch.Size(shape).numel()
             parts[k] = row[offset : offset + n].reshape(shape).float()
             offset += n
-        out.append((i, parts, 1.0))
+        out.append((i, Update(parts), 1.0))
     return out
 
 
@@ -135,7 +135,7 @@ def test_centered_clip_strategy_starts_from_its_checkpointed_previous_aggregate(
     s = STRATEGIES.build({"name": "centered_clip", "tau": 0.1, "iterations": 1, "f": 1})
     x = {"b.weight": torch.zeros(4)}
     state = s.init(x)
-    ones = [(i, {"b.weight": torch.ones(4)}, 1.0) for i in range(3)]
+    ones = [(i, Update({"b.weight": torch.ones(4)}), 1.0) for i in range(3)]
     x, state = s.aggregate(x, ones, state, RoundInfo(0, [0, 1, 2], 3.0, 3))
     torch.testing.assert_close(state["previous.b.weight"], torch.full((4,), 0.05))  # moved τ along (1,1,1,1)/2
     x, state = s.aggregate(x, ones, state, RoundInfo(1, [0, 1, 2], 3.0, 3))
@@ -152,7 +152,7 @@ def test_client_momentum_is_kept_per_client_and_is_what_gets_aggregated():
     extras, state = hooks.finish(p, {"b.weight": torch.full((4,), 4.0)})
     torch.testing.assert_close(state["m.b.weight"], torch.full((4,), 2.5))  # 0.75·2 + 0.25·4
     torch.testing.assert_close(extras["m.b.weight"], state["m.b.weight"])
-    msgs = [(i, {"b.weight": torch.full((4,), 100.0), "strategy/m.b.weight": torch.full((4,), float(i))}, 1.0) for i in range(3)]
+    msgs = [(i, Update({"b.weight": torch.full((4,), 100.0)}, {"m.b.weight": torch.full((4,), float(i))}), 1.0) for i in range(3)]
     new, _ = s.aggregate({"b.weight": torch.zeros(4)}, msgs, {}, RoundInfo(0, [0, 1, 2], 3.0, 3))
     torch.testing.assert_close(new["b.weight"], torch.ones(4))  # the median of the momenta, not of Δ
 

@@ -6,6 +6,7 @@ import torch
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import ClientContext, RoundInfo
 from fedllm.strategies.fedamd import is_anchor
+from fedllm.strategies.base import Update
 
 A, B = torch.tensor([1.0, 3.0]), torch.tensor([2.0, -1.0])
 
@@ -45,7 +46,7 @@ def test_scaffold_server_moves_x_by_the_mean_update_and_c_by_the_participants_sh
     s = STRATEGIES.build({"name": "scaffold", "server_lr": 0.5})
     x = {"w": torch.ones(2)}
     state = s.init(x)
-    mean = {"w": torch.tensor([0.2, -0.4]), "strategy/dc.w": torch.tensor([1.0, 2.0])}
+    mean = Update({"w": torch.tensor([0.2, -0.4])}, {"dc.w": torch.tensor([1.0, 2.0])})
     x, state = s.aggregate(x, mean, state, info([0, 3], n=8))
     torch.testing.assert_close(x["w"], torch.tensor([1.1, 0.8]))
     torch.testing.assert_close(state["c.w"], torch.tensor([0.25, 0.5]))  # (2/8)·mean Δc
@@ -82,7 +83,7 @@ def test_fedspeed_server_adds_the_mean_of_every_clients_h():
     s = STRATEGIES.build({"name": "fedspeed"})
     x = {"w": torch.zeros(2)}
     state = s.init(x)
-    x, state = s.aggregate(x, {"w": torch.tensor([1.0, -2.0])}, state, info([1, 2], n=4))
+    x, state = s.aggregate(x, Update({"w": torch.tensor([1.0, -2.0])}), state, info([1, 2], n=4))
     # Σh = 2·mean Δ; x = x + mean Δ + Σh/4
     torch.testing.assert_close(state["h_sum.w"], torch.tensor([2.0, -4.0]))
     torch.testing.assert_close(x["w"], torch.tensor([1.5, -3.0]))
@@ -99,11 +100,11 @@ def test_fedavg_client_momentum_client_blends_its_gradient_with_the_server_direc
 def test_fedavg_client_momentum_server_reads_the_mean_direction_back_from_the_update():
     s = STRATEGIES.build({"name": "fedavg_client_momentum", "server_lr": 2.0})
     x = {"w": torch.zeros(2)}
-    x, state = s.aggregate(x, {"w": torch.tensor([-0.4, 0.8])}, s.init(x), info([0], 1, lr=0.1, steps=4))
+    x, state = s.aggregate(x, Update({"w": torch.tensor([-0.4, 0.8])}), s.init(x), info([0], 1, lr=0.1, steps=4))
     torch.testing.assert_close(state["g.w"], torch.tensor([1.0, -2.0]))  # −Δ/(η_l K)
     torch.testing.assert_close(x["w"], torch.tensor([-2.0, 4.0]))  # x − γ g
     with pytest.raises(ValueError, match="client.max_steps"):
-        s.aggregate(x, {"w": torch.zeros(2)}, state, info([0], 1, steps=0))
+        s.aggregate(x, Update({"w": torch.zeros(2)}), state, info([0], 1, steps=0))
 
 
 def test_scaffold_m_client_corrects_then_blends_and_keeps_the_mean_raw_gradient_as_c_i():
@@ -165,7 +166,7 @@ def test_fedamd_server_averages_the_miners_only_and_updates_the_table_mean():
     x = {"w": torch.zeros(2)}
     # 4 sampled: 1 anchor (Δ = 0, row change r) and 3 miners with mean update m
     m, r = torch.tensor([0.3, -0.3]), torch.tensor([4.0, 8.0])
-    mean = {"w": 3 * m / 4, "strategy/dg.w": r / 4, "strategy/miner": torch.tensor([0.75])}
+    mean = Update({"w": 3 * m / 4}, {"dg.w": r / 4, "miner": torch.tensor([0.75])})
     x, state = s.aggregate(x, mean, s.init(x), info([0, 1, 2, 3], n=8))
     torch.testing.assert_close(x["w"], m)
     torch.testing.assert_close(state["table_mean.w"], r / 8)
