@@ -72,10 +72,26 @@ def weighted_mean(kept: list[tuple[int, Update, float]], template: Update) -> Up
 
 
 def message_template(strategy: Strategy, global_state: State) -> Update:
-    """The keys and shapes of a decoded client message, for a rank that has none this round
-    but still takes part in the collectives: the update plus the strategy's extras."""
-    zeros = {k: torch.zeros_like(t, dtype=torch.float32) for k, t in global_state.items()}
-    return Update(zeros, strategy.extras_like(global_state))
+    """The keys and shapes a decoded client message must have — the update plus the
+    strategy's extras — from the global state, never from a message (meta tensors: no memory)."""
+    shapes = {k: torch.empty(t.shape, dtype=torch.float32, device="meta") for k, t in global_state.items()}
+    extras = {k: t.to("meta") for k, t in strategy.extras_like(global_state).items()}
+    return Update(shapes, extras)
+
+
+def misfit(update: Update, expected: Update) -> str | None:
+    """Why an untrusted decoded upload cannot enter the aggregate, or None."""
+    for part in ("delta", "extras"):
+        got, want = getattr(update, part), getattr(expected, part)
+        if got.keys() != want.keys():
+            extra, missing = sorted(got.keys() - want.keys()), sorted(want.keys() - got.keys())
+            return f"its {part} has unexpected tensors {extra[:3]} / lacks {missing[:3]}"
+        for key, t in got.items():
+            if t.shape != want[key].shape:
+                return f"{part} tensor {key} has shape {tuple(t.shape)}, expected {tuple(want[key].shape)}"
+            if t.is_floating_point() != want[key].is_floating_point():
+                return f"{part} tensor {key} has dtype {t.dtype}, expected {want[key].dtype}"
+    return None
 
 
 def apply_strategy(strategy: Strategy, global_state: State, server_state: State, updates, info: RoundInfo) -> tuple[State, State]:
@@ -89,7 +105,7 @@ class StreamedMean:
 
     def add(self, client_id: int, update: Update, weight: float) -> bool:
         message = flat(update)
-        self.total = self.total or WeightedSum(message)
+        self.total = self.total or WeightedSum(flat(self.template()))
         if self.total.size > SMALL:  # a large update (full-parameter) is summed tensor by tensor
             if not is_finite(message):
                 return False
@@ -124,7 +140,7 @@ class Gathered:
 
     def finish(self, strategy: Strategy, global_state: State, server_state: State, info: RoundInfoOf,
                reducer: Reducer) -> tuple[State, State]:
-        template = self.kept[0][1] if self.kept else self.template()
+        template = self.template()
         gathered = reducer.gather_messages([(cid, flat(m), w) for cid, m, w in self.kept], flat(template))
         kept = [(cid, unflat(m), w) for cid, m, w in gathered]
         if self.attack is not None:

@@ -5,29 +5,33 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel, Downlink
 from fedllm.client import Client, Upload
-from fedllm.collectors import default_collector, message_template
+from fedllm.collectors import default_collector, message_template, misfit
 from fedllm.data import prepare_data
 from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, is_distributed, process_state
 from fedllm.evaluation import evaluate
 from fedllm.export import write_export
-from fedllm.metrics import MetricsLog, truncate_jsonl
+from fedllm.metrics import MetricsLog, truncate_jsonl, write_atomically
 from fedllm.models import build_model
 from fedllm.recipe import Recipe, dump_recipe, load_recipe
-from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES
+from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
 from fedllm.samplers import Participation
 from fedllm.seeds import derive
-from fedllm.state import ClientRecord, ClientStore, State, checkpoint_dirs, read_checkpoint, write_checkpoint
+from fedllm.state import (
+    DAMAGE, ClientRecord, ClientStore, State, checkpoint_dirs, read_checkpoint, verify_checkpoint, write_checkpoint,
+)
 from fedllm.strategies.base import RoundInfo, RunInfo
 from fedllm.training import default_steps, round_learning_rate
 from fedllm.wire import WireContext
@@ -156,9 +160,9 @@ class Federation:
                                      on_step=progress.update if progress is not None else None)
             message, size = self.channel.up(upload.update, upload.extras, WireContext(t, cid, r.seed), upload.record.codecs,
                                             adapter_space=self.own_aggregation is not None)
-            accepted = collect.add(cid, message, upload.weight)
+            accepted = self.accept(t, cid, collect, message, upload.weight)
             del message  # summed: it must not stay alive through the next client's training
-            self.keep_record(t, cid, upload.record, accepted)
+            self.keep_record(cid, upload.record, accepted)
             rows.append(stat_row(cid, upload, size, down.bytes_for(cid), accepted))
             if progress is not None:
                 progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{upload.result.train_loss:.3f}")
@@ -183,17 +187,26 @@ class Federation:
                         lambda cid: self.own_aggregation.download_bytes(t, last(cid, t), self.global_state))
 
     def collector(self, t: int):
+        """Round t's collector; also fixes what a decoded upload must look like this round."""
         if self.own_aggregation is not None:
+            self.expected = None  # the adapter checks its own wire format
             return self.own_aggregation.collector(t)
-        return default_collector(self.strategy, lambda: message_template(self.strategy, self.global_state), t,
-                                 self.attack, frozenset(self.byzantine))
+        self.expected = message_template(self.strategy, self.global_state)
+        return default_collector(self.strategy, lambda: self.expected, t, self.attack, frozenset(self.byzantine))
 
-    def keep_record(self, t: int, client_id: int, record: ClientRecord, accepted: bool) -> None:
-        if not accepted:  # a dropped client's state does not advance either
-            log.warning("round %d: client %d sent a non-finite update (NaN/Inf); dropped from the round", t, client_id)
-            return
+    def accept(self, t: int, client_id: int, collect, message, weight: float) -> bool:
+        """An untrusted upload enters the aggregate only with the expected keys, shapes and
+        kinds and finite values."""
+        problem = misfit(message, self.expected) if self.expected is not None else None
+        if problem is None and collect.add(client_id, message, weight):
+            return True
+        what = f"a malformed update ({problem})" if problem else "a non-finite update (NaN/Inf)"
+        log.warning("round %d: client %d sent %s; dropped from the round", t, client_id, what)
+        return False
+
+    def keep_record(self, client_id: int, record: ClientRecord, accepted: bool) -> None:
         flat = record.to_flat()
-        if flat:
+        if accepted and flat:  # a rejected client's state does not advance either
             self.store.put(client_id, flat)
 
     def evaluate(self, examples: list[dict]) -> dict:
@@ -204,8 +217,8 @@ class Federation:
     def start(self) -> None:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "recipe.yaml").write_text(dump_recipe(self.recipe))
-            (self.run_dir / "run_meta.json").write_text(json.dumps(self.run_meta(), indent=1))
+            write_atomically(self.run_dir / "recipe.yaml", dump_recipe(self.recipe))
+            write_atomically(self.run_dir / "run_meta.json", json.dumps(self.run_meta(), indent=1))
         barrier()
 
     def run_meta(self) -> dict:
@@ -224,9 +237,16 @@ class Federation:
     def resume(self) -> None:
         done = checkpoint_dirs(self.run_dir)
         if not done:
+            # killed before its first checkpoint: nothing it wrote may leak into the new attempt
             log.info("no checkpoint in %s: starting from round 0", self.run_dir)
+            if self.is_main:
+                self.store.clear()
+                for name in ("metrics.jsonl", "ledger.jsonl"):
+                    truncate_jsonl(self.run_dir / name, 0)
+                shutil.rmtree(self.run_dir / "final", ignore_errors=True)
+            barrier()
             return
-        parts, meta = read_checkpoint(done[-1])
+        path, parts, meta = self.newest_intact(done)
         self.global_state = {k: t.to(self.global_state[k].dtype) for k, t in parts["global"].items()}
         self.server_state = parts.get("server_state", {})
         if self.own_aggregation is not None:  # checkpoints before 0.1.x kept it under "engine"
@@ -234,11 +254,40 @@ class Federation:
         torch.set_rng_state(parts["rng"]["torch"])
         self.start_round = meta["round"]
         if self.is_main:
-            self.store.restore(done[-1] / "clients")
+            self.store.restore(path / "clients")
             for name in ("metrics.jsonl", "ledger.jsonl"):
                 truncate_jsonl(self.run_dir / name, self.start_round)
         barrier()
         log.info("resumed %s after round %d", self.run_dir, self.start_round)
+
+    def newest_intact(self, done: list[Path]) -> tuple[Path, dict, dict]:
+        """The newest checkpoint that matches its manifest and fits this run; a damaged newer
+        one is reported and skipped (output.keep_last keeps the older ones for this)."""
+        for path in reversed(done):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                try:
+                    parts, meta = read_checkpoint(path)
+                    problem = self.misfit(parts, meta)
+                except DAMAGE as err:
+                    problem = f"it does not read back ({type(err).__name__}: {err})"
+            if problem is None:
+                return path, parts, meta
+            log.warning("checkpoint %s is damaged: %s; falling back to the one before it", path, problem)
+        raise RecipeError(f"no intact checkpoint in {self.run_dir} (see the warnings above): start again with `fedllm run`")
+
+    def misfit(self, parts: dict, meta: dict) -> str | None:
+        """Why a checkpoint's contents cannot be this run's, or None."""
+        stored = parts.get("global", {})
+        if stored.keys() != self.global_state.keys():
+            return "its global state has other tensors than this model's adapter"
+        if bad := next((k for k, t in stored.items() if t.shape != self.global_state[k].shape), None):
+            return f"its tensor {bad} has shape {tuple(stored[bad].shape)}, the model's is {tuple(self.global_state[bad].shape)}"
+        if "rng" not in parts or not isinstance(meta.get("round"), int) or meta["round"] < 1:
+            return "its RNG state or round number is missing"
+        if self.server_state and not parts.get("server_state"):
+            return f"it lacks the server state strategy '{self.recipe.strategy['name']}' keeps"
+        return None
 
     def checkpoint(self, rounds_done: int) -> None:
         if self.is_main:
@@ -295,16 +344,33 @@ def run_recipe(path: str, overrides: list[str] = ()) -> Path:
     recipe = load_recipe(path, overrides)
     check_pairings(recipe)  # before any model is built
     run_dir = new_run_dir(recipe, Path(path).stem, process_state().device)
+    if (run_dir / "recipe.yaml").exists():
+        raise RecipeError(f"{run_dir} already holds a run: continue it with `fedllm resume {run_dir}`, or give this "
+                          "run another output.name")
     fed = Federation(recipe, run_dir)
     fed.start()
     fed.run()
     return run_dir
 
 
+def check_run_recipe(path: Path) -> None:
+    """A run directory's recipe.yaml holds every section (fedllm writes it whole): an empty or
+    cut one is an error, never a run with defaults."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raw = None
+    missing = sorted(set(Recipe.model_fields) - set(raw)) if isinstance(raw, dict) else ["all"]
+    if missing:
+        raise RecipeError(f"{path} is damaged (sections missing: {', '.join(missing)}): nothing to resume from; "
+                          "start again with `fedllm run`")
+
+
 def resume_run(run_dir: str, overrides: list[str] = ()) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fedllm run directory (no recipe.yaml)")
+    check_run_recipe(run_dir / "recipe.yaml")
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     check_pairings(recipe)
     fed = Federation(recipe, run_dir)

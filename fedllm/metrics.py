@@ -3,20 +3,44 @@ per round), optional trackers through accelerate, and PNG plots."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
+
+log = logging.getLogger("fedllm")
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log; a last line cut by a kill mid-write is dropped with a warning."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON (only a cut last line is expected)") from None
+            log.warning("%s: dropping a half-written last line (the run was killed while logging)", path)
+    return rows
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes a temp file beside `path`, then renames it over: a kill leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def truncate_jsonl(path: Path, keep_rounds_below: int) -> None:
     """On resume: forget lines of rounds after the checkpoint (they are re-run)."""
     if path.exists():
         kept = [r for r in read_jsonl(path) if r["round"] < keep_rounds_below]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def split_totals(stats: list[dict]) -> dict:

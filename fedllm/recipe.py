@@ -221,7 +221,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe file '{path}' does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe '{path}' must be a YAML mapping of sections")
     return recipe_from_dict(apply_overrides(raw, list(overrides)))

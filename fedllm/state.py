@@ -2,6 +2,7 @@
 checkpoints: everything a resumed run needs, in safetensors + JSON only."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 State = dict[str, torch.Tensor]
@@ -120,9 +122,12 @@ class ClientStore:
         for client_id in self._on_disk():
             shutil.copyfile(self._file(client_id), directory / f"client_{client_id}.safetensors")
 
-    def restore(self, directory: Path) -> None:
+    def clear(self) -> None:
         for client_id in self.ids():
             self.discard(client_id)
+
+    def restore(self, directory: Path) -> None:
+        self.clear()
         for path in sorted(directory.glob("client_*.safetensors")):
             self.put(int(path.stem.split("_")[1]), load_file(str(path)))
 
@@ -144,12 +149,50 @@ def write_checkpoint(run_dir: Path, round_done: int, parts: dict[str, State], st
         save_state(state, tmp / f"{name}.safetensors")
     store.save(tmp / "clients")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp / MANIFEST).write_text(json.dumps(manifest(tmp), indent=1))  # last: it vouches for the rest
     _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+MANIFEST = "manifest.json"
+DAMAGE = (OSError, ValueError, KeyError, SafetensorError)  # what reading a damaged checkpoint raises
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(directory: Path) -> dict:
+    """Every file of a checkpoint with its size and sha256."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with a checkpoint, or None. One written before manifests existed is
+    trusted as far as its files read back."""
+    if not (path / MANIFEST).exists():
+        return None
+    try:
+        expected = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        return f"its manifest is unreadable ({err})"
+    found = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if missing := sorted(set(expected) - found):
+        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    for name, entry in expected.items():
+        file = path / name
+        if file.stat().st_size != entry["bytes"] or file_digest(file) != entry["sha256"]:
+            return f"{name} does not match its manifest (size or sha256)"
+    return None
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, State], dict]:

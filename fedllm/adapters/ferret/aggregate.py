@@ -96,7 +96,10 @@ class CoordinateMean:
     def add(self, client_id: int, message: State, weight: float) -> bool:
         if not is_finite(message):
             return False
-        self.coords.add(message, weight, WireContext(self.ctx.round, client_id, self.ctx.seed))
+        try:  # an untrusted message that does not fit the block map is rejected, not summed
+            self.coords.add(message, weight, WireContext(self.ctx.round, client_id, self.ctx.seed))
+        except (ValueError, KeyError, IndexError, RuntimeError):
+            return False
         return True
 
     def finish(self, strategy: Strategy, global_state: State, server_state: State, info: Callable[[float], RoundInfo],

@@ -1,0 +1,140 @@
+"""Nothing lost, nothing silently wrong: a kill before the first checkpoint, a damaged newest
+checkpoint, a half-written log line, a run directory used twice, a damaged recipe and a
+malformed upload each end in the uninterrupted run's adapter or a one-line error."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fedllm.engine as engine
+from fedllm.cli import main
+from fedllm.codecs.base import Codec
+from fedllm.engine import resume_run, run_recipe
+from fedllm.registry import CODECS
+from fedllm.wire import Message
+
+STATEFUL = dict(  # per-client moments spilled to disk at once, and server moments: the state a kill can leak
+    federation={"rounds": 3, "num_clients": 4, "clients_per_round": 2, "client_store_budget_mb": 0.0},
+    client={"max_steps": 2, "keep_optimizer_state": True},
+    strategy={"name": "fedadam", "server_lr": 0.01},
+)
+
+
+def final_adapter(run_dir):
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def rounds(run_dir):
+    return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def reference(recipe_file):
+    path = recipe_file(**STATEFUL, output={"name": "reference", "checkpoint_every": 0})
+    return path, final_adapter(run_recipe(str(path)))
+
+
+def test_a_kill_before_the_first_checkpoint_resumes_to_the_uninterrupted_adapter(reference, monkeypatch, tmp_path):
+    path, expected = reference
+
+    def killed(self, rounds_done):  # the process dies as it is about to write its first checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Federation, "checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(str(path), ["output.name=killed"])
+    run_dir = tmp_path / "runs" / "killed"
+    assert any((run_dir / "client_store").iterdir()) and rounds(run_dir) == [0, 1, 2]  # what the attempt left
+    monkeypatch.undo()
+    resume_run(str(run_dir))
+    assert same(final_adapter(run_dir), expected)
+    assert rounds(run_dir) == [0, 1, 2]  # the killed attempt's rows are gone, none logged twice
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, tmp_path, caplog):
+    path, expected = reference
+    run_dir = run_recipe(str(path), ["output.name=damaged", "output.checkpoint_every=1", "output.keep_last=3"])
+    newest = run_dir / "checkpoints" / "round_3" / "global.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit of a weight: still loads, silently wrong without the manifest
+    newest.write_bytes(bytes(data))
+    shutil.rmtree(run_dir / "final")
+    resume_run(str(run_dir))
+    assert "round_3 is damaged" in caplog.text and "does not match its manifest" in caplog.text
+    assert same(final_adapter(run_dir), expected)
+    assert rounds(run_dir) == [0, 1, 2]
+
+
+def test_a_missing_client_file_is_damage_not_a_reset(reference, tmp_path, caplog):
+    path, expected = reference
+    run_dir = run_recipe(str(path), ["output.name=missing", "output.checkpoint_every=1", "output.keep_last=3"])
+    next((run_dir / "checkpoints" / "round_3" / "clients").glob("client_*.safetensors")).unlink()
+    shutil.rmtree(run_dir / "final")
+    resume_run(str(run_dir))
+    assert "file(s) missing" in caplog.text
+    assert same(final_adapter(run_dir), expected)
+
+
+def test_no_intact_checkpoint_is_a_one_line_error(recipe_file, capsys):
+    run_dir = run_recipe(str(recipe_file(federation={"rounds": 1})))
+    (run_dir / "checkpoints" / "round_1" / "global.safetensors").write_bytes(b"not a tensor file")
+    assert main(["resume", str(run_dir)]) == 2
+    assert "no intact checkpoint" in capsys.readouterr().err
+
+
+def test_a_half_written_last_log_line_is_dropped_on_resume(reference, tmp_path, caplog):
+    path, expected = reference
+    run_dir = run_recipe(str(path), ["output.name=cut", "output.checkpoint_every=1"])
+    shutil.rmtree(run_dir / "checkpoints" / "round_3")
+    shutil.rmtree(run_dir / "final")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "train_lo')  # killed mid-write
+    resume_run(str(run_dir))
+    assert same(final_adapter(run_dir), expected) and rounds(run_dir) == [0, 1, 2]
+
+
+def test_running_into_an_existing_run_directory_refuses(recipe_file, capsys):
+    path = recipe_file(federation={"rounds": 1})
+    run_recipe(str(path))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "fedllm resume" in err and "output.name" in err
+
+
+@pytest.mark.parametrize("text", ["", "seed: 0\nmodel:\n  name: tiny-", "seed: [unclosed"])
+def test_an_empty_or_cut_recipe_in_a_run_directory_is_an_error(recipe_file, capsys, text):
+    run_dir = run_recipe(str(recipe_file(federation={"rounds": 1})))
+    (run_dir / "recipe.yaml").write_text(text)
+    assert main(["resume", str(run_dir)]) == 2
+    assert "recipe.yaml is damaged" in capsys.readouterr().err
+
+
+MALFORMED_CLIENT = 1
+
+
+@CODECS.register("test_reshape_for_client_1")
+class ReshapeForClient1(Codec):
+    """Test codec: client 1's upload arrives with every tensor flattened (wrong shapes)."""
+
+    def encode(self, message: Message, ctx) -> Message:
+        return message
+
+    def decode(self, message: Message, ctx) -> Message:
+        if ctx.client_id != MALFORMED_CLIENT:
+            return message
+        return Message({k: t.reshape(-1) for k, t in message.tensors.items()}, message.meta)
+
+
+def test_a_malformed_upload_is_rejected_and_the_round_goes_on(recipe_file, caplog):
+    path = recipe_file(federation={"rounds": 2, "num_clients": 3, "clients_per_round": 3},
+                       codecs=[{"name": "test_reshape_for_client_1"}])
+    run_dir = run_recipe(str(path))
+    assert f"client {MALFORMED_CLIENT} sent a malformed update" in caplog.text and "has shape" in caplog.text
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dropped"] for r in rows] == [1, 1] and all(torch.isfinite(t).all() for t in final_adapter(run_dir).values())
