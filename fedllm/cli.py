@@ -2,15 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+import traceback
+
+from safetensors import SafetensorError
 
 from fedllm.registry import PluginError, RecipeError
 
+# failures a user can cause and fix (a recipe, a path, a damaged file, a full disk): one line,
+# the traceback only with --debug
+USER_ERRORS = (RecipeError, PluginError, OSError, ValueError, SafetensorError)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedllm", description="Federated fine-tuning of LLMs.")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: the verb's parser must not reset a --debug given before the verb
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error")
+    parser = argparse.ArgumentParser(prog="fedllm", description="Federated fine-tuning of LLMs.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add(*a, parents=[common], **kw)  # --debug after the verb too
     run = sub.add_parser("run", help="run a recipe (dotted key=value overrides after it)")
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -61,7 +74,19 @@ def main(argv: list[str] | None = None) -> int:
             from fedllm.export import export_run
 
             print(f"exported to {export_run(args.run_dir, args.out, args.round, args.fmt)}")
-    except (RecipeError, PluginError, FileNotFoundError, OSError) as err:  # OSError: a model/dataset that cannot be loaded
-        print(f"fedllm: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if vars(args).get("debug"):
+            traceback.print_exc()
+        print(f"fedllm: error: {describe(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def describe(err: Exception) -> str:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return (f"no space left on the device while writing {err.filename or 'the run directory'}: free some space "
+                "(a checkpoint needs about the size of the last one) and continue with `fedllm resume`")
+    if isinstance(err, SafetensorError):
+        return f"a tensor file does not read back ({err}): it is damaged"
+    text = str(err).strip() or type(err).__name__
+    return text if isinstance(err, (RecipeError, PluginError, OSError)) else f"{text} (--debug shows where)"

@@ -7,6 +7,7 @@ the strategy declares it needs (`Strategy.needs`):
 - an adapter's own (`Adapter.aggregation`: Ferret's coordinate sum under a plain mean)."""
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -15,6 +16,7 @@ from fedllm.distributed import Reducer, canonical_shapes, pack, slices
 from fedllm.state import State, is_finite
 from fedllm.strategies.base import ALL, RoundInfo, Strategy, Update
 
+log = logging.getLogger("fedllm")
 RoundInfoOf = Callable[[float], RoundInfo]  # the round's facts, given the accepted clients' total weight
 
 
@@ -144,7 +146,13 @@ class Gathered:
         gathered = reducer.gather_messages([(cid, flat(m), w) for cid, m, w in self.kept], flat(template))
         kept = [(cid, unflat(m), w) for cid, m, w in gathered]
         if self.attack is not None:
-            kept = self.attack.poison_updates(kept, self.byzantine, self.round)
+            # a forged message arrives like any other: the same finiteness filter applies to it
+            poisoned = self.attack.poison_updates(kept, self.byzantine, self.round)
+            kept = [(cid, m, w) for cid, m, w in poisoned if is_finite(flat(m))]
+            if len(kept) < len(poisoned):
+                log.warning("round %d: %d forged update(s) were non-finite and dropped", self.round, len(poisoned) - len(kept))
+            if not kept:
+                return global_state, server_state
         updates = kept if strategy.needs == ALL else weighted_mean(kept, template)
         return apply_strategy(strategy, global_state, server_state, updates, info(sum(w for _, _, w in kept)))
 

@@ -100,6 +100,14 @@ class OutputConfig(Section):
     report_to: list[Literal["tensorboard", "wandb"]] = []
     progress: bool = True
 
+    @pydantic.field_validator("name")
+    @classmethod
+    def stays_inside_dir(cls, name: Optional[str]) -> Optional[str]:
+        # the run directory is output.dir/name: a name may not climb out of it or replace it
+        if name is not None and (not name or Path(name).is_absolute() or len(Path(name).parts) != 1 or name in (".", "..")):
+            raise ValueError(f"output.name must be one plain directory name inside output.dir, got {name!r}")
+        return name
+
 
 class PrivacyConfig(Section):
     """The differential-privacy budget, read by the DP strategies (dp_fedavg, dp_sgd, dp_brem)

@@ -68,3 +68,26 @@ def test_list_prints_plugins(capsys):
 def test_a_robust_rule_that_cannot_meet_n_vs_f_fails_before_training(recipe_file, capsys):
     path = recipe_file(strategy={"name": "krum", "f": 3}, federation={"num_clients": 6, "clients_per_round": 5})
     fails_with(["run", str(path)], capsys, "krum", "n ≥ 2f+3 = 9", "clients_per_round=5")
+
+
+@pytest.mark.parametrize("argv", [["--debug", "run", "missing.yaml"], ["run", "missing.yaml", "--debug"]])
+def test_debug_shows_the_traceback_and_plain_runs_do_not(argv, capsys):
+    assert main(argv) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["run", "missing.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/tmp/abs", "a/b", ".."])
+def test_output_name_cannot_leave_output_dir(recipe_file, capsys, name):
+    fails_with(["run", str(recipe_file()), f"output.name={name}"], capsys, "output.name must be one plain directory name")
+
+
+def test_a_full_disk_names_the_file_and_the_fix():
+    import errno
+
+    from fedllm.cli import describe
+
+    text = describe(OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoints/.tmp_round_3/global.safetensors"))
+    assert "no space left" in text and ".tmp_round_3/global.safetensors" in text and "fedllm resume" in text

@@ -138,3 +138,11 @@ def test_a_malformed_upload_is_rejected_and_the_round_goes_on(recipe_file, caplo
     assert f"client {MALFORMED_CLIENT} sent a malformed update" in caplog.text and "has shape" in caplog.text
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["dropped"] for r in rows] == [1, 1] and all(torch.isfinite(t).all() for t in final_adapter(run_dir).values())
+
+
+def test_fedavg_with_an_inf_attacker_keeps_a_finite_global(recipe_file, caplog):
+    path = recipe_file(federation={"rounds": 2, "num_clients": 4, "clients_per_round": 4},
+                       byzantine={"name": "large_norm", "count": 1, "scale": float("inf")})
+    adapter = final_adapter(run_recipe(str(path)))
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    assert "forged update(s) were non-finite and dropped" in caplog.text
