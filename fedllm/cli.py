@@ -29,9 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key.path=value")
     resume = sub.add_parser("resume", help="continue a run from its last checkpoint")
     resume.add_argument("run_dir")
+    resume.add_argument("--trust-remote-code", action="store_true", help="allow the run's model.trust_remote_code: true")
     export = sub.add_parser("export", help="write a run's global adapter (peft) or merged model (merged)")
     export.add_argument("run_dir")
     export.add_argument("out")
+    export.add_argument("--trust-remote-code", action="store_true", help="allow the run's model.trust_remote_code: true")
     export.add_argument("--round", default="last", help="round number or 'last'")
     export.add_argument("--to", default=None, choices=["peft", "merged"], dest="fmt", help="default: the adapter's own (peft where possible)")
     plot = sub.add_parser("plot", help="PNG curves of loss, eval and bytes per round")
@@ -69,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             print(f"run directory: {engine.run_recipe(args.recipe, args.overrides)}")
         elif args.command == "resume":
-            print(f"run directory: {engine.resume_run(args.run_dir)}")
+            print(f"run directory: {engine.resume_run(args.run_dir, trust_remote_code=args.trust_remote_code)}")
         elif args.command == "export":
             from fedllm.export import export_run
 
-            print(f"exported to {export_run(args.run_dir, args.out, args.round, args.fmt)}")
+            print(f"exported to {export_run(args.run_dir, args.out, args.round, args.fmt, args.trust_remote_code)}")
     except USER_ERRORS as err:
         if vars(args).get("debug"):
             traceback.print_exc()

@@ -25,7 +25,7 @@ from fedllm.evaluation import evaluate
 from fedllm.export import write_export
 from fedllm.metrics import MetricsLog, truncate_jsonl, write_atomically
 from fedllm.models import build_model
-from fedllm.recipe import Recipe, dump_recipe, load_recipe
+from fedllm.recipe import Recipe, dump_recipe, load_recipe, refuse_remote_code
 from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
 from fedllm.samplers import Participation
 from fedllm.seeds import derive
@@ -366,12 +366,13 @@ def check_run_recipe(path: Path) -> None:
                           "start again with `fedllm run`")
 
 
-def resume_run(run_dir: str, overrides: list[str] = ()) -> Path:
+def resume_run(run_dir: str, overrides: list[str] = (), trust_remote_code: bool = False) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fedllm run directory (no recipe.yaml)")
     check_run_recipe(run_dir / "recipe.yaml")
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    refuse_remote_code(recipe, run_dir / "recipe.yaml", trust_remote_code)
     check_pairings(recipe)
     fed = Federation(recipe, run_dir)
     fed.resume()

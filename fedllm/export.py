@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fedllm.adapters.base import Adapter
 from fedllm.models import build_model
-from fedllm.recipe import load_recipe
+from fedllm.recipe import load_recipe, refuse_remote_code
 from fedllm.state import State, checkpoint_dirs, read_checkpoint
 
 
@@ -15,7 +15,7 @@ def write_export(adapter: Adapter, model, tokenizer, global_state: State, out: P
     tokenizer.save_pretrained(str(out))
 
 
-def export_run(run_dir: str, out: str, round: str = "last", fmt: str | None = None) -> Path:
+def export_run(run_dir: str, out: str, round: str = "last", fmt: str | None = None, trust_remote_code: bool = False) -> Path:
     """Writes the global adapter of a checkpointed round (`peft`) or the merged model (`merged`)."""
     run_dir = Path(run_dir)
     done = {int(p.name.split("_")[1]): p for p in checkpoint_dirs(run_dir)}
@@ -25,6 +25,7 @@ def export_run(run_dir: str, out: str, round: str = "last", fmt: str | None = No
     if wanted not in done:
         raise FileNotFoundError(f"no checkpoint of round {wanted} in {run_dir}; available: {sorted(done)}")
     recipe = load_recipe(run_dir / "recipe.yaml")
+    refuse_remote_code(recipe, run_dir / "recipe.yaml", trust_remote_code)
     tokenizer, model, adapter = build_model(recipe)
     parts, _ = read_checkpoint(done[wanted])
     write_export(adapter, model, tokenizer, parts["global"], Path(out), fmt or adapter.export_formats[0])

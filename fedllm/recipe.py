@@ -238,5 +238,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe_from_dict(apply_overrides(raw, list(overrides)))
 
 
+def refuse_remote_code(recipe: Recipe, where: Path, allowed: bool) -> None:
+    """A recipe found in a run directory may have been written by someone else: it runs a
+    model's own code only when the command line says so."""
+    if recipe.model.trust_remote_code and not allowed:
+        raise RecipeError(f"{where} sets model.trust_remote_code: true; pass --trust-remote-code if you trust "
+                          "the code of that model")
+
+
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -91,3 +91,12 @@ def test_a_full_disk_names_the_file_and_the_fix():
 
     text = describe(OSError(errno.ENOSPC, "No space left on device", "runs/x/checkpoints/.tmp_round_3/global.safetensors"))
     assert "no space left" in text and ".tmp_round_3/global.safetensors" in text and "fedllm resume" in text
+
+
+@pytest.mark.parametrize("verb", [["resume"], ["export", "OUT"]])
+def test_a_run_directorys_remote_code_needs_the_command_lines_consent(recipe_file, tmp_path, capsys, verb):
+    run_dir = run_recipe(str(recipe_file(federation={"rounds": 1})))
+    text = (run_dir / "recipe.yaml").read_text().replace("trust_remote_code: false", "trust_remote_code: true")
+    (run_dir / "recipe.yaml").write_text(text)
+    argv = [verb[0], str(run_dir)] + [str(tmp_path / "out")] * (len(verb) - 1)
+    fails_with(argv, capsys, "model.trust_remote_code: true", "--trust-remote-code")
