@@ -2,15 +2,20 @@
 Tensors only: nothing is pickled between processes."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
 
-def process_state() -> PartialState:
+def process_state(timeout_s: float | None = None) -> PartialState:
+    """The process group, created on the first call (later calls return it, whatever they pass).
+    `timeout_s`: how long a collective may wait for the other ranks before failing."""
     # A bare PartialState() under torchrun on a CPU-only machine is not distributed: ask for
     # the CPU (gloo) state explicitly when there is no CUDA.
-    return PartialState(cpu=not torch.cuda.is_available())
+    options = {"timeout": timedelta(seconds=timeout_s)} if timeout_s is not None else {}
+    return PartialState(cpu=not torch.cuda.is_available(), **options)
 
 
 def is_distributed() -> bool:

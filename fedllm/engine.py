@@ -343,7 +343,7 @@ class Federation:
 def run_recipe(path: str, overrides: list[str] = ()) -> Path:
     recipe = load_recipe(path, overrides)
     check_pairings(recipe)  # before any model is built
-    run_dir = new_run_dir(recipe, Path(path).stem, process_state().device)
+    run_dir = new_run_dir(recipe, Path(path).stem, process_state(recipe.federation.collective_timeout_s).device)
     if (run_dir / "recipe.yaml").exists():
         raise RecipeError(f"{run_dir} already holds a run: continue it with `fedllm resume {run_dir}`, or give this "
                           "run another output.name")
@@ -374,6 +374,7 @@ def resume_run(run_dir: str, overrides: list[str] = (), trust_remote_code: bool 
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     refuse_remote_code(recipe, run_dir / "recipe.yaml", trust_remote_code)
     check_pairings(recipe)
+    process_state(recipe.federation.collective_timeout_s)  # the process group, before the Federation needs it
     fed = Federation(recipe, run_dir)
     fed.resume()
     fed.run()

@@ -48,6 +48,8 @@ class FederationConfig(Section):
     fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     sampler: Plugin = {"name": "uniform"}
     client_store_budget_mb: float = Field(1024.0, ge=0.0)  # per-client state spills to disk past this
+    # ranks wait at most this long in a collective: a frozen or dead rank ends the job (torch's default is 30 min)
+    collective_timeout_s: float = Field(300.0, gt=0.0)
 
     def sampled_per_round(self) -> int:
         if self.clients_per_round is not None and self.fraction is not None:

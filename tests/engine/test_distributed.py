@@ -82,3 +82,17 @@ def test_every_rank_starts_from_rank_zeros_server_state(tmp_path):
     torch.multiprocessing.spawn(_broadcast_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     zero, one = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert torch.equal(one["noise"], torch.Generator().manual_seed(1000).get_state()) and torch.equal(one["m"], zero["m"])
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job_after_the_collective_timeout():
+    import time
+
+    worker = str(Path(__file__).with_name("timeout_worker.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(TRAIN).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", worker, "3"]
+    start = time.time()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
+    assert out.returncode != 0 and "rank 0 gave up after" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert time.time() - start < 60  # not torch's 30 minutes, and not the frozen rank's 120 s
