@@ -26,6 +26,12 @@ def split_extras(tensors: dict) -> tuple[dict, dict]:
     return plain, {k[len(EXTRAS):]: t for k, t in tensors.items() if k.startswith(EXTRAS)}
 
 
+class MalformedMessage(ValueError):
+    """A message from an untrusted party that does not decode to what its header promises
+    (a codec header out of bounds, a payload of the wrong length, ...). The one error a
+    decoder raises for bad input; its text names the codec, the tensor and what is wrong."""
+
+
 @dataclass
 class Message:
     tensors: dict[str, torch.Tensor]

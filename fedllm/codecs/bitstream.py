@@ -34,14 +34,23 @@ def pack_uints(values: np.ndarray, width: int) -> bytes:
 
 
 def unpack_uints(data: bytes, width: int, count: int) -> np.ndarray:
+    """`count` values of `width` bits (0 ≤ width ≤ 63) from the start of `data`, as int64."""
+    if not 0 <= width <= 63 or count < 0:
+        raise ValueError(f"cannot unpack {count} values of {width} bits")
     if width == 0 or count == 0:
         return np.zeros(count, dtype=np.int64)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * width)
-    if bits.size < count * width:
-        raise ValueError(f"bitstream too short: {bits.size} bits for {count} values of {width} bits")
-    padded = np.zeros((count, 64), dtype=np.uint8)
-    padded[:, 64 - width :] = bits.reshape(count, width)
-    return np.packbits(padded, axis=1).view(">u8").ravel().astype(np.int64)
+    if len(data) * 8 < count * width:
+        raise ValueError(f"bitstream too short: {len(data) * 8} bits for {count} values of {width} bits")
+    out = np.empty(count, dtype=np.int64)
+    step = CHUNK - CHUNK % 8  # whole bytes per chunk: CHUNK·width bits
+    for i in range(0, count, step):
+        n = min(step, count - i)
+        start = i * width // 8  # i·width is a whole number of bytes
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8, count=-(-n * width // 8), offset=start), count=n * width)
+        padded = np.zeros((n, 64), dtype=np.uint8)
+        padded[:, 64 - width :] = bits.reshape(n, width)
+        out[i : i + n] = np.packbits(padded, axis=1).view(">u8").ravel()
+    return out
 
 
 # ---- canonical Huffman --------------------------------------------------------------------
@@ -130,13 +139,20 @@ def _byte_tables(lengths: np.ndarray) -> tuple[list[list[tuple]], list[list[int]
 
 
 def huffman_decode(data: bytes, lengths: np.ndarray, count: int) -> np.ndarray:
+    """`count` symbols; `data` must end in the byte holding the last one."""
     if count == 0:
+        if data:
+            raise ValueError(f"Huffman stream of {len(data)} bytes for no symbols")
         return np.zeros(0, dtype=np.int64)
     emit, end = _byte_tables(np.asarray(lengths, dtype=np.int64))
     out, node = [], 0
-    for byte in data:
+    for used, byte in enumerate(data, 1):
         out.extend(emit[node][byte])
         node = end[node][byte]
+        if len(out) >= count:
+            if used < len(data):
+                raise ValueError(f"Huffman stream has {len(data) - used} bytes after its {count} symbols")
+            break
     if len(out) < count:
         raise ValueError(f"Huffman stream holds {len(out)} symbols, expected {count}")
     return np.asarray(out[:count], dtype=np.int64)
@@ -174,17 +190,30 @@ def rice_encode(values: np.ndarray, k: int) -> bytes:
     return np.packbits(np.concatenate([unary, tail])).tobytes()
 
 
-def rice_decode(data: bytes, k: int, count: int) -> np.ndarray:
+def rice_decode(data: bytes, k: int, count: int, max_value: int | None = None) -> np.ndarray:
+    """`count` values; `data` must be exactly as long as their code, and with `max_value`
+    every value must be ≤ it (checked before the shift that could overflow)."""
+    if not 0 <= k <= 62 or count < 0:
+        raise ValueError(f"cannot decode {count} Rice values with parameter {k}")
     if count == 0:
+        if data:
+            raise ValueError(f"Rice stream of {len(data)} bytes for no values")
         return np.zeros(0, dtype=np.int64)
+    if len(data) * 8 < count * (k + 1):
+        raise ValueError(f"Rice stream of {len(data)} bytes is too short for {count} values")
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
     zeros = np.flatnonzero(bits == 0)[:count]
     if zeros.size < count:
         raise ValueError(f"Rice stream holds {zeros.size} values, expected {count}")
     quotients = np.diff(zeros, prepend=-1) - 1
     start = int(zeros[-1]) + 1
+    if -(-(start + count * k) // 8) != len(data):
+        raise ValueError(f"Rice stream of {len(data)} bytes, its {count} values take {-(-(start + count * k) // 8)}")
+    if max_value is not None and int(quotients.max()) > max_value >> k:
+        raise ValueError(f"a Rice value exceeds {max_value}")
     tail = bits[start : start + count * k]
-    if tail.size < count * k:
-        raise ValueError("Rice stream too short for its remainders")
     remainders = tail.reshape(count, k).astype(np.int64) @ (1 << np.arange(k - 1, -1, -1, dtype=np.int64)) if k else 0
-    return (quotients << k) + remainders
+    values = (quotients << k) + remainders
+    if max_value is not None and int(values.max()) > max_value:
+        raise ValueError(f"a Rice value exceeds {max_value}")
+    return values

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+import fedllm.codecs.framing as framing
 from fedllm.codecs.base import Codec
 from fedllm.codecs.framing import DTYPES
 from fedllm.registry import CODECS
@@ -25,10 +26,21 @@ class Cast(Codec):
         return Message(tensors, {**message.meta, self.key: original})
 
     def decode(self, message: Message, ctx) -> Message:
-        original = message.meta[self.key]
-        tensors = {}
+        """Checks the message against what `encode` sends: every float tensor in this codec's
+        dtype with its original dtype (from DTYPES) in the meta, at most `max_elements(ctx)`
+        float elements in all."""
+        original = message.meta.get(self.key)
+        framing.check(isinstance(original, dict) and len(original) <= framing.MAX_ENTRIES + 1
+                      and all(isinstance(k, str) and isinstance(v, str) and v in DTYPES for k, v in original.items()),
+                      self.key, None, f"meta '{self.key}' is {framing.short(original)}, not a map of names to {sorted(DTYPES)}")
+        limit, total, tensors = framing.max_elements(ctx), 0, {}
         for k, t in message.tensors.items():
             dtype = original.get(k, original.get("*")) if t.is_floating_point() else None
+            if t.is_floating_point():
+                framing.check(t.dtype == self.dtype, self.key, k, f"is {str(t.dtype).removeprefix('torch.')}, expected {self.key}")
+                framing.check(dtype is not None, self.key, k, "has no original dtype in the meta")
+                total += t.numel()
+                framing.check(total <= limit, self.key, k, f"the message decodes to more than {limit} elements")
             tensors[k] = t.to(DTYPES[dtype]) if dtype else t
         return Message(tensors, {k: v for k, v in message.meta.items() if k != self.key})
 

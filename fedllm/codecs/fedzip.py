@@ -94,19 +94,52 @@ def encode_ids(ids: np.ndarray, k: int, encoding: str) -> tuple[dict, bytes]:
     return {**info, "rice": r, "gap_bytes": len(runs)}, runs + symbols
 
 
-def decode_ids(info: dict, data: bytes, size: int, k: int) -> np.ndarray:
-    if info["enc"] == "huffman":
-        return huffman_decode(data, np.asarray(info["lengths"]), size)
-    count, width = info["count"], bit_width(size)
-    if info["enc"] == "position":
+def check_code(lengths, k: int, name, size: int) -> np.ndarray:
+    """Huffman code lengths from a header: k of them, each 0..64, forming a complete prefix
+    code (Kraft sum 1, what `huffman_lengths` builds), or one symbol of 1 bit, or none for
+    an empty tensor. This bounds the decoding tables to k − 1 internal nodes."""
+    framing.check(isinstance(lengths, list) and len(lengths) == k and all(type(n) is int and 0 <= n <= 64 for n in lengths),
+                  "fedzip", name, f"Huffman lengths {framing.short(lengths)} are not {k} integers in [0, 64]")
+    used = [n for n in lengths if n]
+    kraft = sum(1 << (64 - n) for n in used)
+    framing.check(kraft == 1 << 64 or used == [1] or (size == 0 and not used), "fedzip", name, f"Huffman lengths {framing.short(lengths)} are not a complete prefix code")
+    return np.asarray(lengths, dtype=np.int64)
+
+
+def decode_ids(info: dict, data: bytes, size: int, k: int, name=None) -> np.ndarray:
+    """The cluster id of each of `size` entries. Every field of `info` and the length of
+    `data` are checked against what the encoding implies before anything is allocated."""
+    enc = info.get("enc")
+    framing.check(enc in ENCODINGS, "fedzip", name, f"encoding {framing.short(enc)} is not one of {list(ENCODINGS)}")
+    if enc == "huffman":
+        lengths = check_code(info.get("lengths"), k, name, size)
+        shortest = int(lengths[lengths > 0].min()) if size else 0
+        framing.check(size * shortest <= 8 * len(data), "fedzip", name,
+                      f"{len(data)} bytes cannot hold {size} Huffman codes of ≥ {shortest} bits")
+        return huffman_decode(data, lengths, size)
+    count = framing.integer(info, "count", 0, size, "fedzip", name)
+    majority = framing.integer(info, "majority", 0, k - 1, "fedzip", name)
+    width, symbol_width = bit_width(size), bit_width(k - 1)
+    symbol_bytes = math.ceil(count * symbol_width / 8)
+    if enc == "position":
+        framing.check(len(data) == math.ceil(count * width / 8) + symbol_bytes, "fedzip", name,
+                      f"{len(data)} bytes, position encoding of {count} entries takes {math.ceil(count * width / 8) + symbol_bytes}")
         positions = unpack_uints(data, width, count)
         data = data[math.ceil(count * width / 8):]
     else:
-        positions = np.cumsum(rice_decode(data[: info["gap_bytes"]], info["rice"], count) + 1) - 1
-        data = data[info["gap_bytes"]:]
-    which = unpack_uints(data, bit_width(k - 1), count)
-    ids = np.full(size, info["majority"], dtype=np.int64)
-    ids[positions] = which + (which >= info["majority"])
+        rice = framing.integer(info, "rice", 0, 62, "fedzip", name)
+        gap_bytes = framing.integer(info, "gap_bytes", 0, len(data), "fedzip", name)
+        framing.check(len(data) == gap_bytes + symbol_bytes, "fedzip", name,
+                      f"{len(data)} bytes, gap encoding of {count} entries takes {gap_bytes} + {symbol_bytes}")
+        positions = np.cumsum(rice_decode(data[:gap_bytes], rice, count, max_value=size) + 1) - 1
+        data = data[gap_bytes:]
+    # strictly increasing (gaps are ≥ 0 by construction), so in range if the last one is
+    framing.check(count == 0 or (bool((np.diff(positions) > 0).all()) and int(positions[-1]) < size), "fedzip", name,
+                  f"positions are not increasing indices below {size}")
+    which = unpack_uints(data, symbol_width, count)
+    framing.check(count == 0 or int(which.max()) <= k - 2, "fedzip", name, f"a minority id is not below {k - 1}")
+    ids = np.full(size, majority, dtype=np.int64)
+    ids[positions] = which + (which >= majority)
     return ids
 
 
@@ -147,10 +180,13 @@ class FedZip(Codec):
         return info, framing.floats_to_bytes(centroids) + data
 
     def decode_tensor(self, info: dict, data: bytes) -> torch.Tensor:
-        k = self.clusters
-        centroids = framing.bytes_to_floats(data[: 4 * k])
-        ids = decode_ids(info, data[4 * k:], math.prod(info["shape"]), k)
-        return framing.restore(centroids[torch.from_numpy(ids)], info)
+        """One entry of a payload `framing.unpack` has checked."""
+        k, name = self.clusters, info.get("name")
+        framing.check(len(data) >= 4 * k, "fedzip", name, f"{len(data)} bytes, too short for {k} fp32 centroids")
+        with framing.guard("fedzip", name):
+            centroids = framing.bytes_to_floats(data[: 4 * k])
+            ids = decode_ids(info, data[4 * k:], framing.numel(info), k, name)
+            return framing.restore(centroids[torch.from_numpy(ids)], info)
 
     def encode(self, message: Message, ctx) -> Message:
         floating, passthrough = framing.split_floating(message)
@@ -162,7 +198,7 @@ class FedZip(Codec):
         return framing.pack(message, "fedzip", entries, passthrough)
 
     def decode(self, message: Message, ctx) -> Message:
-        entries, tensors, meta = framing.unpack(message, "fedzip")
+        entries, tensors, meta = framing.unpack(message, "fedzip", ctx)
         for info, data in entries:
             tensors[info["name"]] = self.decode_tensor(info, data)
         return Message(tensors, meta)

@@ -62,12 +62,19 @@ class QSGD(Codec):
         return framing.pack(message, "qsgd", entries, passthrough)
 
     def decode(self, message: Message, ctx) -> Message:
-        entries, tensors, meta = framing.unpack(message, "qsgd")
+        entries, tensors, meta = framing.unpack(message, "qsgd", ctx)
         for info, data in entries:
-            size = math.prod(info["shape"])
+            name, size = info["name"], framing.numel(info)
             n_buckets = math.ceil(size / self.bucket_size)
-            norms = framing.bytes_to_floats(data[: 4 * n_buckets]).double().numpy()
-            signed = unpack_uints(data[4 * n_buckets:], self.width, n_buckets * self.bucket_size) - self.levels
-            values = norms[:, None] * signed.reshape(n_buckets, -1) / self.levels
-            tensors[info["name"]] = framing.restore(torch.from_numpy(values.reshape(-1)[:size]), info)
+            expected = 4 * n_buckets + math.ceil(n_buckets * self.bucket_size * self.width / 8)
+            framing.check(len(data) == expected, "qsgd", name,
+                          f"{len(data)} bytes, {n_buckets} buckets of {self.bucket_size} take {expected}")
+            with framing.guard("qsgd", name):
+                norms = framing.bytes_to_floats(data[: 4 * n_buckets]).double().numpy()
+                levels = unpack_uints(data[4 * n_buckets:], self.width, n_buckets * self.bucket_size)
+                framing.check(levels.size == 0 or int(levels.max()) <= 2 * self.levels, "qsgd", name,
+                              f"a level is outside [-{self.levels}, {self.levels}]")
+                signed = levels - self.levels
+                values = norms[:, None] * signed.reshape(n_buckets, self.bucket_size) / self.levels
+                tensors[name] = framing.restore(torch.from_numpy(values.reshape(-1)[:size]), info)
         return Message(tensors, meta)

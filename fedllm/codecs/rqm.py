@@ -142,11 +142,16 @@ class RQM(Codec):
         return framing.pack(message, "rqm", entries, passthrough)
 
     def decode(self, message: Message, ctx) -> Message:
-        entries, tensors, meta = framing.unpack(message, "rqm")
+        entries, tensors, meta = framing.unpack(message, "rqm", ctx)
         for info, data in entries:
-            index = unpack_uints(data, self.width, math.prod(info["shape"]))
-            tensors[info["name"]] = framing.restore(torch.from_numpy(self.values[index]), info)
-        self.dimension = sum(math.prod(info["shape"]) for info, _ in entries)
+            name, size = info["name"], framing.numel(info)
+            expected = math.ceil(size * self.width / 8)
+            framing.check(len(data) == expected, "rqm", name, f"{len(data)} bytes, {size} levels of {self.width} bits take {expected}")
+            with framing.guard("rqm", name):
+                index = unpack_uints(data, self.width, size)
+                framing.check(index.size == 0 or int(index.max()) < self.levels, "rqm", name, f"a level index is not below {self.levels}")
+                tensors[name] = framing.restore(torch.from_numpy(self.values[index]), info)
+        self.dimension = sum(framing.numel(info) for info, _ in entries)
         return Message(tensors, meta)
 
     def rdp_per_coordinate(self) -> np.ndarray:

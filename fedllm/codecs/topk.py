@@ -49,13 +49,19 @@ class TopK(Codec):
         return framing.pack(message, "topk", entries, passthrough)
 
     def decode(self, message: Message, ctx) -> Message:
-        entries, tensors, meta = framing.unpack(message, "topk")
+        entries, tensors, meta = framing.unpack(message, "topk", ctx)
         for info, data in entries:
-            size, count = math.prod(info["shape"]), info["count"]
+            name, size = info["name"], framing.numel(info)
+            count = framing.integer(info, "count", 0, size, "topk", name)
             width = bit_width(size)
             split = math.ceil(count * width / 8)
-            index = torch.from_numpy(unpack_uints(data[:split], width, count).astype(np.int64))
-            dense = torch.zeros(size)
-            dense[index] = framing.bytes_to_floats(data[split:])
-            tensors[info["name"]] = framing.restore(dense, info)
+            framing.check(len(data) == split + 4 * count, "topk", name,
+                          f"{len(data)} bytes, {count} entries of {width}-bit index + fp32 value take {split + 4 * count}")
+            with framing.guard("topk", name):
+                index = unpack_uints(data[:split], width, count).astype(np.int64)
+                framing.check(count == 0 or (bool((np.diff(index) > 0).all()) and 0 <= int(index[0]) and int(index[-1]) < size),
+                              "topk", name, f"indices are not increasing and below {size}")
+                dense = torch.zeros(size)
+                dense[torch.from_numpy(index)] = framing.bytes_to_floats(data[split:])
+                tensors[name] = framing.restore(dense, info)
         return Message(tensors, meta)
