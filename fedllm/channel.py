@@ -15,7 +15,7 @@ import torch
 from fedllm.adapters.base import Adapter
 from fedllm.state import State
 from fedllm.strategies.base import Update
-from fedllm.wire import Message, WireContext, deserialize, serialize, split_extras, with_extras
+from fedllm.wire import MalformedMessage, Message, WireContext, deserialize, serialize, split_extras, with_extras
 
 
 @dataclass
@@ -61,9 +61,14 @@ class Channel:
            adapter_space: bool = False) -> tuple[Update | State, int]:
         """Both halves, as the simulation runs them: what the server decodes, and the bytes."""
         wire = self.encode(update, extras, ctx, codec_states)
-        message, size = deserialize(wire), len(wire)
-        del wire  # for a full-parameter update, at most two full-size objects live at once
-        return self.decode_message(message, ctx, adapter_space), size
+        size = len(wire)
+        try:
+            message = deserialize(wire)
+            del wire  # for a full-parameter update, at most two full-size objects live at once
+            return self.decode_message(message, ctx, adapter_space), size
+        except MalformedMessage as err:
+            err.bytes = size  # what the client sent is counted even when the server refuses it
+            raise
 
     # ---- server → clients --------------------------------------------------------------
     def down(self, global_state: State, broadcast: State, device: torch.device) -> Downlink:

@@ -34,7 +34,7 @@ from fedllm.state import (
 )
 from fedllm.strategies.base import RoundInfo, RunInfo
 from fedllm.training import default_steps, round_learning_rate
-from fedllm.wire import WireContext
+from fedllm.wire import MalformedMessage, WireContext
 
 log = logging.getLogger("fedllm")
 
@@ -111,6 +111,8 @@ class Federation:
             self.data.clients[client_id] = self.attack.poison_data(self.data.clients[client_id],
                                                                  derive(recipe.seed, client_id, tag="poison"))
         self.global_state = self.adapter.state(self.model)  # the one extra copy of the trainable tensors
+        # a decoded upload holds at most Δ and extras the size of the state (SCAFFOLD's Δc), plus small fields
+        self.max_elements = 2 * sum(t.numel() for t in self.global_state.values()) + 2**20
         # every rank starts from rank 0's server state (e.g. a secret DP noise generator)
         self.server_state = broadcast_state_(self.strategy.init(self.global_state), self.device)
         # The adapter's own aggregation and download (Ferret's coordinate space under a plain
@@ -158,8 +160,7 @@ class Federation:
         for cid in mine:
             upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(self.store.get(cid)), lr,
                                      on_step=progress.update if progress is not None else None)
-            message, size = self.channel.up(upload.update, upload.extras, WireContext(t, cid, r.seed), upload.record.codecs,
-                                            adapter_space=self.own_aggregation is not None)
+            message, size = self.send(t, cid, upload)
             accepted = self.accept(t, cid, collect, message, upload.weight)
             del message  # summed: it must not stay alive through the next client's training
             self.keep_record(cid, upload.record, accepted)
@@ -194,10 +195,22 @@ class Federation:
         self.expected = message_template(self.strategy, self.global_state)
         return default_collector(self.strategy, lambda: self.expected, t, self.attack, frozenset(self.byzantine))
 
+    def send(self, t: int, client_id: int, upload: Upload):
+        """The upload through the channel: what the server decoded (or why it could not), and the bytes."""
+        ctx = WireContext(t, client_id, self.recipe.seed, max_elements=self.max_elements)
+        try:
+            return self.channel.up(upload.update, upload.extras, ctx, upload.record.codecs,
+                                   adapter_space=self.own_aggregation is not None)
+        except MalformedMessage as err:
+            return err, err.bytes
+
     def accept(self, t: int, client_id: int, collect, message, weight: float) -> bool:
-        """An untrusted upload enters the aggregate only with the expected keys, shapes and
-        kinds and finite values."""
-        problem = misfit(message, self.expected) if self.expected is not None else None
+        """An untrusted upload enters the aggregate only if it decoded, with the expected keys,
+        shapes and kinds and finite values."""
+        if isinstance(message, MalformedMessage):
+            problem = str(message)
+        else:
+            problem = misfit(message, self.expected) if self.expected is not None else None
         if problem is None and collect.add(client_id, message, weight):
             return True
         what = f"a malformed update ({problem})" if problem else "a non-finite update (NaN/Inf)"

@@ -47,6 +47,9 @@ class WireContext:
     # kept in the client store between the client's rounds; the codec edits it in place.
     # Decoding gets None: the server may use only what the message carries.
     state: dict | None = field(default=None, compare=False)
+    # Server side: the most elements a decoded message may hold (from the global state), so a
+    # crafted header cannot make the receiver allocate more; None: the codecs' own ceiling.
+    max_elements: int | None = field(default=None, compare=False)
 
 
 def serialize(message: Message) -> bytes:

@@ -77,7 +77,7 @@ def guard(codec: str, name=None):
 def max_elements(ctx) -> int:
     """The caller's bound on the elements a message may decode to (`ctx.max_elements`, where
     the context has one), else MAX_ELEMENTS."""
-    limit = getattr(ctx, "max_elements", None)
+    limit = ctx.max_elements if ctx is not None else None  # decoding without a context: the ceiling
     return MAX_ELEMENTS if limit is None else int(limit)
 
 

@@ -146,3 +146,28 @@ def test_fedavg_with_an_inf_attacker_keeps_a_finite_global(recipe_file, caplog):
     adapter = final_adapter(run_recipe(str(path)))
     assert all(torch.isfinite(t).all() for t in adapter.values())
     assert "forged update(s) were non-finite and dropped" in caplog.text
+
+
+@CODECS.register("test_garbage_for_client_2")
+class GarbageForClient2(Codec):
+    """Test codec: client 2's upload arrives as bytes no codec can read."""
+
+    def encode(self, message: Message, ctx) -> Message:
+        if ctx.client_id != 2:
+            return message
+        return Message({"fedzip": torch.full((64,), 255, dtype=torch.uint8)}, message.meta)
+
+    def decode(self, message: Message, ctx) -> Message:
+        if ctx.client_id != 2:
+            return message
+        return CODECS.build({"name": "fedzip"}).decode(message, ctx)  # refuses the crafted payload
+
+
+def test_an_undecodable_upload_is_rejected_with_its_bytes_counted(recipe_file, caplog):
+    path = recipe_file(federation={"rounds": 1, "num_clients": 3, "clients_per_round": 3},
+                       codecs=[{"name": "test_garbage_for_client_2"}])
+    run_dir = run_recipe(str(path))
+    assert "client 2 sent a malformed update" in caplog.text
+    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert next(e for e in ledger if e["client"] == 2)["bytes_up"] > 64
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["dropped"] == 1
