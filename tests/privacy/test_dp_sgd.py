@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from fedllm.privacy.dp_sgd import clipped_gradient_sum, single_examples
+from fedllm.privacy.dp_sgd import clipped_gradient_sum, single_examples, spending_fronts
+from fedllm.recipe import ClientConfig
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strategy, Update
+from fedllm.training import default_steps
 
 
 def squared_error(params):
@@ -83,3 +85,28 @@ def test_a_wrapped_strategy_cannot_read_raw_gradients(run_info):
     ctx = ClientContext(0, 0, {"w": torch.zeros(2)}, {}, {}, 0.1, 1, gradient=lambda limit: {"w": torch.ones(2)})
     with pytest.raises(ValueError, match="bypass per-example clipping"):
         s.client_hooks(0, 0).begin(params, ctx)
+
+
+def test_a_slightly_larger_client_with_one_more_step_is_calibrated_for(run_info):
+    # num_train_epochs = 1, batch 8: 16 examples → rate 0.5, 2 steps; 17 → rate 0.47, 3 steps.
+    # Calibrating for the highest rate alone let the second client spend ε 3.51 of 3.
+    cfg = ClientConfig(max_steps=None, num_train_epochs=1, per_device_train_batch_size=8)
+    sizes = [16, 17]
+    steps = [default_steps(cfg, n) for n in sizes]
+    assert steps == [2, 3]
+    s = STRATEGIES.build({"name": "dp_sgd"})
+    s.setup(run_info(rounds=20, num_clients=2, client_sizes=sizes, local_steps=steps, batch_size=8,
+                     privacy={"target_epsilon": 3.0}))
+    x = {"w": torch.zeros(2)}
+    state = s.init(x)
+    for t in range(20):
+        assert s.stop_reason(t, state) is None  # no early stop: the budget covers the planned rounds
+        _, state = s.aggregate(x, Update(x), state, RoundInfo(t, [0, 1], 2.0, 2))
+    spent = {c: ledger.epsilon(1e-5) for c, ledger in s.ledgers(state).items()}
+    assert max(spent.values()) <= 3.0
+    assert spent[1] == pytest.approx(3.0, rel=1e-3) and spent[0] < spent[1]  # the 3-step client spends most
+
+
+def test_only_undominated_rate_step_pairs_are_calibrated():
+    assert spending_fronts([0.5, 0.47, 0.5, 0.25], [2, 3, 2, 3]) == [(0.47, 3), (0.5, 2)]
+    assert spending_fronts([0.5, 0.25], [3, 2]) == [(0.5, 3)]
