@@ -157,6 +157,7 @@ def spending_fronts(rates: list[float], steps: list[int]) -> list[tuple[float, i
 class LocalDPSGD(PrivacyWrapper):
     """Local DP-SGD (per-example clipping + Gaussian noise) on every client; ε per client."""
 
+    clips_client_gradients = True  # client.max_grad_norm does not clip the noisy step again
     check_privacy = staticmethod(check_privacy)  # reads the recipe's privacy: section
 
     def __init__(
