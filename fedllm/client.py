@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from fedllm.adapters.base import Adapter
+from fedllm.privacy.budget import post_step_clip
 from fedllm.state import ClientRecord, State
 from fedllm.strategies.base import ClientContext, ClientHooks, Strategy
 from fedllm.training import FULL_GRADIENT, LocalJob, LocalLoop, LocalResult, StepDriver, client_seed, default_steps
@@ -35,6 +36,7 @@ class Client:
                  device: torch.device, seed: int):
         self.model, self.params, self.adapter, self.strategy, self.loop = model, params, adapter, strategy, loop
         self.cfg, self.data, self.pad_token_id, self.device, self.seed = cfg, data, pad_token_id, device, seed
+        self.max_grad_norm = post_step_clip(strategy, cfg.max_grad_norm)  # None under DP-SGD: see there
 
     def run(self, client_id: int, round: int, x_t: State, broadcast: State, record: ClientRecord, lr: float,
             on_step: Callable[[], None] | None = None) -> Upload:
@@ -49,7 +51,7 @@ class Client:
         )
         gradient = (lambda limit=None: self.loop.full_gradient(job, limit)) if FULL_GRADIENT in self.loop.supports else None
         hooks.begin(self.params, ClientContext(round, client_id, x_t, broadcast, record.strategy, lr, job.steps, gradient))
-        result = self.loop.train(job, StepDriver(hooks, self.params, self.cfg.max_grad_norm, on_step))
+        result = self.loop.train(job, StepDriver(hooks, self.params, self.max_grad_norm, on_step))
         update = dict(result.update) if hooks.rewrites_update else result.update
         extras, client_state = hooks.finish(self.params, update)
         weight = 1.0 if self.strategy.uniform_weights else float(result.num_samples)

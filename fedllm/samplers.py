@@ -17,6 +17,18 @@ class Uniform:
         return sorted(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
+@SAMPLERS.register("poisson")
+class Poisson:
+    """Each client joins a round independently with probability q = k / N: k clients on
+    average, any number in a given round, none included. The sampling that "amplification by
+    sampling" analyses under add/remove-one (Abadi et al. 2016; McMahan et al. 2018, §2), so
+    dp_fedavg accounts a Poisson-subsampled Gaussian with it."""
+
+    def sample(self, round: int, num_clients: int, k: int, seed: int) -> list[int]:
+        rng = np.random.default_rng(derive(seed, round, tag="poisson-sampler"))
+        return np.flatnonzero(rng.random(num_clients) < k / num_clients).tolist()
+
+
 
 class Participation:
     """Who a sampler picks in each round, replayed on demand (a pure function of the seed),

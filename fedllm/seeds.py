@@ -18,6 +18,7 @@ import numpy as np
 _STREAMS: dict[str, tuple[str, tuple[int, ...]]] = {
     "client": ("torch", ()),  # a local round's batch order and dropout, per (round, client)
     "sampler": ("numpy", ()),  # which clients a round samples, per round
+    "poisson-sampler": ("numpy", (0x9015,)),  # the Poisson sampler's coins, one per client, per round
     "fedamd-anchor": ("numpy", (0xA4C,)),  # FedAMD's anchor/miner coin, per (round, client)
     "byzantine": ("numpy", (0xB1,)),  # which clients are attackers, once per run
     "poison": ("sum", ()),  # an attacker's data seed, seed + client id (collides across seeds)

@@ -155,6 +155,23 @@ def calibrate(events_for: Callable[[float], dict[Event, float]], target_epsilon:
               method: Method = "rdp", tol: float = 1e-4) -> float:
     """The noise multiplier z (within `tol`, rounded up) whose composition `events_for(z)`
     spends ε = target_epsilon at δ — the library's root search (Brent's method)."""
+    z_rdp = _root(events_for, target_epsilon, delta, "rdp", dp_accounting.LowerEndpointAndGuess(1e-2, 1.0), tol)
+    if method == "rdp":
+        return z_rdp + tol  # the root may sit a hair on the wrong side: round toward more noise
+    # PLD must not start at z = 0.01 as RDP does: its discretised privacy loss spans a range
+    # that grows like 1/z², which at small z is tens of GiB. RDP is an upper bound on the
+    # same ε, so PLD's root lies at or below RDP's: bracket [z_rdp / 2, z_rdp] and widen only
+    # if the target falls outside (a very loose RDP conversion below, discretisation above).
+    lower, upper = z_rdp / 2, z_rdp + tol
+    while epsilon_of(events_for(upper), delta, "pld") > target_epsilon:
+        lower, upper = upper, upper * 2
+    while epsilon_of(events_for(lower), delta, "pld") <= target_epsilon:
+        lower, upper = lower / 2, lower
+    bracket = dp_accounting.ExplicitBracketInterval(lower, upper)
+    return _root(events_for, target_epsilon, delta, "pld", bracket, tol) + tol
+
+
+def _root(events_for, target_epsilon: float, delta: float, method: Method, bracket, tol: float) -> float:
     relation = relation_of(events_for(1.0))
 
     def fresh():
@@ -164,7 +181,6 @@ def calibrate(events_for: Callable[[float], dict[Event, float]], target_epsilon:
 
     with quiet_library():
         z = dp_accounting.calibrate_dp_mechanism(
-            fresh, lambda z: library_event(events_for(z)), target_epsilon, delta,
-            dp_accounting.LowerEndpointAndGuess(1e-2, 1.0), tol=tol,
+            fresh, lambda z: library_event(events_for(z)), target_epsilon, delta, bracket, tol=tol,
         )
-    return float(z) + tol  # the root may sit a hair on the wrong side: round toward more noise
+    return float(z)

@@ -83,6 +83,7 @@ class DPBREM(Strategy):
     needs = ALL  # centered clipping needs every client's momentum
     client_needs = frozenset({"per_example", "variable_steps"})  # per-example clipping; one step
     uniform_weights = True
+    clips_client_gradients = True  # per example, with record_clip
     check_privacy = staticmethod(check_privacy)  # reads the recipe's privacy: section
 
     def __init__(

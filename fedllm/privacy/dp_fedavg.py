@@ -14,7 +14,16 @@ adaptive optimisers run on the privatised mean. One round is one DP event:
 - m of N clients uniformly without replacement (the `uniform` sampler): the library's
   sampled-without-replacement Gaussian under replace-one-client, where the sum moves by
   ≤ 2S, so the event's multiplier is z/2.
-The ledger is server state (checkpointed); ε is reported after every round, and with a
+- each client independently with probability q = m/N (the `poisson` sampler): the
+  Poisson-subsampled Gaussian with multiplier z under add/remove-one-client (McMahan et al.
+  2018, §2: m is then the expected round size, the fixed denominator qN). A round that
+  samples nobody reaches no aggregate, yet it is still a round of the mechanism: the next
+  aggregate (or the budget check) accounts it too, as a full event (an upper bound).
+  Caveats, as for dp_sgd: the amplification assumes nobody knows who was sampled, while the
+  simulated sampler is seeded from the recipe seed; and an empty round leaves the model
+  unchanged instead of releasing noise alone (the engine skips it), which tells that nobody
+  was sampled — a δ-sized gap (≤ q(1−q)^(N−1) per round) this accounting does not cover.
+Other samplers are refused. The ledger is server state (checkpointed); ε is reported after every round, and with a
 budget the run stops before the round that would exceed it. The budget and `noise_seed`
 come from the recipe's `privacy:` section; the noise is secret unless `noise_seed` is set
 (`fedllm.privacy.budget`)."""
@@ -32,6 +41,8 @@ from fedllm.strategies.base import ALL, RoundInfo, State, Update
 from fedllm.wire import split_extras, with_extras
 
 LEDGER = PREFIX + "ledger"
+ROUNDS = PREFIX + "rounds"  # rounds accounted so far (Poisson sampling: empty rounds count too)
+SAMPLERS = ("uniform", "poisson")  # the samplers dp_fedavg can account for
 
 
 class ClipUpload(DelegatingHooks):
@@ -74,14 +85,16 @@ class DPFedAvg(PrivacyWrapper):
         self.uniform_weights = True  # the mean is over clients, each clipped to S
         self.clip_norm = clip_norm
         self.budget = Budget.of("dp_fedavg")
-        self.population, self.sample = None, None
+        self.population, self.sample, self.poisson = None, None, False
 
     def setup(self, run) -> None:
-        if run.sampler != "uniform":
-            raise ValueError(f"dp_fedavg accounts for the uniform client sampler; this run samples with '{run.sampler}'")
+        if run.sampler not in SAMPLERS:
+            raise ValueError(f"dp_fedavg accounts for the {' and '.join(SAMPLERS)} client samplers; "
+                             f"this run samples with '{run.sampler}'")
         super().setup(run)
         self.budget = Budget.of("dp_fedavg", run)
         self.population, self.sample = run.num_clients, run.clients_per_round
+        self.poisson = run.sampler == "poisson"
         if self.budget.target_epsilon is not None:
             self.budget.noise_multiplier = calibrate(
                 lambda z: {self.event(z): run.rounds}, self.budget.target_epsilon, self.budget.delta, self.budget.method
@@ -91,11 +104,22 @@ class DPFedAvg(PrivacyWrapper):
         n, m = population or self.population, sample or self.sample
         if m >= n:
             return Event(z)
+        if self.poisson:  # add/remove-one client moves the sum by ≤ S: multiplier z
+            return Event(z, "poisson", rate=m / n)
         return Event(z / 2, "without_replacement", population=n, sample=m)
+
+    def rounds_due(self, own: State, round: int) -> int:
+        """Events to account when round `round` completes: itself, plus under Poisson sampling
+        the empty rounds before it that reached no aggregate."""
+        if not self.poisson:
+            return 1
+        return round + 1 - int(own[ROUNDS]) if ROUNDS in own else 1
 
     def init(self, global_state: State) -> State:
         self.budget.require_noise()
-        return {**super().init(global_state), LEDGER: Ledger().state(), NOISE: noise_state(self.budget.noise_seed, "dp-fedavg")}
+        rounds = {ROUNDS: torch.zeros((), dtype=torch.int64)} if self.poisson else {}
+        return {**super().init(global_state), LEDGER: Ledger().state(), NOISE: noise_state(self.budget.noise_seed, "dp-fedavg"),
+                **rounds}
 
     def client_hooks(self, round: int, client_id: int):
         return ClipUpload(self.inner.client_hooks(round, client_id), self.clip_norm)
@@ -111,8 +135,9 @@ class DPFedAvg(PrivacyWrapper):
         noisy = add_noise(total, z * self.clip_norm, generator)
         delta, extras = split_extras({k: t / m for k, t in noisy.items()})
         new_global, inner_state = self.inner.aggregate(global_state, Update(delta, extras), inner_state, info)
-        ledger = Ledger(own[LEDGER]).compose(self.event(z, info.num_clients, m))
-        return new_global, {**inner_state, LEDGER: ledger.state(), NOISE: generator.get_state()}
+        ledger = Ledger(own[LEDGER]).compose(self.event(z, info.num_clients, m), self.rounds_due(own, info.round))
+        rounds = {ROUNDS: torch.tensor(info.round + 1)} if ROUNDS in own else {}
+        return new_global, {**inner_state, LEDGER: ledger.state(), NOISE: generator.get_state(), **rounds}
 
     def metrics(self, server_state: State) -> dict:
         return {**self.inner_metrics(server_state), **self.budget.report([Ledger(server_state[LEDGER])])}
@@ -120,6 +145,7 @@ class DPFedAvg(PrivacyWrapper):
     def stop_reason(self, round: int, server_state: State) -> str | None:
         if self.population is None:
             return self.inner_stop_reason(round, server_state)
-        ledger = Ledger(server_state[LEDGER]).compose(self.event(self.budget.require_noise()))
+        own = split_state(server_state)[1]
+        ledger = Ledger(own[LEDGER]).compose(self.event(self.budget.require_noise()), self.rounds_due(own, round))
         reason = self.budget.stop_reason(round, ledger.epsilon(self.budget.delta, self.budget.method))
         return reason or self.inner_stop_reason(round, server_state)

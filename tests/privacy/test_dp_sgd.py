@@ -1,10 +1,18 @@
 """Local DP-SGD: exact per-example clipping, noise of std σC/B, and per-client ε."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from fedllm.privacy.dp_sgd import clipped_gradient_sum, single_examples
+from fedllm.adapters.base import Adapter
+from fedllm.client import Client
+from fedllm.privacy.budget import post_step_clip
+from fedllm.privacy.dp_sgd import clipped_gradient_sum, single_examples, spending_fronts
+from fedllm.recipe import ClientConfig
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, Strategy, Update
+from fedllm.state import ClientRecord
+from fedllm.training import LocalLoop, LocalResult, default_steps
 
 
 def squared_error(params):
@@ -83,3 +91,69 @@ def test_a_wrapped_strategy_cannot_read_raw_gradients(run_info):
     ctx = ClientContext(0, 0, {"w": torch.zeros(2)}, {}, {}, 0.1, 1, gradient=lambda limit: {"w": torch.ones(2)})
     with pytest.raises(ValueError, match="bypass per-example clipping"):
         s.client_hooks(0, 0).begin(params, ctx)
+
+
+def test_a_slightly_larger_client_with_one_more_step_is_calibrated_for(run_info):
+    # num_train_epochs = 1, batch 8: 16 examples → rate 0.5, 2 steps; 17 → rate 0.47, 3 steps.
+    # Calibrating for the highest rate alone let the second client spend ε 3.51 of 3.
+    cfg = ClientConfig(max_steps=None, num_train_epochs=1, per_device_train_batch_size=8)
+    sizes = [16, 17]
+    steps = [default_steps(cfg, n) for n in sizes]
+    assert steps == [2, 3]
+    s = STRATEGIES.build({"name": "dp_sgd"})
+    s.setup(run_info(rounds=20, num_clients=2, client_sizes=sizes, local_steps=steps, batch_size=8,
+                     privacy={"target_epsilon": 3.0}))
+    x = {"w": torch.zeros(2)}
+    state = s.init(x)
+    for t in range(20):
+        assert s.stop_reason(t, state) is None  # no early stop: the budget covers the planned rounds
+        _, state = s.aggregate(x, Update(x), state, RoundInfo(t, [0, 1], 2.0, 2))
+    spent = {c: ledger.epsilon(1e-5) for c, ledger in s.ledgers(state).items()}
+    assert max(spent.values()) <= 3.0
+    assert spent[1] == pytest.approx(3.0, rel=1e-3) and spent[0] < spent[1]  # the 3-step client spends most
+
+
+def test_only_undominated_rate_step_pairs_are_calibrated():
+    assert spending_fronts([0.5, 0.47, 0.5, 0.25], [2, 3, 2, 3]) == [(0.47, 3), (0.5, 2)]
+    assert spending_fronts([0.5, 0.25], [3, 2]) == [(0.5, 3)]
+
+
+class OneSGDStep(LocalLoop):
+    """One plain SGD step on the squared error of a fixed batch, through the step driver."""
+
+    name = "one SGD step"
+    supports = frozenset({"per_example"})
+
+    def train(self, job, driver):
+        w = job.params["w"]
+        batch = {"x": torch.ones(4, 3), "y": torch.full((4,), 100.0)}  # every example's gradient: norm ≫ C
+        loss = driver.backward(batch, squared_error(job.params), default=None)
+
+        def sgd_step():
+            with torch.no_grad():
+                w.sub_(job.lr * w.grad)
+
+        driver.step(sgd_step, lambda: setattr(w, "grad", None))
+        return LocalResult({"w": w.detach() - job.x_t["w"]}, 4, float(loss), 1, None)
+
+
+def test_the_noisy_step_is_not_clipped_again_by_client_max_grad_norm(run_info, caplog):
+    s = STRATEGIES.build({"name": "dp_sgd", "max_grad_norm": 1.0})
+    s.setup(run_info(num_clients=1, client_sizes=[4], batch_size=4, privacy={"noise_multiplier": 1e-6, "noise_seed": 0}))
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(3))
+    cfg = SimpleNamespace(max_steps=1, gradient_accumulation_steps=1, per_device_train_batch_size=4, num_train_epochs=None,
+                          max_grad_norm=1e-3, keep_optimizer_state=False)  # set in the recipe: ignored, with a warning
+    with caplog.at_level("WARNING"):
+        client = Client(model, {"w": model.w}, Adapter(), s, OneSGDStep(), cfg, [[{}] * 4], 0, torch.device("cpu"), seed=0)
+    assert "client.max_grad_norm=0.001 is ignored" in caplog.text
+    upload = client.run(0, 0, {"w": torch.zeros(3)}, {}, ClientRecord(), lr=0.1)
+    # all four clipped per-example gradients point the same way with norm C = 1, so the DP-SGD
+    # step is lr · 1 (the noise is ~1e-6); a second clip would have made it lr · 1e-3
+    assert upload.update["w"].norm().item() == pytest.approx(0.1, rel=1e-4)
+
+
+def test_other_strategies_keep_client_max_grad_norm():
+    assert post_step_clip(STRATEGIES.build({"name": "fedavg"}), 0.5) == 0.5
+    assert post_step_clip(STRATEGIES.build({"name": "dp_fedavg"}), 0.5) == 0.5  # clips the upload, not per example
+    assert post_step_clip(STRATEGIES.build({"name": "dp_brem"}), None) is None

@@ -120,3 +120,15 @@ def test_the_engine_sends_the_clipped_update_not_the_raw_one(recipe_file, tmp_pa
     raw = torch.cat([(p.detach() - x_t[k]).reshape(-1) for k, p in fed.params.items()]).norm()
     sent = torch.cat([t.reshape(-1) for t in with_extras(message.delta, message.extras).values()]).norm()
     assert raw > 0.01 and abs(float(sent) - 1e-3) < 1e-6
+
+
+def test_dp_fedavg_with_poisson_sampling_runs_through_empty_rounds(recipe_file):
+    path = recipe_file(
+        strategy={"name": "dp_fedavg", "clip_norm": 1.0}, privacy={"noise_multiplier": 1.0},
+        federation={"rounds": 4, "num_clients": 4, "clients_per_round": 1, "sampler": {"name": "poisson"}},
+        eval={"every": 0},
+    )
+    run_dir = run_recipe(str(path))
+    rows = rows_of(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and (run_dir / "final" / "adapter_model.safetensors").exists()
+    assert 0 < rows[-1]["epsilon"] < 4.73 * 2  # q = 1/4: amplified below four unsampled Gaussian rounds
