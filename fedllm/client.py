@@ -3,6 +3,7 @@ strategy's ClientHooks — `num_steps → begin → (the loop's backward / step)
 whatever loop trains (built-in, a Hugging Face Trainer, SFPrompt's split loop)."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Callable
@@ -10,10 +11,26 @@ from typing import Callable
 import torch
 
 from fedllm.adapters.base import Adapter
-from fedllm.privacy.budget import post_step_clip
+from fedllm.recipe import ClientConfig
 from fedllm.state import ClientRecord, State
 from fedllm.strategies.base import ClientContext, ClientHooks, Strategy
 from fedllm.training import FULL_GRADIENT, LocalJob, LocalLoop, LocalResult, StepDriver, client_seed, default_steps
+
+DEFAULT_CLIP = ClientConfig.model_fields["max_grad_norm"].default  # the client: section's, unless set
+log = logging.getLogger("fedllm")
+
+
+def post_step_clip(strategy: Strategy, max_grad_norm: float | None) -> float | None:
+    """The norm the step driver clips each step's gradient to after the strategy's hooks:
+    none for a strategy that clips per example itself. DP-SGD steps on the noisy mean of the
+    clipped per-example gradients as it is (Abadi et al. 2016, Algorithm 1); clipping that
+    again would scale every noisy step down to `max_grad_norm` — another algorithm."""
+    if not strategy.clips_client_gradients:
+        return max_grad_norm
+    if max_grad_norm not in (None, DEFAULT_CLIP):  # set in the recipe, not the default
+        log.warning("client.max_grad_norm=%s is ignored: the strategy clips each example's gradient itself, "
+                    "and clipping its noisy step again would shrink it (no longer DP-SGD)", max_grad_norm)
+    return None
 
 
 @dataclass

@@ -23,7 +23,6 @@
   rest to the strategy it wraps; `DelegatingHooks` passes the client hooks through."""
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 from dataclasses import replace
@@ -31,15 +30,12 @@ from dataclasses import replace
 import torch
 
 from fedllm.privacy.accountant import Ledger, Method
-from fedllm.recipe import ClientConfig
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.seeds import derive
 from fedllm.strategies.base import ALL, MEAN, ClientHooks, State, Strategy
 
 PREFIX = "privacy/"
 NOISE = PREFIX + "noise_rng"  # the server's noise generator state (uint8), checkpointed with the server state
-DEFAULT_CLIP = ClientConfig.model_fields["max_grad_norm"].default  # the client: section's, unless set
-log = logging.getLogger(__name__)
 BUDGET = ("noise_multiplier", "target_epsilon", "delta", "max_epsilon", "accountant")  # the privacy: keys of the Budget
 
 
@@ -81,19 +77,6 @@ def add_noise(state: State, std: float, generator: torch.Generator) -> State:
 
 def flat_norm(*states: State) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for s in states for t in s.values()))
-
-
-def post_step_clip(strategy: Strategy, max_grad_norm: float | None) -> float | None:
-    """The norm the step driver clips each step's gradient to after the strategy's hooks:
-    none for a strategy that clips per example itself. DP-SGD steps on the noisy mean of the
-    clipped per-example gradients as it is (Abadi et al. 2016, Algorithm 1); clipping that
-    again would scale every noisy step down to `max_grad_norm` — another algorithm."""
-    if not strategy.clips_client_gradients:
-        return max_grad_norm
-    if max_grad_norm not in (None, DEFAULT_CLIP):  # set in the recipe, not the default
-        log.warning("client.max_grad_norm=%s is ignored: the strategy clips each example's gradient itself, "
-                    "and clipping its noisy step again would shrink it (no longer DP-SGD)", max_grad_norm)
-    return None
 
 
 def check_privacy(options: dict, privacy: dict | None) -> dict:

@@ -6,7 +6,7 @@ import torch
 
 from fedllm.adapters.base import Adapter
 from fedllm.client import Client
-from fedllm.privacy.budget import post_step_clip
+from fedllm.client import post_step_clip
 from fedllm.privacy.dp_sgd import clipped_gradient_sum, single_examples, spending_fronts
 from fedllm.recipe import ClientConfig
 from fedllm.registry import STRATEGIES
