@@ -44,12 +44,9 @@ class Channel:
                 del codec_states[i]
         return serialize(message)
 
-    def decode(self, wire: bytes, ctx: WireContext, adapter_space: bool = False) -> Update | State:
-        """The server's half, from the bytes alone: the decoded `Update`, or (`adapter_space`)
-        the adapter's own wire tensors, for aggregation in its coordinates."""
-        return self.decode_message(deserialize(wire), ctx, adapter_space)
-
-    def decode_message(self, message: Message, ctx: WireContext, adapter_space: bool = False) -> Update | State:
+    def decode(self, message: Message, ctx: WireContext, adapter_space: bool = False) -> Update | State:
+        """The server's half, from the deserialized bytes alone: the decoded `Update`, or
+        (`adapter_space`) the adapter's own wire tensors, for aggregation in its coordinates."""
         for codec in reversed(self.codecs):
             message = codec.decode(message, ctx)
         if adapter_space:
@@ -65,7 +62,7 @@ class Channel:
         try:
             message = deserialize(wire)
             del wire  # for a full-parameter update, at most two full-size objects live at once
-            return self.decode_message(message, ctx, adapter_space), size
+            return self.decode(message, ctx, adapter_space), size
         except MalformedMessage as err:
             err.bytes = size  # what the client sent is counted even when the server refuses it
             raise
