@@ -8,7 +8,7 @@ from __future__ import annotations
 from fedllm.loops import loop_for
 from fedllm.recipe import Recipe
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
-from fedllm.training import CAPABILITIES, LocalLoop
+from fedllm.training import LocalLoop, lacking
 
 
 def local_loop(recipe: Recipe, adapter) -> LocalLoop:
@@ -20,9 +20,8 @@ def check_pairings(recipe: Recipe) -> None:
     strategy = STRATEGIES.build(recipe.strategy, "strategy")
     adapter = ADAPTERS.build(recipe.adapter, "adapter")
     loop = local_loop(recipe, adapter)
-    missing = sorted(strategy.client_needs - loop.supports)
-    if missing:
-        what = "; ".join(f"{CAPABILITIES[m]} ({m})" for m in missing)
+    what = lacking(strategy.client_needs, loop.supports)
+    if what:
         fix = ("use another strategy or adapter" if adapter.local_loop() is not None
                else "use client.trainer=builtin or another strategy")
         raise RecipeError(f"strategy '{recipe.strategy['name']}' needs {what}, which {loop.name} does not offer: {fix}")

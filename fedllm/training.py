@@ -31,6 +31,12 @@ CAPABILITIES = {
 }
 
 
+def lacking(needs: frozenset[str], supports: frozenset[str]) -> str | None:
+    """What of `needs` a loop's `supports` lacks, in words (None: nothing)."""
+    missing = sorted(needs - supports)
+    return "; ".join(f"{CAPABILITIES[m]} ({m})" for m in missing) or None
+
+
 @dataclass
 class LocalResult:
     update: State | Mapping  # Δ = x_i − x^t (a DeltaView where the loop trains the params in place)

@@ -55,7 +55,7 @@ from fedllm.engine import gather_stats
 from fedllm.loops.trainer import ReplayLastBatch
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, RunInfo, split_prefix, with_prefix
-from fedllm.training import CAPABILITIES, REGRAD, StepDriver, load_optimizer_state, optimizer_state_to_tensors
+from fedllm.training import REGRAD, StepDriver, lacking, load_optimizer_state, optimizer_state_to_tensors
 from fedllm.wire import WireContext
 
 log = logging.getLogger("fedllm")
@@ -116,10 +116,8 @@ class FederatedCallback(TrainerCallback):
             raise ValueError("FederatedCallback needs local_steps > 0 (optimizer steps between synchronisations)")
         self.strategy = build_plugin(STRATEGIES, strategy, "strategy")
         self.adapter = build_plugin(ADAPTERS, adapter, "adapter")
-        missing = sorted(self.strategy.client_needs - self.supports)
-        if missing:
-            raise RecipeError(f"strategy '{type(self.strategy).__name__}' needs "
-                              f"{'; '.join(f'{CAPABILITIES[m]} ({m})' for m in missing)}, which FederatedCallback does not "
+        if what := lacking(self.strategy.client_needs, self.supports):
+            raise RecipeError(f"strategy '{type(self.strategy).__name__}' needs {what}, which FederatedCallback does not "
                               "offer (a Trainer runs its own backward and a fixed number of steps): use `fedllm run`")
         self.channel = Channel(self.adapter, [build_plugin(CODECS, c, f"codecs[{i}]") for i, c in enumerate(codecs)])
         self.local_steps, self.num_samples, self.client_id, self.seed = local_steps, num_samples, client_id, seed
