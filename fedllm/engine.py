@@ -30,7 +30,8 @@ from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
 from fedllm.samplers import Participation
 from fedllm.seeds import derive
 from fedllm.state import (
-    DAMAGE, ClientRecord, ClientStore, State, checkpoint_dirs, read_checkpoint, verify_checkpoint, write_checkpoint,
+    DAMAGE, ClientRecord, ClientStore, State, checkpoint_dirs, read_checkpoint, read_manifest, verify_checkpoint,
+    write_checkpoint,
 )
 from fedllm.strategies.base import RoundInfo, RunInfo
 from fedllm.training import default_steps, round_learning_rate
@@ -267,7 +268,7 @@ class Federation:
         torch.set_rng_state(parts["rng"]["torch"])
         self.start_round = meta["round"]
         if self.is_main:
-            self.store.restore(path / "clients")
+            self.store.restore(path / "clients", read_manifest(path, under="clients/"))
             for name in ("metrics.jsonl", "ledger.jsonl"):
                 truncate_jsonl(self.run_dir / name, self.start_round)
         barrier()
@@ -308,7 +309,9 @@ class Federation:
             if self.own_aggregation is not None:
                 parts["aggregation"] = self.own_aggregation.state()
             meta = {"round": rounds_done, "saved_at": time.time()}
-            write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)
+            cost = write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)
+            log.debug("checkpoint %s: %d bytes written, %d client files linked", cost.path, cost.bytes_written,
+                      cost.files_linked)
         barrier()
 
     def run(self) -> list[dict]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 State = dict[str, torch.Tensor]
 
@@ -59,22 +60,72 @@ def nbytes(state: State) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def save_state(state: State, path: Path) -> None:
-    save_file({k: t.detach().contiguous().cpu() for k, t in state.items()}, str(path))
+def save_state(state: State, path: Path, durable: bool = False) -> dict:
+    """Writes `state` to a temp file beside `path`, then renames it over (a file is never
+    rewritten in place, so a hard link to it is a snapshot); never through a planted link.
+    Returns the file's manifest entry."""
+    data = safetensors_bytes({k: t.detach().contiguous().cpu() for k, t in state.items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def link_or_copy(source: Path, target: Path) -> int:
+    """A hard link (no bytes written) where the filesystem has them, else a copy; the bytes written."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+        return 0
+    except OSError:
+        shutil.copyfile(source, target, follow_symlinks=False)
+        return target.stat().st_size
+
+
+def signature(path: Path) -> tuple:
+    """Changes whenever the file is replaced (files are never rewritten in place)."""
+    st = os.stat(path, follow_symlinks=False)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@dataclass
+class Written:
+    """What writing a checkpoint cost: bytes actually written, and files only linked."""
+
+    path: Path
+    bytes_written: int = 0
+    files_linked: int = 0
 
 
 class ClientStore:
     """Client id -> state. Least recently used entries spill to `spill_dir` once the states
     held in memory pass `budget_bytes`; a client without state costs nothing. With a budget
-    of 0 the directory is the store, so processes sharing it see each other's writes."""
+    of 0 the directory is the store, so processes sharing it see each other's writes.
+
+    Checkpoints are incremental: a client whose state did not change since the last
+    checkpoint, and every spilled file, enter a checkpoint as a hard link, so a checkpoint
+    writes only the states that changed (not every client that ever had one)."""
 
     def __init__(self, spill_dir: Path, budget_bytes: int):
         self.spill_dir, self.budget = Path(spill_dir), budget_bytes
         self._memory: OrderedDict[int, State] = OrderedDict()
         self._memory_bytes = 0
+        self._entries: dict[tuple, dict] = {}  # file signature -> manifest entry (no re-hashing)
+        self._in_checkpoint: set[int] = set()  # memory clients unchanged since the last checkpoint
+        self._last_checkpoint: Path | None = None
+
+    def _name(self, client_id: int) -> str:
+        return f"client_{client_id}.safetensors"
 
     def _file(self, client_id: int) -> Path:
-        return self.spill_dir / f"client_{client_id}.safetensors"
+        return self.spill_dir / self._name(client_id)
 
     def _on_disk(self) -> set[int]:
         return {int(p.stem.split("_")[1]) for p in self.spill_dir.glob("client_*.safetensors")}
@@ -104,6 +155,7 @@ class ClientStore:
         self._spill()
 
     def discard(self, client_id: int) -> None:
+        self._in_checkpoint.discard(client_id)
         if client_id in self._memory:
             self._memory_bytes -= nbytes(self._memory.pop(client_id))
         self._file(client_id).unlink(missing_ok=True)
@@ -111,25 +163,67 @@ class ClientStore:
     def _spill(self) -> None:
         while self._memory_bytes > self.budget and self._memory:
             client_id, state = self._memory.popitem(last=False)
+            self._in_checkpoint.discard(client_id)
             self._memory_bytes -= nbytes(state)
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            save_state(state, self._file(client_id))
+            self._remember(self._file(client_id), save_state(state, self._file(client_id)))
 
-    def save(self, directory: Path) -> None:
+    def _remember(self, path: Path, entry: dict) -> dict:
+        self._entries[signature(path)] = entry
+        return entry
+
+    def _entry(self, path: Path) -> dict:
+        """A file's manifest entry: known from its write, or hashed once (another rank wrote it)."""
+        known = self._entries.get(signature(path))
+        if known is None:
+            known = self._remember(path, {"bytes": path.stat().st_size, "sha256": file_digest(path)})
+        return known
+
+    def save(self, directory: Path, incremental: bool = True) -> tuple[dict[str, dict], Written]:
+        """Every client's state into `directory`: the manifest entries of its files and what
+        it cost. `incremental=False` writes every state anew (the reference, for bench/)."""
         directory.mkdir(parents=True, exist_ok=True)
-        for client_id in self._memory:
-            save_state(self._memory[client_id], directory / f"client_{client_id}.safetensors")
-        for client_id in self._on_disk():
-            shutil.copyfile(self._file(client_id), directory / f"client_{client_id}.safetensors")
+        entries, cost = {}, Written(directory)
+        for client_id in self.ids():
+            target = directory / self._name(client_id)
+            before = self._last_checkpoint / "clients" / target.name if self._last_checkpoint else None
+            unchanged = incremental and client_id in self._in_checkpoint and before is not None and before.exists()
+            if client_id in self._memory and not unchanged:
+                entry = self._remember(target, save_state(self._memory[client_id], target, durable=True))
+                cost.bytes_written += entry["bytes"]
+            else:
+                source = before if client_id in self._memory else self._file(client_id)
+                if incremental:
+                    cost.bytes_written += link_or_copy(source, target)
+                else:
+                    shutil.copyfile(source, target)
+                    cost.bytes_written += target.stat().st_size
+                cost.files_linked += int(incremental)
+                entry = self._entry(target)
+            entries[target.name] = entry
+        return entries, cost
+
+    def checkpointed(self, path: Path) -> None:
+        """`path` (a complete checkpoint) now holds every client as it is in memory."""
+        self._last_checkpoint, self._in_checkpoint = path, set(self._memory)
 
     def clear(self) -> None:
         for client_id in self.ids():
             self.discard(client_id)
 
-    def restore(self, directory: Path) -> None:
+    def restore(self, directory: Path, entries: dict[str, dict] | None = None) -> None:
+        """The clients of a checkpoint, linked (not copied) into the spill directory;
+        `entries` are the checkpoint's manifest entries for them (already verified)."""
         self.clear()
-        for path in sorted(directory.glob("client_*.safetensors")):
-            self.put(int(path.stem.split("_")[1]), load_file(str(path)))
+        files = sorted(directory.glob("client_*.safetensors"))
+        if files:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            target = self.spill_dir / path.name
+            link_or_copy(path, target)
+            entry = (entries or {}).get(path.name)
+            if entry is not None:
+                self._remember(target, entry)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -139,23 +233,52 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def write_checkpoint(run_dir: Path, round_done: int, parts: dict[str, State], store: ClientStore, meta: dict, keep_last: int) -> Path:
-    """Writes checkpoints/round_<n>/ atomically: into a temp dir, then one rename."""
+def write_checkpoint(run_dir: Path, round_done: int, parts: dict[str, State], store: ClientStore, meta: dict,
+                     keep_last: int, incremental: bool = True) -> Written:
+    """Writes checkpoints/round_<n>/ atomically: into a temp dir, then one rename. Clients
+    unchanged since the last checkpoint are hard links (`ClientStore.save`)."""
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"round_{round_done}", root / f".tmp_round_{round_done}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in [tmp, *root.glob(".trash_*")]:  # what a kill during an earlier write left
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, state in parts.items():
-        save_state(state, tmp / f"{name}.safetensors")
-    store.save(tmp / "clients")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    (tmp / MANIFEST).write_text(json.dumps(manifest(tmp), indent=1))  # last: it vouches for the rest
-    _fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
+    entries = {f"{name}.safetensors": save_state(state, tmp / f"{name}.safetensors", durable=True)
+               for name, state in parts.items()}
+    clients, cost = store.save(tmp / "clients", incremental)
+    entries.update({f"clients/{name}": entry for name, entry in clients.items()})
+    entries["meta.json"] = write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+    write_text(tmp / MANIFEST, json.dumps(dict(sorted(entries.items())), indent=1))  # last: it vouches for the rest
+    _fsync_dirs(tmp, tmp / "clients")
+    cost.bytes_written += sum(e["bytes"] for name, e in entries.items() if not name.startswith("clients/"))
+    cost.bytes_written += (tmp / MANIFEST).stat().st_size
+    if final.exists():  # the same round again (a resume that fell back past it)
+        retire(final)
     os.replace(tmp, final)
+    _fsync_dirs(root)
+    store.checkpointed(final)
+    cost.path = final
     for old in checkpoint_dirs(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        retire(old)
+    return cost
+
+
+def retire(checkpoint: Path) -> None:
+    """Deletes a checkpoint: first one rename out of sight, so a kill mid-delete never leaves
+    a half-deleted checkpoint that looks complete."""
+    trash = checkpoint.with_name(f".trash_{checkpoint.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_text(path: Path, text: str) -> dict:
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 MANIFEST = "manifest.json"
@@ -170,15 +293,20 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def manifest(directory: Path) -> dict:
-    """Every file of a checkpoint with its size and sha256."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files}
+def read_manifest(checkpoint: Path, under: str = "") -> dict[str, dict]:
+    """The manifest entries of a checkpoint's files below `under` (names relative to it);
+    empty for a checkpoint written before manifests existed."""
+    if not (checkpoint / MANIFEST).exists():
+        return {}
+    entries = json.loads((checkpoint / MANIFEST).read_text())
+    return {name.removeprefix(under): entry for name, entry in entries.items() if name.startswith(under)}
 
 
 def verify_checkpoint(path: Path) -> str | None:
     """What is wrong with a checkpoint, or None. One written before manifests existed is
     trusted as far as its files read back."""
+    if links := [p for p in path.rglob("*") if p.is_symlink()]:
+        return f"it holds a symbolic link ({links[0].relative_to(path)}), which fedllm never writes"
     if not (path / MANIFEST).exists():
         return None
     try:
@@ -188,6 +316,8 @@ def verify_checkpoint(path: Path) -> str | None:
     found = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
     if missing := sorted(set(expected) - found):
         return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    if extra := sorted(found - set(expected)):
+        return f"{len(extra)} file(s) not in its manifest, e.g. {extra[0]}"
     for name, entry in expected.items():
         file = path / name
         if file.stat().st_size != entry["bytes"] or file_digest(file) != entry["sha256"]:
@@ -200,8 +330,12 @@ def read_checkpoint(path: Path) -> tuple[dict[str, State], dict]:
     return parts, json.loads((path / "meta.json").read_text())
 
 
-def _fsync_dir(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+def _fsync_dirs(*directories: Path) -> None:
+    """Makes the directories' entries (new names, renames) durable; file contents are synced as written."""
+    for directory in directories:
+        if directory.is_dir():
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
