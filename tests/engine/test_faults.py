@@ -9,9 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import fedllm.engine as engine
+import fedllm.state as state_module
 from fedllm.cli import main
 from fedllm.codecs.base import Codec
 from fedllm.engine import resume_run, run_recipe
+from fedllm.metrics import MetricsLog
 from fedllm.registry import CODECS
 from fedllm.wire import Message
 
@@ -171,3 +173,68 @@ def test_an_undecodable_upload_is_rejected_with_its_bytes_counted(recipe_file, c
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert next(e for e in ledger if e["client"] == 2)["bytes_up"] > 64
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["dropped"] == 1
+
+
+def killer(when):
+    """A wrapper that lets the wrapped call happen, then 'kills' the process (KeyboardInterrupt
+    leaves the disk exactly as SIGKILL would: nothing after it runs) when `when(*args)` holds."""
+    def wrap(real):
+        def wrapped(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if when(*args):
+                raise KeyboardInterrupt
+            return result
+        return wrapped
+    return wrap
+
+
+def in_second_checkpoint(path):
+    return ".tmp_round_2" in str(path)
+
+
+CHECKPOINT_STAGES = {  # function of fedllm.state -> when the kill lands, during the write of round_2
+    "after its first part": ("save_state", lambda state, path, *a, **k: in_second_checkpoint(path)),
+    "after its first client file": ("link_or_copy", lambda source, target: in_second_checkpoint(target)),
+    "after its manifest, before the rename": ("write_text", lambda path, text: in_second_checkpoint(path)
+                                              and path.name == "manifest.json"),
+    "after the rename, mid-delete of the old one": ("retire", lambda path: path.name == "round_1"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", CHECKPOINT_STAGES)
+def test_a_kill_at_each_stage_of_a_checkpoint_write_resumes_bit_exactly(reference, monkeypatch, stage):
+    path, expected = reference
+    name, when = CHECKPOINT_STAGES[stage]
+    monkeypatch.setattr(state_module, name, killer(when)(getattr(state_module, name)))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(str(path), ["output.name=killed", "output.checkpoint_every=1", "output.keep_last=1"])
+    monkeypatch.undo()
+    run_dir = path.parent / "runs" / "killed"
+    resume_run(str(run_dir))
+    assert same(final_adapter(run_dir), expected)
+    assert rounds(run_dir) == [0, 1, 2]
+
+
+FIRST_ROUND_STAGES = {  # (class, method) -> when the kill lands, all before the first checkpoint
+    "after the run directory is set up": (engine.Federation, "start", lambda self: True),
+    "after the first client's state is stored": (engine.Federation, "keep_record", lambda self, *a: True),
+    "after the round is aggregated": (engine.Federation, "run_round", lambda self, *a, **k: True),
+    "after the round is logged": (MetricsLog, "log_round", lambda self, *a: True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", FIRST_ROUND_STAGES)
+def test_a_kill_at_each_stage_of_the_first_round_resumes_bit_exactly(reference, monkeypatch, stage):
+    path, expected = reference
+    owner, name, when = FIRST_ROUND_STAGES[stage]
+    monkeypatch.setattr(owner, name, killer(when)(getattr(owner, name)))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(str(path), ["output.name=killed"])
+    monkeypatch.undo()
+    run_dir = path.parent / "runs" / "killed"
+    assert not list((run_dir / "checkpoints").glob("round_*"))
+    resume_run(str(run_dir))
+    assert same(final_adapter(run_dir), expected)
+    assert rounds(run_dir) == [0, 1, 2]
