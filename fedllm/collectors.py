@@ -133,6 +133,7 @@ class Gathered:
     def __init__(self, template: Callable[[], Update], round: int, attack=None, byzantine: frozenset = frozenset()):
         self.template, self.kept = template, []
         self.round, self.attack, self.byzantine = round, attack, byzantine
+        self.forged_non_finite: list[int] = []  # clients whose forged message the filter dropped
 
     def add(self, client_id: int, message: Update, weight: float) -> bool:
         if not is_finite(flat(message)):
@@ -149,6 +150,7 @@ class Gathered:
             # a forged message arrives like any other: the same finiteness filter applies to it
             poisoned = self.attack.poison_updates(kept, self.byzantine, self.round)
             kept = [(cid, m, w) for cid, m, w in poisoned if is_finite(flat(m))]
+            self.forged_non_finite = sorted({cid for cid, _, _ in poisoned} - {cid for cid, _, _ in kept})
             if len(kept) < len(poisoned):
                 log.warning("round %d: %d forged update(s) were non-finite and dropped", self.round, len(poisoned) - len(kept))
             if not kept:

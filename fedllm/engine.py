@@ -23,7 +23,7 @@ from fedllm.data import prepare_data
 from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, is_distributed, process_state
 from fedllm.evaluation import evaluate
 from fedllm.export import write_export
-from fedllm.metrics import MetricsLog, truncate_jsonl, write_atomically
+from fedllm.metrics import REJECTIONS, MetricsLog, truncate_jsonl, write_atomically
 from fedllm.models import build_model
 from fedllm.recipe import Recipe, dump_recipe, load_recipe, refuse_remote_code
 from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
@@ -41,8 +41,10 @@ log = logging.getLogger("fedllm")
 
 # bytes_up/down are a client's whole traffic; split_bytes_* the part its local round itself
 # exchanged with the server (split learning's activations and gradients), 0 for a plain loop
+# rejected: 0, or 1 + the index in metrics.REJECTIONS of why the upload was left out
 STAT_COLUMNS = (
     "client", "num_samples", "train_loss", "bytes_up", "bytes_down", "accepted", "steps", "split_bytes_up", "split_bytes_down",
+    "rejected",
 )
 
 
@@ -74,10 +76,12 @@ def new_run_dir(recipe: Recipe, recipe_name: str, device) -> Path:
     return Path(recipe.output.dir) / f"{recipe_name}-{when}"
 
 
-def stat_row(client_id: int, upload: Upload, bytes_up: int, bytes_down: int, accepted: bool) -> list:
+def stat_row(client_id: int, upload: Upload, bytes_up: int, bytes_down: int, rejection: str | None) -> list:
     r = upload.result
     split_up, split_down = r.split_bytes_up, r.split_bytes_down
-    return [client_id, r.num_samples, r.train_loss, bytes_up + split_up, bytes_down + split_down, accepted, r.steps, split_up, split_down]
+    code = 0 if rejection is None else 1 + REJECTIONS.index(rejection)
+    return [client_id, r.num_samples, r.train_loss, bytes_up + split_up, bytes_down + split_down, rejection is None,
+            r.steps, split_up, split_down, code]
 
 
 def gather_stats(rows: list, device) -> list[dict]:
@@ -85,7 +89,7 @@ def gather_stats(rows: list, device) -> list[dict]:
     table = all_gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STAT_COLUMNS)), device)
     stats = [dict(zip(STAT_COLUMNS, row)) for row in table.tolist()]
     for s in stats:
-        s["client"], s["accepted"] = int(s["client"]), bool(s["accepted"])
+        s["client"], s["accepted"], s["rejected"] = int(s["client"]), bool(s["accepted"]), int(s["rejected"])
     return stats
 
 
@@ -162,10 +166,10 @@ class Federation:
             upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(self.store.get(cid)), lr,
                                      on_step=progress.update if progress is not None else None)
             message, size = self.send(t, cid, upload)
-            accepted = self.accept(t, cid, collect, message, upload.weight)
+            rejection = self.admit(t, cid, collect, message, upload.weight)
             del message  # summed: it must not stay alive through the next client's training
-            self.keep_record(cid, upload.record, accepted)
-            rows.append(stat_row(cid, upload, size, down.bytes_for(cid), accepted))
+            self.keep_record(cid, upload.record, rejection is None)
+            rows.append(stat_row(cid, upload, size, down.bytes_for(cid), rejection))
             if progress is not None:
                 progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{upload.result.train_loss:.3f}")
         stats = gather_stats(rows, self.device)
@@ -177,6 +181,9 @@ class Federation:
         info = lambda weight: RoundInfo(t, accepted, weight, r.federation.num_clients, lr=lr,  # noqa: E731
                                         local_steps=r.client.max_steps or 0)
         new_global, server_state = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
+        for s in stats:  # a forged message is filtered where it arrives: after the gather
+            if s["client"] in getattr(collect, "forged_non_finite", ()):
+                s["accepted"], s["rejected"] = False, 1 + REJECTIONS.index("non_finite")
         return RoundResult(new_global, server_state, stats, time.perf_counter() - start)
 
     def downlink(self, t: int) -> Downlink:
@@ -205,18 +212,18 @@ class Federation:
         except MalformedMessage as err:
             return err, err.bytes
 
-    def accept(self, t: int, client_id: int, collect, message, weight: float) -> bool:
+    def admit(self, t: int, client_id: int, collect, message, weight: float) -> str | None:
         """An untrusted upload enters the aggregate only if it decoded, with the expected keys,
-        shapes and kinds and finite values."""
+        shapes and kinds and finite values; else why not (one of metrics.REJECTIONS)."""
         if isinstance(message, MalformedMessage):
             problem = str(message)
         else:
             problem = misfit(message, self.expected) if self.expected is not None else None
         if problem is None and collect.add(client_id, message, weight):
-            return True
+            return None
         what = f"a malformed update ({problem})" if problem else "a non-finite update (NaN/Inf)"
         log.warning("round %d: client %d sent %s; dropped from the round", t, client_id, what)
-        return False
+        return "malformed" if problem else "non_finite"
 
     def keep_record(self, client_id: int, record: ClientRecord, accepted: bool) -> None:
         flat = record.to_flat()
@@ -334,6 +341,8 @@ class Federation:
             self.global_state, self.server_state = result.global_state, result.server_state
             last = t + 1 == r.federation.rounds
             extra = {"seconds": result.seconds, **self.strategy.metrics(self.server_state)}
+            if self.attack is not None:  # who the simulation made an attacker this round
+                extra["attackers"] = sorted(set(self.participation.sampled(t)) & self.byzantine)
             for codec in self.codecs:
                 extra.update(codec.accounting(t + 1))  # e.g. RQM's ε after t + 1 rounds
             if self.data.eval and ((r.eval.every and (t + 1) % r.eval.every == 0) or last):

@@ -43,6 +43,18 @@ def truncate_jsonl(path: Path, keep_rounds_below: int) -> None:
         write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+REJECTIONS = ("malformed", "non_finite")  # why an upload was left out of its round
+
+
+def rejections(stats: list[dict]) -> dict:
+    """{"rejected": {reason: [client ids]}} where some upload was left out, else nothing."""
+    found = {}
+    for s in stats:
+        if s.get("rejected"):
+            found.setdefault(REJECTIONS[s["rejected"] - 1], []).append(int(s["client"]))
+    return {"rejected": found} if found else {}
+
+
 def split_totals(stats: list[dict]) -> dict:
     """The split-learning share of the bytes (already inside bytes_up/down); only where
     some local round exchanged any, so plain runs keep their columns."""
@@ -71,6 +83,7 @@ class MetricsLog:
             "bytes_up": int(sum(s["bytes_up"] for s in stats)),
             "bytes_down": int(sum(s["bytes_down"] for s in stats)),
             **split_totals(stats),
+            **rejections(stats),
             **extra,
         }
         if self.enabled:

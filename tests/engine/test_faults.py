@@ -140,14 +140,19 @@ def test_a_malformed_upload_is_rejected_and_the_round_goes_on(recipe_file, caplo
     assert f"client {MALFORMED_CLIENT} sent a malformed update" in caplog.text and "has shape" in caplog.text
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["dropped"] for r in rows] == [1, 1] and all(torch.isfinite(t).all() for t in final_adapter(run_dir).values())
+    assert [r["rejected"] for r in rows] == [{"malformed": [MALFORMED_CLIENT]}] * 2  # how many, why, who
 
 
 def test_fedavg_with_an_inf_attacker_keeps_a_finite_global(recipe_file, caplog):
     path = recipe_file(federation={"rounds": 2, "num_clients": 4, "clients_per_round": 4},
                        byzantine={"name": "large_norm", "count": 1, "scale": float("inf")})
-    adapter = final_adapter(run_recipe(str(path)))
-    assert all(torch.isfinite(t).all() for t in adapter.values())
+    run_dir = run_recipe(str(path))
+    assert all(torch.isfinite(t).all() for t in final_adapter(run_dir).values())
     assert "forged update(s) were non-finite and dropped" in caplog.text
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    attackers = json.loads((run_dir / "run_meta.json").read_text())["byzantine_clients"]
+    assert len(attackers) == 1 and [r["attackers"] for r in rows] == [attackers] * 2
+    assert [r["rejected"] for r in rows] == [{"non_finite": attackers}] * 2 and [r["dropped"] for r in rows] == [1, 1]
 
 
 @CODECS.register("test_garbage_for_client_2")

@@ -9,5 +9,5 @@ def test_the_round_fits_on_one_screen_and_calls_each_role():
     source = inspect.getsource(Federation.run_round)
     assert len(source.splitlines()) <= 40, len(source.splitlines())
     for role in ("self.participation.sampled(", "self.downlink(", "self.collector(", "self.client.run(",
-                 "self.send(", "self.accept(", "collect.finish("):
+                 "self.send(", "self.admit(", "collect.finish("):
         assert role in source, role
