@@ -27,6 +27,7 @@ from fedllm.metrics import REJECTIONS, MetricsLog, truncate_jsonl, write_atomica
 from fedllm.models import build_model
 from fedllm.recipe import Recipe, dump_recipe, load_recipe, refuse_remote_code
 from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
+from fedllm.rundir import refuse_planted_links
 from fedllm.samplers import Participation
 from fedllm.seeds import derive
 from fedllm.state import (
@@ -369,6 +370,7 @@ def run_recipe(path: str, overrides: list[str] = ()) -> Path:
     recipe = load_recipe(path, overrides)
     check_pairings(recipe)  # before any model is built
     run_dir = new_run_dir(recipe, Path(path).stem, process_state(recipe.federation.collective_timeout_s).device)
+    refuse_planted_links(run_dir)
     if (run_dir / "recipe.yaml").exists():
         raise RecipeError(f"{run_dir} already holds a run: continue it with `fedllm resume {run_dir}`, or give this "
                           "run another output.name")
@@ -395,6 +397,7 @@ def resume_run(run_dir: str, overrides: list[str] = (), trust_remote_code: bool 
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fedllm run directory (no recipe.yaml)")
+    refuse_planted_links(run_dir)
     check_run_recipe(run_dir / "recipe.yaml")
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     refuse_remote_code(recipe, run_dir / "recipe.yaml", trust_remote_code)

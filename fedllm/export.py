@@ -6,7 +6,7 @@ from pathlib import Path
 from fedllm.adapters.base import Adapter
 from fedllm.models import build_model
 from fedllm.recipe import load_recipe, refuse_remote_code
-from fedllm.state import State, checkpoint_dirs, read_checkpoint
+from fedllm.state import State, checkpoint_dirs, read_checkpoint, verify_checkpoint
 
 
 def write_export(adapter: Adapter, model, tokenizer, global_state: State, out: Path, fmt: str = "peft") -> None:
@@ -24,6 +24,9 @@ def export_run(run_dir: str, out: str, round: str = "last", fmt: str | None = No
     wanted = max(done) if round == "last" else int(round)
     if wanted not in done:
         raise FileNotFoundError(f"no checkpoint of round {wanted} in {run_dir}; available: {sorted(done)}")
+    if problem := verify_checkpoint(done[wanted]):
+        raise OSError(f"{done[wanted]} is damaged: {problem}; export another round with --round "
+                         f"(available: {sorted(done)})")
     recipe = load_recipe(run_dir / "recipe.yaml")
     refuse_remote_code(recipe, run_dir / "recipe.yaml", trust_remote_code)
     tokenizer, model, adapter = build_model(recipe)

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from fedllm.rundir import open_no_follow, refuse_planted_links
+
 log = logging.getLogger("fedllm")
 
 
@@ -29,7 +31,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def write_atomically(path: Path, text: str) -> None:
     """Writes a temp file beside `path`, then renames it over: a kill leaves the old or the new file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with open_no_follow(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -67,7 +69,7 @@ class MetricsLog:
         self.run_dir, self.enabled, self.accelerator = Path(run_dir), enabled, accelerator
 
     def _append(self, name: str, rows: list[dict]) -> None:
-        with open(self.run_dir / name, "a") as f:
+        with open_no_follow(self.run_dir / name, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
 
@@ -105,6 +107,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    refuse_planted_links(Path(run_dir))
     rows = read_jsonl(Path(run_dir) / "metrics.jsonl")
     if not rows:
         raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no rounds to plot")

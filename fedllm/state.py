@@ -15,6 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from fedllm.rundir import NOFOLLOW
+
 State = dict[str, torch.Tensor]
 
 
@@ -74,9 +76,6 @@ def save_state(state: State, path: Path, durable: bool = False) -> dict:
             os.fsync(f.fileno())
     os.replace(tmp, path)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def link_or_copy(source: Path, target: Path) -> int:

@@ -243,3 +243,42 @@ def test_a_kill_at_each_stage_of_the_first_round_resumes_bit_exactly(reference, 
     resume_run(str(run_dir))
     assert same(final_adapter(run_dir), expected)
     assert rounds(run_dir) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("planted", ["metrics.jsonl", "checkpoints", "client_store"])
+def test_a_symbolic_link_planted_in_a_run_directory_is_refused_not_written_through(recipe_file, tmp_path, capsys, planted):
+    run_dir = run_recipe(str(recipe_file(federation={"rounds": 1})))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("untouched")
+    target = run_dir / planted
+    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    target.symlink_to(victim / "precious.txt" if planted.endswith(".jsonl") else victim)
+    for argv in (["resume", str(run_dir)], ["plot", str(run_dir)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "is a symbolic link" in err and "Traceback" not in err, (argv, err)
+    main(["export", str(run_dir), str(tmp_path / "out")])  # reads the run, writes only to out/
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.txt"] and (victim / "precious.txt").read_text() == "untouched"
+
+
+def test_a_planted_link_in_the_tmp_name_of_an_atomic_write_is_not_followed(tmp_path):
+    from fedllm.metrics import write_atomically
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("untouched")
+    (tmp_path / ".recipe.yaml.tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        write_atomically(tmp_path / "recipe.yaml", "x: 1\n")
+    assert victim.read_text() == "untouched"
+
+
+def test_export_of_a_damaged_checkpoint_is_a_one_line_error(recipe_file, tmp_path, capsys):
+    run_dir = run_recipe(str(recipe_file(federation={"rounds": 1})))
+    weights = run_dir / "checkpoints" / "round_1" / "global.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["export", str(run_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "round_1 is damaged" in err and "does not match its manifest" in err and not (tmp_path / "out").exists()
