@@ -50,7 +50,8 @@ class WeightedSum:
         return float(self.flat[-1])
 
     def mean(self) -> State:
-        weight = self.flat[-1]
+        """Σ w_i·u_i / Σ w_i; zeros for a sum of nothing (a round no update reached)."""
+        weight = self.flat[-1] if self.flat[-1] > 0 else 1.0
         return {key: (self.flat[where] / weight).to(torch.float32).reshape(shape) for key, shape, where in slices(self.shapes)}
 
 

@@ -175,7 +175,7 @@ class Federation:
                 progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{upload.result.train_loss:.3f}")
         stats = gather_stats(rows, self.device)
         accepted = [s["client"] for s in stats if s["accepted"]]
-        if not accepted:
+        if not accepted and not self.strategy.releases_when_empty:
             log.warning("round %d: no client update was accepted; the global model is unchanged", t)
             collect.unchanged()
             return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start)

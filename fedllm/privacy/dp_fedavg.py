@@ -17,12 +17,11 @@ adaptive optimisers run on the privatised mean. One round is one DP event:
 - each client independently with probability q = m/N (the `poisson` sampler): the
   Poisson-subsampled Gaussian with multiplier z under add/remove-one-client (McMahan et al.
   2018, §2: m is then the expected round size, the fixed denominator qN). A round that
-  samples nobody reaches no aggregate, yet it is still a round of the mechanism: the next
-  aggregate (or the budget check) accounts it too, as a full event (an upper bound).
-  Caveats, as for dp_sgd: the amplification assumes nobody knows who was sampled, while the
-  simulated sampler is seeded from the recipe seed; and an empty round leaves the model
-  unchanged instead of releasing noise alone (the engine skips it), which tells that nobody
-  was sampled — a δ-sized gap (≤ q(1−q)^(N−1) per round) this accounting does not cover.
+  samples nobody (or whose every update was rejected) still runs the mechanism: it releases
+  the noise alone, N(0, z²S²·I)/m, and is accounted as one event in that round
+  (`releases_when_empty`), so the released model does not tell that the round was empty.
+  Caveat, as for dp_sgd: the amplification assumes nobody knows who was sampled, while the
+  simulated sampler is seeded from the recipe seed.
 Other samplers are refused. The ledger is server state (checkpointed); ε is reported after every round, and with a
 budget the run stops before the round that would exceed it. The budget and `noise_seed`
 come from the recipe's `privacy:` section; the noise is secret unless `noise_seed` is set
@@ -68,6 +67,7 @@ class DPFedAvg(PrivacyWrapper):
     """DP-FedAvg (client-level DP): flat clipping to S, noise z·S/m on the mean, accounted."""
 
     check_privacy = staticmethod(check_privacy)  # reads the recipe's privacy: section
+    releases_when_empty = True  # the noise is released every round, sampled clients or not
 
     def __init__(
         self,

@@ -121,6 +121,9 @@ class Strategy:
     # a DP strategy's reader of the recipe's privacy: section, check_privacy(options, privacy) -> budget;
     # the section is refused for a strategy without one
     check_privacy = None
+    # True: `aggregate` runs a mechanism whose output must appear every round (server-side DP
+    # noise): a round that no update reached still aggregates, an empty sum of weight 0
+    releases_when_empty = False
 
     def extras_like(self, global_state: State) -> State:
         """Tensors shaped like the extras its hooks add to an upload (values unused)."""

@@ -132,3 +132,22 @@ def test_dp_fedavg_with_poisson_sampling_runs_through_empty_rounds(recipe_file):
     rows = rows_of(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and (run_dir / "final" / "adapter_model.safetensors").exists()
     assert 0 < rows[-1]["epsilon"] < 4.73 * 2  # q = 1/4: amplified below four unsampled Gaussian rounds
+
+
+def test_an_empty_poisson_round_releases_noise_and_is_accounted_in_that_round(recipe_file):
+    from fedllm.registry import SAMPLERS
+
+    fed = {"rounds": 4, "num_clients": 4, "clients_per_round": 1, "sampler": {"name": "poisson"}}
+    sizes = [len(SAMPLERS.build({"name": "poisson"}).sample(t, 4, 1, seed=0)) for t in range(4)]
+    empty = sizes.index(0)  # q = 1/4: with seed 0, some round samples nobody
+    path = recipe_file(strategy={"name": "dp_fedavg"}, privacy={"noise_multiplier": 1.0, "noise_seed": 3},
+                       federation=fed, eval={"every": 0}, output={"keep_last": 0})
+    run_dir = run_recipe(str(path))
+    rows = rows_of(run_dir)
+    assert [r["clients"] for r in rows] == sizes
+    epsilons = [r["epsilon"] for r in rows]
+    assert all(a < b for a, b in zip(epsilons, epsilons[1:]))  # every round spends, the empty one too
+    before = load_file(str(run_dir / "checkpoints" / f"round_{empty}" / "global.safetensors")) if empty else None
+    after = load_file(str(run_dir / "checkpoints" / f"round_{empty + 1}" / "global.safetensors"))
+    if before is not None:
+        assert any(not torch.equal(before[k], after[k]) for k in after)  # noise alone was released
