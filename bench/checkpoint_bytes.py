@@ -3,7 +3,8 @@ side by side in one run on the real engine (CPU, about a minute).
 
 A federation of N clients (10, 100, 1000) with per-client state (AdamW moments kept between
 a client's rounds: `client.keep_optimizer_state`), 10 clients per round, a checkpoint after
-every round. For each N the same run is done twice: with fedllm's incremental checkpoints
+every round. After round 1 every client holds a state (a copy of a trained one), as in a
+long run where all clients have trained at least once. For each N the same run is done twice: with fedllm's incremental checkpoints
 (clients unchanged since the last checkpoint are hard links) and with every client's file
 written again (`incremental=False`, how checkpoints were written before). The goal: bytes
 written per checkpoint proportional to the clients that trained since the last one, not to
@@ -47,6 +48,19 @@ def recipe(run_dir: Path, num_clients: int, rounds: int) -> dict:
     }
 
 
+class LongRunning(Federation):
+    """After the first round, every client has a state, as after many rounds."""
+
+    def run_round(self, t, progress=None):
+        result = super().run_round(t, progress)
+        if t == 0:
+            trained = self.store.get(self.store.ids()[0])
+            for client_id in range(self.recipe.federation.num_clients):
+                if client_id not in self.store:
+                    self.store.put(client_id, {k: v.clone() for k, v in trained.items()})
+        return result
+
+
 def one_run(tmp: Path, num_clients: int, rounds: int, incremental: bool) -> dict:
     """Runs the federation, recording what every checkpoint write cost."""
     costs = []
@@ -60,7 +74,7 @@ def one_run(tmp: Path, num_clients: int, rounds: int, incremental: bool) -> dict
     run_dir = tmp / f"n{num_clients}-{'incremental' if incremental else 'full'}"
     engine.write_checkpoint = recorded
     try:
-        fed = Federation(recipe_from_dict(recipe(run_dir, num_clients, rounds)), run_dir)
+        fed = LongRunning(recipe_from_dict(recipe(run_dir, num_clients, rounds)), run_dir)
         fed.start()
         fed.run()
     finally:

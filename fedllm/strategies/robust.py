@@ -3,7 +3,9 @@
 sharing four options:
 
 - `f`: Byzantine clients to tolerate per round; each rule checks its requirement on the
-  round's n (e.g. Krum n ≥ 2f+3) and fails with a clear message.
+  planned round size before any training (e.g. Krum n ≥ 2f+3) and fails with a clear
+  message; a round that comes up short (Poisson sampling, rejected uploads) leaves the
+  global model unchanged, with a warning.
 - `nnm`: nearest-neighbour mixing before the rule (each message replaced by the mean of its
   n − f nearest) — the server form of MoNNA's NNA (Farhadkhani et al., ICML 2023) and of
   "Fixing by Mixing" (Allouah et al., AISTATS 2023).
@@ -21,6 +23,8 @@ key order; distances are over that whole vector. Sample counts are ignored (`uni
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fedllm.registry import STRATEGIES, RecipeError
@@ -31,6 +35,7 @@ from fedllm.strategies.robust_rules import (
 from fedllm.strategies.scaffold import float_zeros, on_params, stepped
 
 M, PREVIOUS = "m.", "previous."
+log = logging.getLogger("fedllm")
 
 
 class ClientMomentum(ClientHooks):
@@ -101,7 +106,23 @@ class Robust(Strategy):
     def extras_like(self, global_state: State) -> State:
         return with_prefix(float_zeros(global_state), M) if self.momentum > 0 else {}
 
+    def smallest_round(self) -> int:
+        """The fewest messages this rule can aggregate with its f."""
+        n = 1
+        while True:
+            try:
+                self.rule(torch.zeros(n, 1), torch.zeros(1))
+                return n
+            except ValueError:
+                n += 1
+
     def aggregate(self, global_state: State, messages, server_state: State, info: RoundInfo):
+        if len(messages) < (needed := self.smallest_round()):
+            # a round can come up short (Poisson sampling, rejected uploads): no rule output
+            # with fewer than its n-vs-f minimum, so the round changes nothing
+            log.warning("round %d: %s with f=%d needs %d updates, %d arrived; the global model is unchanged",
+                        info.round, type(self).__name__, self.f, needed, len(messages))
+            return global_state, server_state
         keys = sorted(global_state)
         # with client momentum the rule combines the momenta the clients send, not their Δ
         X = torch.stack([flatten(m.extras, keys, M) if self.momentum > 0 else flatten(m.delta, keys, "") for _, m, _ in messages])

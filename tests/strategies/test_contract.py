@@ -63,3 +63,26 @@ def test_resumes_from_checkpointed_tensors_exactly(name, tmp_path):
     assert torch.equal(resumed.x, uninterrupted.x)
     assert resumed.server_state.keys() == uninterrupted.server_state.keys()
     assert all(torch.equal(resumed.server_state[k], uninterrupted.server_state[k]) for k in resumed.server_state)
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_rounds_of_varying_size_aggregate_or_leave_the_model_unchanged(name):
+    """Poisson sampling and rejected uploads make round sizes vary (1 to 9 here):
+    every strategy gives a finite model each round, and a robust rule handed fewer messages
+    than its n-vs-f minimum changes nothing instead of stopping the run."""
+    from fedllm.collectors import message_template, weighted_mean
+    from fedllm.strategies.base import ALL, RoundInfo, Update
+
+    strategy = build(name)
+    x = {"w": torch.zeros(6)}
+    state = strategy.init(x)
+    generator = torch.Generator().manual_seed(0)
+    for t, n in enumerate([5, 1, 2, 9, 3]):
+        extras = {k: torch.randn(v.shape, generator=generator) for k, v in strategy.extras_like(x).items()}
+        kept = [(c, Update({"w": torch.randn(6, generator=generator)}, dict(extras)), 1.0) for c in range(n)]
+        updates = kept if strategy.needs == ALL else weighted_mean(kept, message_template(strategy, x))
+        new, state = strategy.aggregate(x, updates, state, RoundInfo(t, list(range(n)), float(n), 20, lr=0.1, local_steps=2))
+        assert torch.isfinite(new["w"]).all()
+        smallest = getattr(strategy, "smallest_round", lambda: 1)()
+        assert torch.equal(new["w"], x["w"]) == (n < smallest)
+        x = new
