@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def describe(err: Exception) -> str:
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return (f"no space left on the device while writing {err.filename or 'the run directory'}: free some space "
-                "(a checkpoint needs about the size of the last one) and continue with `fedllm resume`")
+        where = err.strerror if "checkpoint of round" in (err.strerror or "") else \
+            f"no space left on the device while writing {err.filename or 'the run directory'}"
+        return f"{where}: free some space and continue with `fedllm resume`"
     if isinstance(err, SafetensorError):
         return f"a tensor file does not read back ({err}): it is damaged"
     text = str(err).strip() or type(err).__name__

@@ -3,6 +3,7 @@ over accelerate / torch.distributed ranks, atomic checkpoints and exact resume. 
 (`Federation.run_round`) is sample → down → clients → up → collect → aggregate."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -131,6 +132,7 @@ class Federation:
         budget = 0 if is_distributed() else int(fed.client_store_budget_mb * 2**20)
         self.store = ClientStore(self.run_dir / "client_store", budget)
         self.start_round = 0
+        self.last_checkpoint_bytes = 0
         self.accelerator = self._trackers()
         self.metrics = MetricsLog(self.run_dir, self.is_main, self.accelerator)
 
@@ -317,7 +319,15 @@ class Federation:
             if self.own_aggregation is not None:
                 parts["aggregation"] = self.own_aggregation.state()
             meta = {"round": rounds_done, "saved_at": time.time()}
-            cost = write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)
+            try:
+                cost = write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:  # say where, and how much the last checkpoint took
+                    raise OSError(errno.ENOSPC, f"no space left on the device of {self.run_dir / 'checkpoints'} for the "
+                                  f"checkpoint of round {rounds_done} (the last one wrote {self.last_checkpoint_bytes:,} "
+                                  "bytes)", err.filename) from err
+                raise
+            self.last_checkpoint_bytes = cost.bytes_written
             log.debug("checkpoint %s: %d bytes written, %d client files linked", cost.path, cost.bytes_written,
                       cost.files_linked)
         barrier()

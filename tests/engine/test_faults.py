@@ -282,3 +282,20 @@ def test_export_of_a_damaged_checkpoint_is_a_one_line_error(recipe_file, tmp_pat
     assert main(["export", str(run_dir), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "round_1 is damaged" in err and "does not match its manifest" in err and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_directory_the_size_and_the_fix(recipe_file, monkeypatch, capsys):
+    import errno
+
+    real = state_module.save_state
+
+    def full_disk(state, path, *args, **kwargs):
+        if in_second_checkpoint(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(state_module, "save_state", full_disk)
+    assert main(["run", str(recipe_file(federation={"rounds": 2}))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "checkpoints for the checkpoint of round 2 (the last one wrote" in err and "fedllm resume" in err
