@@ -117,6 +117,26 @@ class StepDriver:
         self.after_step()
 
 
+class ModelLoss:
+    """`loss_of(sub_batch)`: the model's mean loss on any slice of a micro-batch (hooks'
+    backward). `with_params(tensors, sub_batch)` is the same loss as a pure function of the
+    trainable tensors (torch.func.functional_call), so a hook can take per-example
+    gradients with vmap(grad(...)) instead of a Python loop over examples."""
+
+    def __init__(self, model: torch.nn.Module, autocast):
+        self.model, self.autocast = model, autocast
+
+    def __call__(self, sub_batch: dict) -> torch.Tensor:
+        with self.autocast:
+            return self.model(**sub_batch).loss
+
+    def with_params(self, tensors: State, sub_batch: dict) -> torch.Tensor:
+        from torch.func import functional_call
+
+        with self.autocast:
+            return functional_call(self.model, tensors, args=(), kwargs=sub_batch).loss
+
+
 class DeltaView(Mapping):
     """Δ = x_i − x^t, computed tensor by tensor when read, so a full-parameter update is
     never held whole (Ferret projects it block by block; `dict(view)` materialises it).

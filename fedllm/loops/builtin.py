@@ -9,7 +9,7 @@ import torch
 
 from fedllm.data import collate
 from fedllm.training import (
-    FULL_GRADIENT, PER_EXAMPLE, REGRAD, VARIABLE_STEPS, DeltaView, LocalJob, LocalLoop, LocalResult, StepDriver,
+    FULL_GRADIENT, PER_EXAMPLE, REGRAD, VARIABLE_STEPS, DeltaView, LocalJob, LocalLoop, LocalResult, ModelLoss, StepDriver,
     load_optimizer_state, make_optimizer, micro_batches, optimizer_state_to_tensors,
 )
 
@@ -34,6 +34,7 @@ class BuiltinLoop(LocalLoop):
             model.train()
         accumulate = cfg.gradient_accumulation_steps
         count = job.steps * accumulate
+        loss_of = ModelLoss(model, autocast)
         losses = []
         for i, batch in enumerate(micro_batches(job.examples, cfg.per_device_train_batch_size, count, rng)):
             inputs = {k: v.to(device) for k, v in collate(batch, job.pad_token_id).items()}
@@ -43,10 +44,6 @@ class BuiltinLoop(LocalLoop):
                     loss = model(**inputs).loss
                 scaler.scale(loss / accumulate).backward()
                 return loss.detach()
-
-            def loss_of(sub_batch: dict) -> torch.Tensor:
-                with autocast:
-                    return model(**sub_batch).loss
 
             def regrad():
                 if accumulate != 1 or cfg.fp16:

@@ -8,9 +8,13 @@ gradient accumulation):
     g = (Σ_i clip(∇ℓ_i, C) + N(0, σ²C²·I)) / B,      clip(v, C) = v · min(1, C/‖v‖)
 
 with ‖·‖ over all trainable tensors together (flat clipping, as Opacus). Per-example
-gradients come from one backward per example (exact for any model and adapter, no
-per-layer rules; the cost is B small backward passes instead of one). The optimiser then
-steps on g as usual.
+gradients come from torch.func — vmap(grad(loss)) over the micro-batch's examples, a
+functional call over the trainable tensors (`per_example: vmap`, the default, where the local
+loop offers the loss as a function of the tensors) — or from one backward per example
+(`per_example: loop`: exact for any model and adapter, no per-layer rules, the reference and
+the fallback when vmap fails on a model). Both give the same clipped sums (tested to 1e-5);
+vmap holds B per-example gradients at once (small for adapters). The optimiser then steps
+on g as usual.
 
 The noise must be secret from the server too, so its generator lives on the client, for one
 local round: seeded from `secrets` when the round's hooks are made, never stored, never sent.
@@ -36,6 +40,8 @@ A client whose update is dropped (non-finite) releases nothing: its message is d
 unused and its ledger does not move."""
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import replace
 from typing import Callable
 
@@ -48,6 +54,7 @@ from fedllm.seeds import derive
 from fedllm.strategies.base import RoundInfo, State
 
 LEDGERS = PREFIX + "ledger/"
+log = logging.getLogger("fedllm")
 
 
 def single_examples(inputs: dict[str, torch.Tensor]):
@@ -58,9 +65,10 @@ def single_examples(inputs: dict[str, torch.Tensor]):
         yield {k: v[i : i + 1, :length] if (length is not None and v.dim() > 1) else v[i : i + 1] for k, v in inputs.items()}
 
 
-def clipped_gradient_sum(params: dict[str, torch.nn.Parameter], inputs: dict, loss_of: Callable[[dict], torch.Tensor],
-                         clip: float) -> tuple[State, torch.Tensor, int]:
-    """(Σ_i clip(∇ℓ_i, C) per tensor in fp32, the mean loss, the number of examples)."""
+def looped_clipped_sum(params: dict[str, torch.nn.Parameter], inputs: dict, loss_of: Callable[[dict], torch.Tensor],
+                       clip: float) -> tuple[State, torch.Tensor, int]:
+    """(Σ_i clip(∇ℓ_i, C) per tensor in fp32, the mean loss, the number of examples): one
+    backward per example. The reference, and the fallback where torch.func cannot go."""
     names = list(params)
     tensors = [params[k] for k in names]
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
@@ -77,6 +85,56 @@ def clipped_gradient_sum(params: dict[str, torch.nn.Parameter], inputs: dict, lo
     return sums, torch.stack(losses).mean(), len(losses)
 
 
+def right_padded(inputs: dict) -> bool:
+    """Every row's attention mask is ones then zeros (fedllm's collate pads on the right)."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return True
+    lengths = mask.sum(1, keepdim=True)
+    return bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths).to(mask.dtype)).all())
+
+
+def vectorized_clipped_sum(params: dict[str, torch.nn.Parameter], inputs: dict, loss_of, clip: float
+                           ) -> tuple[State, torch.Tensor, int]:
+    """The same sums with per-example gradients from vmap(grad(...)) over the micro-batch.
+    The attention mask is left out so every example keeps the batch's length: with right
+    padding, a causal LM's real tokens attend only to earlier (real) tokens and padding
+    carries label -100, so each example's loss and gradient are unchanged."""
+    from torch.func import grad_and_value, vmap
+
+    names = list(params)
+    tensors = {k: p.detach() for k, p in params.items()}
+    batch = {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+    def loss_one(weights, example):
+        return loss_of.with_params(weights, {k: v.unsqueeze(0) for k, v in example.items()})
+
+    with warnings.catch_warnings():  # a kernel without a batching rule runs per example: correct, slower
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        grads, losses = vmap(grad_and_value(loss_one), in_dims=(None, 0), randomness="different")(tensors, batch)
+    norms = torch.sqrt(sum(grads[k].float().flatten(1).pow(2).sum(1) for k in names))
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor, per example
+    sums = {k: torch.einsum("b,b...->...", scale, grads[k].float()) for k in names}
+    return sums, losses.detach().float().mean(), int(losses.shape[0])
+
+
+FELL_BACK: set[str] = set()  # owners that warned once that vmap failed on their model
+
+
+def clipped_gradient_sum(params: dict[str, torch.nn.Parameter], inputs: dict, loss_of: Callable[[dict], torch.Tensor],
+                         clip: float, vectorized: bool = True, owner: str = "dp_sgd") -> tuple[State, torch.Tensor, int]:
+    """Σ_i clip(∇ℓ_i, C): vectorised where the loop offers the loss as a function of the
+    tensors (`ModelLoss.with_params`) and the batch is right-padded, else one backward per example."""
+    if vectorized and owner not in FELL_BACK and hasattr(loss_of, "with_params") and right_padded(inputs):
+        try:
+            return vectorized_clipped_sum(params, inputs, loss_of, clip)
+        except RuntimeError as err:  # an op without a batching rule, data-dependent control flow
+            FELL_BACK.add(owner)
+            log.warning("%s: per-example gradients through torch.func failed on this model (%s); using one backward "
+                        "per example", owner, str(err).splitlines()[0][:200])
+    return looped_clipped_sum(params, inputs, loss_of, clip)
+
+
 def require_per_example_pass(sums, owner: str) -> None:
     if sums is None:
         raise RuntimeError(
@@ -88,12 +146,12 @@ def require_per_example_pass(sums, owner: str) -> None:
 class ClippedSums:
     """Σ of per-example clipped gradients over one optimizer step's micro-batches."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], clip: float, owner: str):
-        self.params, self.clip, self.owner = params, clip, owner
+    def __init__(self, params: dict[str, torch.nn.Parameter], clip: float, owner: str, vectorized: bool = True):
+        self.params, self.clip, self.owner, self.vectorized = params, clip, owner, vectorized
         self.sums, self.count = None, 0
 
     def add(self, inputs: dict, loss_of: Callable[[dict], torch.Tensor]) -> torch.Tensor:
-        sums, loss, count = clipped_gradient_sum(self.params, inputs, loss_of, self.clip)
+        sums, loss, count = clipped_gradient_sum(self.params, inputs, loss_of, self.clip, self.vectorized, self.owner)
         self.sums = sums if self.sums is None else {k: self.sums[k] + sums[k] for k in sums}
         self.count += count
         return loss
@@ -116,12 +174,13 @@ def raw_gradients_refused(*args, **kwargs):
 class PrivateGradient(DelegatingHooks):
     """Replaces each step's gradient by the clipped, noised mean of per-example gradients."""
 
-    def __init__(self, inner, clip: float, noise_multiplier: float, noise_seed: int):
+    def __init__(self, inner, clip: float, noise_multiplier: float, noise_seed: int, vectorized: bool = True):
         super().__init__(inner)
         self.clip, self.noise_multiplier, self.noise_seed = clip, noise_multiplier, noise_seed
+        self.vectorized = vectorized
 
     def begin(self, params, ctx):
-        self.clipped = ClippedSums(params, self.clip, "dp_sgd")
+        self.clipped = ClippedSums(params, self.clip, "dp_sgd", self.vectorized)
         device = next(iter(params.values())).device if params else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(self.noise_seed)
         super().begin(params, replace(ctx, gradient=raw_gradients_refused))
@@ -164,8 +223,12 @@ class LocalDPSGD(PrivacyWrapper):
         self,
         inner: dict = {"name": "fedavg"},  # the strategy that aggregates the private updates
         max_grad_norm: float = 1.0,  # C, the per-example clipping norm; the budget is the privacy: section
+        per_example: str = "vmap",  # "vmap": per-example gradients through torch.func; "loop": one backward each
     ):
         super().__init__(inner, "dp_sgd")
+        if per_example not in ("vmap", "loop"):
+            raise ValueError(f"dp_sgd: per_example must be 'vmap' or 'loop', got {per_example!r}")
+        self.vectorized = per_example == "vmap"
         self.client_needs = self.client_needs | {"per_example"}  # every micro-batch's backward, example by example
         if max_grad_norm <= 0:
             raise ValueError("dp_sgd: max_grad_norm must be > 0")
@@ -197,7 +260,8 @@ class LocalDPSGD(PrivacyWrapper):
         # a fresh secret seed per local round (see the module docstring), or a reproducible one
         noise_seed = self.budget.noise_seed
         seed = secret_seed() if noise_seed is None else derive(noise_seed, round, client_id, tag="dp-sgd")
-        return PrivateGradient(self.inner.client_hooks(round, client_id), self.clip, self.budget.require_noise(), seed)
+        return PrivateGradient(self.inner.client_hooks(round, client_id), self.clip, self.budget.require_noise(), seed,
+                               self.vectorized)
 
     def ledgers(self, server_state: State) -> dict[int, Ledger]:
         own = split_state(server_state)[1]

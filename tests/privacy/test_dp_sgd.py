@@ -157,3 +157,75 @@ def test_other_strategies_keep_client_max_grad_norm():
     assert post_step_clip(STRATEGIES.build({"name": "fedavg"}), 0.5) == 0.5
     assert post_step_clip(STRATEGIES.build({"name": "dp_fedavg"}), 0.5) == 0.5  # clips the upload, not per example
     assert post_step_clip(STRATEGIES.build({"name": "dp_brem"}), None) is None
+
+
+@pytest.fixture(scope="module")
+def lora_llama(tmp_path_factory):
+    import contextlib
+    import sys
+    from pathlib import Path
+
+    from fedllm.models import build_model
+    from fedllm.recipe import recipe_from_dict
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from conftest import tiny_recipe
+
+    recipe = recipe_from_dict(tiny_recipe(tmp_path_factory.mktemp("vmap")))
+    tokenizer, model, adapter = build_model(recipe, torch.device("cpu"))
+    model.train()
+    from fedllm.training import ModelLoss
+
+    return model, adapter.trainable(model), ModelLoss(model, contextlib.nullcontext())
+
+
+def padded_batch(lengths, seed=0):
+    from fedllm.data.tokenize import collate
+
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(5, 120, (n,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    return collate(examples, pad_token_id=0)
+
+
+def test_vmap_and_the_loop_give_the_same_clipped_gradients_on_a_lora_llama(lora_llama):
+    from fedllm.privacy.dp_sgd import looped_clipped_sum, vectorized_clipped_sum
+
+    model, params, loss_of = lora_llama
+    batch = padded_batch([9, 23, 5, 17, 12])  # right padding of very different lengths
+    loop, loop_loss, n = looped_clipped_sum(params, batch, loss_of, clip=0.05)
+    vmap, vmap_loss, m = vectorized_clipped_sum(params, batch, loss_of, clip=0.05)
+    assert n == m == 5 and all(p.grad is None for p in params.values())
+    assert sum(float(t.abs().sum()) for t in loop.values()) > 0
+    for k in loop:
+        torch.testing.assert_close(vmap[k], loop[k], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(vmap_loss, loop_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_failing_on_a_model_falls_back_to_the_loop_once_with_a_warning(lora_llama, caplog, monkeypatch):
+    import fedllm.privacy.dp_sgd as dp_sgd
+
+    model, params, loss_of = lora_llama
+    monkeypatch.setattr(dp_sgd, "FELL_BACK", set())
+
+    class NoBatchingRule:
+        def __call__(self, sub_batch):
+            return loss_of(sub_batch)
+
+        def with_params(self, tensors, sub_batch):
+            raise RuntimeError("vmap: batching rule not implemented for aten::some_op")
+
+    batch = padded_batch([7, 11])
+    sums, _, count = dp_sgd.clipped_gradient_sum(params, batch, NoBatchingRule(), clip=1.0, owner="test")
+    reference, _, _ = dp_sgd.looped_clipped_sum(params, batch, loss_of, clip=1.0)
+    assert count == 2 and all(torch.equal(sums[k], reference[k]) for k in sums)
+    assert "using one backward per example" in caplog.text and dp_sgd.FELL_BACK == {"test"}
+
+
+def test_a_left_padded_batch_is_not_vectorised():
+    from fedllm.privacy.dp_sgd import right_padded
+
+    assert right_padded({"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])})
+    assert not right_padded({"attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])})
