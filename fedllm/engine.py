@@ -23,6 +23,7 @@ from fedllm.collectors import default_collector, message_template, misfit
 from fedllm.data import prepare_data
 from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, is_distributed, process_state
 from fedllm.evaluation import evaluate
+from fedllm.evaluation.per_client import evaluate_per_client
 from fedllm.export import write_export
 from fedllm.metrics import REJECTIONS, MetricsLog, truncate_jsonl, write_atomically
 from fedllm.models import build_model
@@ -105,7 +106,8 @@ class Federation:
         self.tokenizer, self.model, self.adapter = build_model(recipe, self.device)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.params = self.adapter.trainable(self.model)
-        self.data = prepare_data(recipe.data, self.tokenizer, recipe.federation.num_clients, recipe.seed)
+        self.data = prepare_data(recipe.data, self.tokenizer, recipe.federation.num_clients, recipe.seed,
+                                 per_client_eval=recipe.eval.per_client)
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
         fed = recipe.federation
         self.participation = Participation(SAMPLERS.build(fed.sampler, "federation.sampler"), fed.num_clients,
@@ -234,6 +236,9 @@ class Federation:
             self.store.put(client_id, flat)
 
     def evaluate(self, examples: list[dict]) -> dict:
+        if self.data.client_eval is not None:  # eval.per_client: `examples` is the union of the slices
+            return evaluate_per_client(self.model, self.adapter, self.global_state, self.data.client_eval,
+                                       self.recipe.eval, self.pad_token_id, self.reducer, self.rank, self.world_size)
         return evaluate(self.model, self.adapter, self.global_state, examples, self.recipe.eval, self.pad_token_id,
                         self.reducer, self.rank, self.world_size)
 
@@ -256,6 +261,8 @@ class Federation:
             "eval_examples": len(self.data.eval),
             "adapter": self.adapter.metadata(self.model),
             "byzantine_clients": sorted(self.byzantine),
+            # eval.per_client: which sampled rows each client holds out (fedllm.data.holdout)
+            **({"client_eval_rows": self.data.client_eval_rows} if self.data.client_eval_rows is not None else {}),
         }
 
     def resume(self) -> None:

@@ -92,6 +92,9 @@ class EvalConfig(Section):
     every: int = Field(1, ge=0)  # rounds between evaluations; 0 = only after the last round
     per_device_eval_batch_size: int = Field(8, gt=0)
     max_batches: Optional[int] = Field(None, gt=0)
+    # hold out each client's own slice of its shard (instead of one pooled set) and log every
+    # client's metrics and their spread; changes which rows train, so it is off by default
+    per_client: bool = False
 
 
 class OutputConfig(Section):

@@ -25,6 +25,8 @@ _STREAMS: dict[str, tuple[str, tuple[int, ...]]] = {
     "label-flip": ("numpy", (0x1F,)),  # the response permutation, from the poison seed
     "data-sample": ("numpy", (1,)),  # data.max_samples' shuffle
     "eval-split": ("numpy", (2,)),  # the held-out eval rows
+    "client-eval-split": ("numpy", (3,)),  # a client's own held-out rows (eval.per_client), per client
+    "generate": ("torch", (0x6E,)),  # fedllm eval --generate's sampling
     "qsgd": ("numpy", (0x05D,)),  # QSGD's stochastic rounding, per (round, client + 1)
     "rqm": ("numpy", (0x2D3,)),  # RQM's kept levels, per (round, client + 1)
     "ferret": ("sha256", ()),  # one Ferret basis, per (pool seed, block)

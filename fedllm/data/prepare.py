@@ -9,6 +9,7 @@ import numpy as np
 
 import fedllm.data.partition  # noqa: F401  registers the partitioners
 from fedllm.data.formats import FORMATS, check_columns, to_spans
+from fedllm.data.holdout import split_per_client
 from fedllm.data.loading import load_rows, take_sample
 from fedllm.data.tokenize import tokenize_examples
 from fedllm.recipe import DataConfig
@@ -24,6 +25,10 @@ class PreparedData:
     eval: list[dict]
     client_sizes: list[int]
     num_dropped: int  # examples whose response was truncated away entirely
+    # eval.per_client: each client's own held-out examples (`eval` is their union, in client
+    # order) and the row indices they came from; None with one pooled held-out set
+    client_eval: list[list[dict]] | None = None
+    client_eval_rows: list[list[int]] | None = None
 
 
 def _hold_out(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -50,6 +55,23 @@ def _split_train_eval(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, dat
     return rows, eval_rows
 
 
+def _split_per_client(cfg: DataConfig, num_clients: int, seed: int):
+    """Every row partitioned first, then a slice of each client's shard held out
+    (fedllm.data.holdout): the training rows, their shards, the held-out rows in client
+    order, and each client's held-out row indices."""
+    if cfg.eval_path is not None or cfg.eval_split is not None:
+        raise RecipeError("eval.per_client holds out a slice of each client's own shard, so it cannot use "
+                          "data.eval_path / data.eval_split: remove them or set eval.per_client=false")
+    rows = take_sample(load_rows(cfg.path, cfg.subset, cfg.split), cfg.max_samples, derive(seed, tag="data-sample"))
+    check_columns(rows.column_names, cfg.format)
+    shards = PARTITIONERS.build(cfg.partitioner, where="data.partitioner").partition(rows, num_clients, seed)
+    kept, held_out = split_per_client(shards, cfg.eval_fraction, seed)
+    order = sorted(i for shard in kept for i in shard)
+    position = {row: i for i, row in enumerate(order)}
+    train_shards = [[position[row] for row in shard] for shard in kept]
+    return rows.select(order), train_shards, rows.select([i for s in held_out for i in s]), held_out
+
+
 def _encode(rows: datasets.Dataset, cfg: DataConfig, tokenizer) -> list[dict | None]:
     if len(rows) == 0:
         return []
@@ -58,12 +80,17 @@ def _encode(rows: datasets.Dataset, cfg: DataConfig, tokenizer) -> list[dict | N
     return tokenize_examples(spans, tokenizer, cfg.max_length, add_special_tokens=special_tokens)
 
 
-def prepare_data(cfg: DataConfig, tokenizer, num_clients: int, seed: int) -> PreparedData:
+def prepare_data(cfg: DataConfig, tokenizer, num_clients: int, seed: int, per_client_eval: bool = False) -> PreparedData:
     """Loads `cfg.path`, holds out the eval set (before partitioning, so no client trains on
     it), deals the training rows out with `cfg.partitioner` and tokenizes them with
-    completion-only labels."""
-    train, eval_rows = _split_train_eval(cfg, seed)
-    shards = PARTITIONERS.build(cfg.partitioner, where="data.partitioner").partition(train, num_clients, seed)
+    completion-only labels. `per_client_eval`: partitions first and holds out a slice of
+    each client's shard instead."""
+    held_out = None
+    if per_client_eval:
+        train, shards, eval_rows, held_out = _split_per_client(cfg, num_clients, seed)
+    else:
+        train, eval_rows = _split_train_eval(cfg, seed)
+        shards = PARTITIONERS.build(cfg.partitioner, where="data.partitioner").partition(train, num_clients, seed)
     encoded, encoded_eval = _encode(train, cfg, tokenizer), _encode(eval_rows, cfg, tokenizer)
     clients = [[encoded[i] for i in shard if encoded[i] is not None] for shard in shards]
     empty = [c for c, examples in enumerate(clients) if not examples]
@@ -78,4 +105,16 @@ def prepare_data(cfg: DataConfig, tokenizer, num_clients: int, seed: int) -> Pre
         eval=[e for e in encoded_eval if e is not None],
         client_sizes=[len(c) for c in clients],
         num_dropped=num_dropped,
+        client_eval=_per_client(encoded_eval, held_out),
+        client_eval_rows=held_out,
     )
+
+
+def _per_client(encoded_eval: list[dict | None], held_out: list[list[int]] | None) -> list[list[dict]] | None:
+    if held_out is None:
+        return None
+    out, start = [], 0
+    for shard in held_out:  # the held-out rows were encoded in client order
+        out.append([e for e in encoded_eval[start : start + len(shard)] if e is not None])
+        start += len(shard)
+    return out

@@ -1,5 +1,7 @@
 """Held-out evaluation of a global state: token-weighted loss, perplexity and next-token
-accuracy on response tokens, sharded over ranks and summed."""
+accuracy on response tokens, sharded over ranks and summed. The package also holds
+per-client evaluation (per_client), `fedllm eval` (run_eval), generations, benchmark tasks
+and the comparison of runs."""
 from __future__ import annotations
 
 import torch
