@@ -1,4 +1,4 @@
-"""fedllm run | resume | export | plot | list"""
+"""fedllm run | resume | export | eval | compare | plot | list"""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import traceback
 
 from safetensors import SafetensorError
 
+from fedllm import eval_cli
 from fedllm.registry import PluginError, RecipeError
 
 # failures a user can cause and fix (a recipe, a path, a damaged file, a full disk): one line,
@@ -36,8 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--trust-remote-code", action="store_true", help="allow the run's model.trust_remote_code: true")
     export.add_argument("--round", default="last", help="round number or 'last'")
     export.add_argument("--to", default=None, choices=["peft", "merged"], dest="fmt", help="default: the adapter's own (peft where possible)")
-    plot = sub.add_parser("plot", help="PNG curves of loss, eval and bytes per round")
-    plot.add_argument("run_dir")
+    eval_cli.add_parsers(sub)  # eval, compare, plot
     sub.add_parser("list", help="every registered plugin and its options")
     return parser
 
@@ -60,12 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             print(list_plugins())
             return 0
-        if args.command == "plot":
-            from fedllm.metrics import plot_run
-
-            for path in plot_run(args.run_dir):
-                print(path)
-            return 0
+        if args.command in eval_cli.COMMANDS:
+            return eval_cli.main(args)
         from fedllm import engine
 
         if args.command == "run":
