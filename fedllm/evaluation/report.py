@@ -31,7 +31,7 @@ def table(results: dict) -> str:
         base = score.get("base")
         columns = [target] + (["base"] if base else [])
         lines.append(f"{name} ({score['examples']} examples)")
-        lines.append(f"  {'':<30}" + "".join(f"{c:>12}" for c in columns))
+        lines.append(f"  {'':<36}" + "".join(f"{c:>12}" for c in columns))
         for metric in METRICS:
             lines.append(_rows(metric, [score["metrics"].get(metric)] + ([base["metrics"].get(metric)] if base else [])))
         logged = score.get("run_logged")

@@ -26,7 +26,7 @@ def check_tasks(names: list[str]) -> None:
         return
     from fedllm.evaluation import harness
 
-    known = harness.task_names()  # raises the install hint when lm-eval is missing
+    known = harness.task_names(others)  # raises the install hint when lm-eval is missing
     for name in others:
         if name not in known:
             raise EvalError(f"unknown task '{name}'{nearest(name, list(OWN) + sorted(known))} fedllm's own: "
