@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-import fedllm
 from fedllm.distributed import Reducer
 from fedllm.evaluation import evaluate
 from fedllm.evaluation.eval_data import external, heldout
@@ -165,7 +164,7 @@ def eval_run(req: EvalRequest) -> tuple[dict, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {
         "target": subject.label, "round": subject.round, "path": str(Path(req.path)),
-        "fedllm_version": fedllm.__version__, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "fedllm_version": __import__("fedllm").__version__, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "scores": scores, "tasks": run_tasks(subject, req, out_dir) if req.tasks else {},
     }
     if req.generate:
