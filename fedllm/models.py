@@ -101,9 +101,10 @@ def _quantization_config(cfg):
 
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = cfg.bnb_4bit_compute_dtype or (cfg.dtype if cfg.dtype != "float32" else "bfloat16")
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=DTYPES[cfg.dtype] if cfg.dtype != "float32" else torch.bfloat16,
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant, bnb_4bit_compute_dtype=DTYPES[compute],
     )
 
 

@@ -25,6 +25,10 @@ class ModelConfig(Section):
     revision: Optional[str] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["none", "4bit", "8bit"] = "none"
+    # 4bit's BitsAndBytesConfig (transformers' names); the defaults are QLoRA's
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # None: dtype, bfloat16 for float32
     trust_remote_code: bool = False
 
 

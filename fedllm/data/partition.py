@@ -5,6 +5,8 @@ per client, disjoint, covering every row, no client empty, the same for the same
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import datasets
 import numpy as np
 
@@ -139,3 +141,21 @@ class QuantitySkew:
         sizes = self.min_size + rng.multinomial(spare, rng.dirichlet(np.full(num_clients, self.alpha)))
         order = rng.permutation(len(dataset))
         return _as_lists(np.split(order, np.cumsum(sizes)[:-1]))
+
+
+@PARTITIONERS.register("iid_contiguous")
+class IIDContiguous:
+    """Flower Datasets' IID split (FederatedDataset + IidPartitioner, as FlowerTune uses it): the
+    rows shuffled once with `shuffle_seed` (FederatedDataset's default, 42, whatever the recipe
+    seed; null: no shuffle), then cut into contiguous near-equal shards, the first
+    len % num_clients one row longer (datasets.Dataset.shard(contiguous=True))."""
+
+    def __init__(self, shuffle_seed: Optional[int] = 42):
+        self.shuffle_seed = shuffle_seed
+
+    def partition(self, dataset: datasets.Dataset, num_clients: int, seed: int) -> list[list[int]]:
+        _check_sizes(len(dataset), num_clients)
+        n = len(dataset)
+        # datasets' shuffle(seed) is default_rng(seed).permutation(n)
+        order = np.arange(n) if self.shuffle_seed is None else np.random.default_rng(self.shuffle_seed).permutation(n)
+        return _as_lists(np.array_split(order, num_clients))
