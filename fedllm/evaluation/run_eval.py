@@ -118,49 +118,51 @@ def _merge(path: Path, new: dict) -> dict:
     return merged
 
 
-def eval_run(req: EvalRequest) -> tuple[dict, Path]:
-    """Runs the evaluation `req` asks for; returns the results and the results.json path."""
-    from fedllm.evaluation.tasks import run_tasks, check_tasks
-
-    check_tasks(req.tasks)  # before any model is built
-    subject = locate(req.path, req.round, req.base, req.recipe, req.trust_remote_code)
-    if req.personalize_steps and subject.run_dir is None:
-        raise EvalError("--personalize-steps trains each client on its shard: it needs a run directory, not a PEFT directory")
-    load(subject, _device())
+def _scores(subject: Subject, req: EvalRequest, batch_size: int) -> tuple[dict, list[dict]]:
+    """{dataset: scores} for --data or the run's held-out split (none: a run without held-out rows
+    asked only for tasks), and the examples scored (the prompts of --generate)."""
     recipe = subject.recipe
-    batch_size = req.batch_size or recipe.eval.per_device_eval_batch_size
-    out_dir = subject.out_dir / "eval" / subject.label
-    scores, name = {}, HELDOUT
     if req.data is not None:
-        name = f"data:{req.data}"
         examples = external(req.data, recipe, subject.tokenizer, req.format, req.split, req.subset, req.max_samples)
         if not examples:
             raise EvalError(f"--data {req.data}: no row has anything left to score after truncation to data.max_length")
-        scores[name] = score_examples(subject, examples, batch_size)
-        data = None
-    else:
-        data = heldout(recipe, subject.tokenizer, subject.run_dir)
-        if not data.eval:
-            raise EvalError("the run holds out no examples (data.eval_fraction=0 and no data.eval_path): "
-                            "pass --data PATH to score a dataset, or --tasks")
-        examples = data.eval
-        scores[name] = score_heldout(subject, data)
-    if req.compare_base and subject.label != "base":  # the same examples, the same way, with the base's weights
-        if data is None:
+        score = score_examples(subject, examples, batch_size)
+        if req.compare_base and subject.label != "base":  # the same examples, with the base's weights
             subject.use("base")
-            scores[name]["base"] = score_examples(subject, examples, batch_size)
-        else:
-            scores[name]["base"] = score_heldout(subject, data, "base")
+            score["base"] = score_examples(subject, examples, batch_size)
+            subject.use("target")
+        return {f"data:{req.data}": score}, examples
+    data = heldout(recipe, subject.tokenizer, subject.run_dir)
+    if not data.eval:
+        if req.tasks and not req.generate:
+            return {}, []
+        raise EvalError("the run holds out no examples (data.eval_fraction=0 and no data.eval_path): "
+                        "pass --data PATH to score a dataset, or --tasks")
+    score = score_heldout(subject, data)
+    if req.compare_base and subject.label != "base":
+        score["base"] = score_heldout(subject, data, "base")
         subject.use("target")
     if req.personalize_steps:
-        if data is None or data.client_eval is None:
-            raise EvalError("--personalize-steps scores each client on its own held-out slice: the run needs "
-                            "eval.per_client: true (and no --data)")
         from fedllm.evaluation.personalize import personalized_report
 
-        scores[name]["personalized"] = personalized_report(
-            subject.model, subject.adapter, recipe, data, subject.state, req.personalize_steps,
-            subject.tokenizer.pad_token_id, batch_size)
+        score["personalized"] = personalized_report(subject.model, subject.adapter, recipe, data, subject.state,
+                                                    req.personalize_steps, subject.tokenizer.pad_token_id, batch_size)
+    return {HELDOUT: score}, data.eval
+
+
+def eval_run(req: EvalRequest) -> tuple[dict, Path]:
+    """Runs the evaluation `req` asks for; returns the results and the results.json path."""
+    from fedllm.evaluation.tasks import check_tasks, run_tasks
+
+    check_tasks(req.tasks)  # before any model is built
+    subject = locate(req.path, req.round, req.base, req.recipe, req.trust_remote_code)
+    if req.personalize_steps and (subject.run_dir is None or req.data or not subject.recipe.eval.per_client):
+        raise EvalError("--personalize-steps trains each client on its own shard and scores it on its own held-out "
+                        "slice: it needs a run directory whose recipe has eval.per_client: true (and no --data)")
+    load(subject, _device())
+    batch_size = req.batch_size or subject.recipe.eval.per_device_eval_batch_size
+    out_dir = subject.out_dir / "eval" / subject.label
+    scores, examples = _scores(subject, req, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {
         "target": subject.label, "round": subject.round, "path": str(Path(req.path)),
