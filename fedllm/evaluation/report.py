@@ -38,6 +38,8 @@ def table(results: dict) -> str:
         if logged:
             same = abs(logged["eval_loss"] - score["metrics"]["eval_loss"]) <= 1e-6
             lines.append(_rows(f"run's logged eval_loss ({'same' if same else 'DIFFERS'})", [logged["eval_loss"]]))
+        if name == "heldout" and not score.get("per_client"):
+            lines.append("  (no per-client numbers: this run held out one pooled set; eval.per_client=true splits it per client)")
         if score.get("per_client"):
             count = sum("eval_loss" in c for c in score["per_client"]["clients"])
             lines.append(f"  per client ({count} clients, each on its own held-out slice; p10: 10% from the worst end)")
