@@ -3,9 +3,10 @@
 The model object itself is handed to lm-eval's HFLM (base + the run's adapter, no merge):
 given an adapter directory instead, lm-eval would rebuild the model and resize its embedding
 to the tokenizer. Tasks are any lm-eval knows, plus an offline group shipped with fedllm,
-`fedllm_quickstart`, built from the bundled quickstart data: a perplexity task
-(loglikelihood of each response), a multiple-choice task (which category an instruction
-belongs to) and a generation task (exact match of greedy answers)."""
+`fedllm_quickstart`, built from the bundled quickstart data: perplexity (rolling, of each
+whole example), the loglikelihood of each response given its prompt (and whether it is the
+greedy continuation), multiple choice (which category an instruction belongs to) and
+generation (exact match of greedy answers)."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from fedllm.data import load_rows, to_spans
 from fedllm.evaluation.subject import EvalError
 
 GROUP = "fedllm_quickstart"
-BUNDLED = (GROUP, f"{GROUP}_ppl", f"{GROUP}_mc", f"{GROUP}_gen")
+BUNDLED = (GROUP, f"{GROUP}_ppl", f"{GROUP}_ll", f"{GROUP}_mc", f"{GROUP}_gen")
 ITEMS_EVERY = 40  # every 40th bundled row: 50 items per task
 _task_dir: Path | None = None
 
@@ -57,10 +58,14 @@ def bundled_task_dir() -> Path:
         data = root / "quickstart_items.jsonl"
         data.write_text("".join(json.dumps(item) + "\n" for item in quickstart_items()))
         tasks = [
-            _task(f"{GROUP}_ppl", data, output_type="loglikelihood", doc_to_text="{{prompt}}",
+            _task(f"{GROUP}_ppl", data, output_type="loglikelihood_rolling", doc_to_text="",
+                  doc_to_target="{{prompt}}{{response}}",
+                  metric_list=[{"metric": m, "aggregation": a, "higher_is_better": False} for m, a in (
+                      ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
+                      ("bits_per_byte", "bits_per_byte"))]),
+            _task(f"{GROUP}_ll", data, output_type="loglikelihood", doc_to_text="{{prompt}}",
                   doc_to_target="{{response}}", target_delimiter="",
-                  metric_list=[{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
-                               {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]),
+                  metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]),
             _task(f"{GROUP}_mc", data, output_type="multiple_choice",
                   doc_to_text="### Instruction:\n{{instruction}}\n\n### Category:\n", doc_to_choice="{{choices}}",
                   doc_to_target="{{label}}", target_delimiter="",
@@ -104,7 +109,10 @@ def run(model, tokenizer, names: list[str], batch_size: int = 8, limit: int | No
                                   log_samples=log_samples)
     results = {}
     for task, values in out["results"].items():
-        metrics = {k.replace(",none", ""): v for k, v in values.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k}
-        results[task] = {"metrics": metrics, **({"samples": out["samples"].get(task, [])} if log_samples else {})}
+        metrics = {k.replace(",none", ""): float(v) for k, v in values.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k and k != "sample_len"}
+        if not metrics:
+            continue  # a group: its tasks have their own entries
+        entry = {"metrics": metrics, "items": values.get("sample_len")}
+        results[task] = {**entry, **({"samples": out["samples"].get(task, [])} if log_samples else {})}
     return results
