@@ -18,6 +18,7 @@ from fedllm.evaluation.generate import complete, prompt_and_reference
 from fedllm.evaluation.per_client import example_sums, metrics, per_client_report, score_clients
 from fedllm.evaluation.subject import EvalError, Subject, load, locate
 from fedllm.metrics import write_atomically
+from fedllm.rundir import refuse_planted_links
 
 HELDOUT = "heldout"
 
@@ -159,6 +160,7 @@ def eval_run(req: EvalRequest) -> tuple[dict, Path]:
     if req.personalize_steps and (subject.run_dir is None or req.data or not subject.recipe.eval.per_client):
         raise EvalError("--personalize-steps trains each client on its own shard and scores it on its own held-out "
                         "slice: it needs a run directory whose recipe has eval.per_client: true (and no --data)")
+    refuse_planted_links(subject.out_dir)  # eval/ is written below it: never through a planted link
     load(subject, _device())
     batch_size = req.batch_size or subject.recipe.eval.per_device_eval_batch_size
     out_dir = subject.out_dir / "eval" / subject.label
