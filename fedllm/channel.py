@@ -71,12 +71,20 @@ class Channel:
     def down(self, global_state: State, broadcast: State, device: torch.device) -> Downlink:
         """The global state (+ the strategy's broadcast tensors) as real bytes, decoded as a
         client decodes them; every client downloads the same message."""
-        message = self.adapter.encode_global(global_state)
-        message.tensors = with_extras(message.tensors, broadcast)
-        wire = serialize(message)
-        message = deserialize(wire)
-        plain, broadcast = split_extras(message.tensors)
-        x_t = self.adapter.decode_global(Message(plain, message.meta))
+        wire = self.down_wire(global_state, broadcast)
+        x_t, broadcast = self.open_down(wire)
         size = len(wire)
         on_device = lambda state: {k: t.to(device) for k, t in state.items()}  # noqa: E731
         return Downlink(on_device(x_t), on_device(broadcast), lambda client_id: size)
+
+    def down_wire(self, global_state: State, broadcast: State) -> bytes:
+        """The server's half of the download: the bytes every sampled client receives."""
+        message = self.adapter.encode_global(global_state)
+        message.tensors = with_extras(message.tensors, broadcast)
+        return serialize(message)
+
+    def open_down(self, wire: bytes) -> tuple[State, State]:
+        """The client's half: (x^t, the strategy's broadcast) from the downloaded bytes."""
+        message = deserialize(wire)
+        plain, broadcast = split_extras(message.tensors)
+        return self.adapter.decode_global(Message(plain, message.meta)), broadcast

@@ -39,7 +39,56 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--to", default=None, choices=["peft", "merged"], dest="fmt", help="default: the adapter's own (peft where possible)")
     eval_cli.add_parsers(sub)  # eval, compare, plot
     sub.add_parser("list", help="every registered plugin and its options")
+    add_deploy_verbs(sub)
     return parser
+
+
+def add_deploy_verbs(sub) -> None:
+    """serve | join | certs | split: a federation across organisations on Flower (fedllm[flower])."""
+    serve = sub.add_parser("serve", help="run a recipe's server side on Flower: a SuperLink the parties join (TLS)")
+    serve.add_argument("recipe", nargs="?")
+    serve.add_argument("overrides", nargs="*", metavar="key.path=value")
+    serve.add_argument("--certs", required=True, help="folder with ca.crt, server.pem, server.key (fedllm certs)")
+    serve.add_argument("--party-key", action="append", default=[], help="a party's public key (repeat per party)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=9092)
+    serve.add_argument("--resume", metavar="RUN_DIR", help="continue a served run from its last checkpoint")
+    join = sub.add_parser("join", help="join a served federation as one party, with your own data")
+    join.add_argument("recipe")
+    join.add_argument("overrides", nargs="*", metavar="key.path=value")
+    join.add_argument("--data", required=True, help="your training rows (json/jsonl/csv/parquet), in the recipe's format")
+    join.add_argument("--client-id", type=int, required=True, help="the client id the server's operator gave you")
+    join.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    join.add_argument("--ca", required=True, help="the CA certificate that signed the server's (ca.crt)")
+    join.add_argument("--key", required=True, help="your private key (its .pub is registered with the server)")
+    join.add_argument("--state-dir", default="fedllm-party", help="where your state between rounds lives")
+    certs = sub.add_parser("certs", help="a local CA, the server's TLS certificate and party key pairs")
+    certs.add_argument("out")
+    certs.add_argument("--host", action="append", default=[], help="the server's name or IP (repeatable)")
+    certs.add_argument("--parties", type=int, default=2)
+    split = sub.add_parser("split", help="write each simulated client's rows to client_<i>.jsonl (test federations)")
+    split.add_argument("recipe")
+    split.add_argument("out")
+    split.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def run_deploy_verb(args) -> None:
+    from fedllm.deploy import launch
+
+    if args.command == "serve":
+        if not args.recipe and not args.resume:
+            raise RecipeError("give a recipe, or --resume RUN_DIR")
+        run_dir = launch.serve(args.recipe, args.overrides, args.certs, args.party_key, args.host, args.port, args.resume)
+        print(f"run directory: {run_dir}")
+    elif args.command == "join":
+        launch.join(args.recipe, args.overrides, args.data, args.client_id, args.superlink, args.ca, args.key, args.state_dir)
+    elif args.command == "certs":
+        from fedllm.deploy.certs import make_certificates
+
+        print(f"certificates in {make_certificates(args.out, args.host + ['127.0.0.1', 'localhost'], args.parties)}")
+    elif args.command == "split":
+        for path in launch.split_for_parties(args.recipe, args.overrides, args.out):
+            print(path)
 
 
 def list_plugins() -> str:
@@ -62,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in eval_cli.COMMANDS:
             return eval_cli.main(args)
+        if args.command in ("serve", "join", "certs", "split"):
+            run_deploy_verb(args)
+            return 0
         from fedllm import engine
 
         if args.command == "run":

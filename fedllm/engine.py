@@ -177,14 +177,17 @@ class Federation:
             rows.append(stat_row(cid, upload, size, down.bytes_for(cid), rejection))
             if progress is not None:
                 progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{upload.result.train_loss:.3f}")
-        stats = gather_stats(rows, self.device)
+        return self.aggregate(t, collect, gather_stats(rows, self.device), lr, start)
+
+    def aggregate(self, t: int, collect, stats: list[dict], lr: float, start: float) -> RoundResult:
+        """The round's end, wherever its clients ran: the accepted uploads become the new global state."""
         accepted = [s["client"] for s in stats if s["accepted"]]
         if not accepted and not self.strategy.releases_when_empty:
             log.warning("round %d: no client update was accepted; the global model is unchanged", t)
             collect.unchanged()
             return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start)
-        info = lambda weight: RoundInfo(t, accepted, weight, r.federation.num_clients, lr=lr,  # noqa: E731
-                                        local_steps=r.client.max_steps or 0)
+        info = lambda weight: RoundInfo(t, accepted, weight, self.recipe.federation.num_clients, lr=lr,  # noqa: E731
+                                        local_steps=self.recipe.client.max_steps or 0)
         new_global, server_state = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
         for s in stats:  # a forged message is filtered where it arrives: after the gather
             if s["client"] in getattr(collect, "forged_non_finite", ()):

@@ -64,6 +64,12 @@ def split_totals(stats: list[dict]) -> dict:
     return {"split_bytes_up": up, "split_bytes_down": down} if up or down else {}
 
 
+def missing(stats: list[dict]) -> dict:
+    """The sampled clients that never answered (a deployed federation's dropouts), where any did not."""
+    ids = [s["client"] for s in stats if "missing" in s]
+    return {"missing_clients": ids} if ids else {}
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, accelerator=None):
         self.run_dir, self.enabled, self.accelerator = Path(run_dir), enabled, accelerator
@@ -86,12 +92,13 @@ class MetricsLog:
             "bytes_down": int(sum(s["bytes_down"] for s in stats)),
             **split_totals(stats),
             **rejections(stats),
+            **missing(stats),
             **extra,
         }
         if self.enabled:
             self._append("ledger.jsonl", [
                 {"round": round, "client": s["client"], "bytes_up": int(s["bytes_up"]), "bytes_down": int(s["bytes_down"]),
-                 **split_totals([s])}
+                 **split_totals([s]), **({"missing": s["missing"]} if "missing" in s else {})}
                 for s in stats
             ])
             self._append("metrics.jsonl", [row])

@@ -54,6 +54,12 @@ class FederationConfig(Section):
     client_store_budget_mb: float = Field(1024.0, ge=0.0)  # per-client state spills to disk past this
     # ranks wait at most this long in a collective: a frozen or dead rank ends the job (torch's default is 30 min)
     collective_timeout_s: float = Field(300.0, gt=0.0)
+    # a federation deployed on Flower (`fedllm serve`): a sampled party that has not answered
+    # within round_timeout_s dropped out; fewer than min_clients answers stop the run (resume
+    # it when the parties are back); the first round waits join_timeout_s for every party
+    round_timeout_s: float = Field(600.0, gt=0.0)
+    min_clients: int = Field(1, gt=0)
+    join_timeout_s: float = Field(600.0, gt=0.0)
 
     def sampled_per_round(self) -> int:
         if self.clients_per_round is not None and self.fraction is not None:

@@ -80,17 +80,39 @@ def _encode(rows: datasets.Dataset, cfg: DataConfig, tokenizer) -> list[dict | N
     return tokenize_examples(spans, tokenizer, cfg.max_length, add_special_tokens=special_tokens)
 
 
+def _split(cfg: DataConfig, num_clients: int, seed: int, per_client_eval: bool = False):
+    """(training rows, each client's shard of them, eval rows, each client's held-out row indices or None)."""
+    if per_client_eval:
+        return _split_per_client(cfg, num_clients, seed)
+    train, eval_rows = _split_train_eval(cfg, seed)
+    shards = PARTITIONERS.build(cfg.partitioner, where="data.partitioner").partition(train, num_clients, seed)
+    return train, shards, eval_rows, None
+
+
+def client_rows(cfg: DataConfig, num_clients: int, seed: int, per_client_eval: bool = False) -> list[datasets.Dataset]:
+    """Each simulated client's raw training rows, in the order its shard holds them: what a
+    party of a deployed federation would hold as its own local file to reproduce the simulation."""
+    train, shards, _, _ = _split(cfg, num_clients, seed, per_client_eval)
+    return [train.select([int(i) for i in shard]) for shard in shards]
+
+
+def prepare_local_data(cfg: DataConfig, tokenizer, path: str) -> list[dict]:
+    """One party's own training examples: every row of its local file, in the recipe's
+    format and length (the recipe's `path`, eval split and partitioner are the server's)."""
+    rows = load_rows(path)
+    check_columns(rows.column_names, cfg.format)
+    examples = [e for e in _encode(rows, cfg, tokenizer) if e is not None]
+    if not examples:
+        raise RecipeError(f"{path} has no example left after truncation to data.max_length={cfg.max_length}")
+    return examples
+
+
 def prepare_data(cfg: DataConfig, tokenizer, num_clients: int, seed: int, per_client_eval: bool = False) -> PreparedData:
     """Loads `cfg.path`, holds out the eval set (before partitioning, so no client trains on
     it), deals the training rows out with `cfg.partitioner` and tokenizes them with
     completion-only labels. `per_client_eval`: partitions first and holds out a slice of
     each client's shard instead."""
-    held_out = None
-    if per_client_eval:
-        train, shards, eval_rows, held_out = _split_per_client(cfg, num_clients, seed)
-    else:
-        train, eval_rows = _split_train_eval(cfg, seed)
-        shards = PARTITIONERS.build(cfg.partitioner, where="data.partitioner").partition(train, num_clients, seed)
+    train, shards, eval_rows, held_out = _split(cfg, num_clients, seed, per_client_eval)
     encoded, encoded_eval = _encode(train, cfg, tokenizer), _encode(eval_rows, cfg, tokenizer)
     clients = [[encoded[i] for i in shard if encoded[i] is not None] for shard in shards]
     empty = [c for c, examples in enumerate(clients) if not examples]

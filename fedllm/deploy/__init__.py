@@ -1,0 +1,1 @@
+"""Running a recipe's federation across organisations, on a deployment runtime (Flower)."""

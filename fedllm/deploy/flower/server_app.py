@@ -1,0 +1,213 @@
+"""The ServerApp: fedllm's Federation — strategy, collectors, the codecs' server side,
+metrics, ledger, checkpoints and resume — with its clients behind Flower's Grid. Each round
+sends the Channel's download bytes to the sampled parties and validates what comes back
+exactly as the simulation validates its own uploads; a party that does not answer within
+`federation.round_timeout_s` is recorded as missing and the round goes on without it."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm.capabilities import check_pairings
+from fedllm.deploy.flower.records import read_bytes, wire_record
+from fedllm.deploy.party import mismatch, recipe_digests
+from fedllm.engine import Federation, RoundResult
+from fedllm.recipe import load_recipe
+from fedllm.registry import RecipeError
+from fedllm.training import round_learning_rate
+from fedllm.wire import MalformedMessage, WireContext, deserialize
+
+log = logging.getLogger("fedllm")
+STATE_ROUND = "state_round"  # the server's record of a party: the last round whose upload it accepted
+
+
+class DeployedFederation(Federation):
+    """The simulation's Federation, whose `run_round` asks real parties instead of its own Client."""
+
+    def __init__(self, recipe, run_dir: Path, grid: Grid):
+        super().__init__(recipe, run_dir)
+        if self.own_aggregation is not None:
+            raise RecipeError(f"adapter '{recipe.adapter['name']}' aggregates in its own coordinates, which a Flower "
+                              "deployment does not carry yet: use `fedllm run` (simulation)")
+        self.grid = grid
+        self.nodes: dict[int, int] = {}  # client id -> Flower node id
+        self.digests = recipe_digests(recipe)
+        # an upload is at most its decoded elements in float64 plus a header; past that it is refused unread
+        self.max_upload_bytes = 8 * self.max_elements + 2**20
+        self.waited = False
+
+    # ---- who is who --------------------------------------------------------------------
+    def refresh_nodes(self) -> None:
+        """Maps the connected parties to client ids: each new node says which client it is."""
+        online = set(self.grid.get_node_ids())
+        self.nodes = {cid: node for cid, node in self.nodes.items() if node in online}
+        unknown = online - set(self.nodes.values())
+        if not unknown:
+            return
+        ask = RecordDict({"fedllm": ConfigRecord({"digests": json.dumps(self.digests)})})
+        messages = [Message(ask, dst_node_id=node, message_type="query") for node in sorted(unknown)]
+        for reply in self.grid.send_and_receive(messages, timeout=self.recipe.federation.round_timeout_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not identify itself: %s", node, reply.error.reason)
+                continue
+            try:
+                info = json.loads(reply.content["party"]["info"])
+                cid, digests = int(info["client_id"]), dict(info["digests"])
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("node %d sent an unreadable identity (%s)", node, err)
+                continue
+            if not 0 <= cid < self.recipe.federation.num_clients:
+                log.warning("node %d says it is client %d; this federation has clients 0..%d", node, cid,
+                            self.recipe.federation.num_clients - 1)
+            elif problem := mismatch(self.digests, digests):
+                log.warning("node %d (client %d) is not used: %s", node, cid, problem)
+            else:
+                self.nodes[cid] = node  # the newest node of a party that reconnected wins
+                log.info("client %d is node %d", cid, node)
+
+    def wait_for_parties(self) -> None:
+        """Before this process's first round: every client connected, or join_timeout_s passed."""
+        deadline = time.time() + self.recipe.federation.join_timeout_s
+        while True:
+            self.refresh_nodes()
+            if len(self.nodes) == self.recipe.federation.num_clients or time.time() > deadline:
+                break
+            time.sleep(2)
+        log.info("%d of %d parties connected: clients %s", len(self.nodes), self.recipe.federation.num_clients,
+                 sorted(self.nodes))
+
+    def state_round(self, client_id: int) -> int:
+        record = self.store.get(client_id)
+        return int(record[STATE_ROUND]) if record else -1
+
+    # ---- one round ---------------------------------------------------------------------
+    def run_round(self, t: int, progress=None) -> RoundResult:
+        start, r = time.perf_counter(), self.recipe
+        if not self.waited:
+            self.wait_for_parties()
+            self.waited = True
+        else:
+            self.refresh_nodes()
+        sampled = self.participation.sampled(t)
+        lr = round_learning_rate(r.client, t, r.federation.rounds)
+        collect = self.collector(t)
+        wire = self.channel.down_wire(self.global_state, self.strategy.broadcast(self.server_state))
+        answers = self.exchange(t, sampled, lr, wire)
+        stats = []
+        for cid in sampled:  # in sampled order, as the simulation sums them
+            answer = answers[cid]
+            if isinstance(answer, str):
+                log.warning("round %d: client %d dropped out: %s", t, cid, answer)
+                stats.append(missing_row(cid, len(wire) if cid in self.nodes else 0, answer))
+                continue
+            info, up = answer
+            message, size = self.receive(t, cid, up, info)
+            accepted = self.accept(t, cid, collect, message, info.get("weight", 0.0))
+            if accepted:
+                self.store.put(cid, {STATE_ROUND: torch.tensor(t)})
+            stats.append(answer_row(cid, info, size, len(wire), accepted))
+        answered = sum("missing" not in s for s in stats)
+        if answered < r.federation.min_clients:
+            raise RecipeError(
+                f"round {t + 1}: {answered} of the {len(sampled)} sampled parties answered within "
+                f"federation.round_timeout_s={r.federation.round_timeout_s:g}, fewer than federation.min_clients="
+                f"{r.federation.min_clients}; the run stopped at its last checkpoint: when the parties are back, "
+                f"continue it with `fedllm serve --resume {self.run_dir}`")
+        return self.aggregate(t, collect, stats, lr, start)
+
+    def exchange(self, t: int, sampled: list[int], lr: float, wire: bytes) -> dict[int, tuple[dict, bytes] | str]:
+        """Sends round t's download to the sampled parties; client id -> (stats, upload bytes), or why none came."""
+        answers: dict[int, tuple[dict, bytes] | str] = {}
+        run_info = asdict(self.run_info())
+        messages, by_node = [], {}
+        for cid in sampled:
+            if cid not in self.nodes:
+                answers[cid] = "not connected"
+                continue
+            job = {"round": t, "lr": lr, "state_round": self.state_round(cid), "run_info": run_info,
+                   "digests": self.digests, "client_id": cid}
+            content = RecordDict({"down": wire_record(wire), "job": ConfigRecord({"job": json.dumps(job)})})
+            messages.append(Message(content, dst_node_id=self.nodes[cid], message_type="train", group_id=str(t)))
+            by_node[self.nodes[cid]] = cid
+        timeout = self.recipe.federation.round_timeout_s
+        for reply in self.grid.send_and_receive(messages, timeout=timeout) if messages else []:
+            cid = by_node.get(reply.metadata.src_node_id)
+            if cid is None:
+                continue
+            if reply.has_error():
+                answers[cid] = f"its ClientApp failed: {reply.error.reason}"
+                continue
+            try:
+                stats = json.loads(reply.content["stats"]["stats"])
+                answers[cid] = (stats if isinstance(stats, dict) else {}, read_bytes(reply.content["up"]))
+            except (KeyError, TypeError, ValueError) as err:
+                answers[cid] = ({"malformed": f"its reply is not an upload ({type(err).__name__}: {err})"}, b"")
+        for cid in sampled:
+            answers.setdefault(cid, f"no answer within federation.round_timeout_s={timeout:g}")
+        return answers
+
+    def receive(self, t: int, client_id: int, wire: bytes, info: dict):
+        """The server's half of the Channel on an untrusted upload: what it decodes to, or why not, and its size."""
+        size = len(wire)
+        if "malformed" in info:
+            return MalformedMessage(info["malformed"]), size
+        weight = info.get("weight")
+        if not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            return MalformedMessage(f"its weight {weight!r} is not a positive number"), size
+        if size > self.max_upload_bytes:
+            return MalformedMessage(f"it has {size} bytes, more than the {self.max_upload_bytes} this model's update can take"), size
+        ctx = WireContext(t, client_id, self.recipe.seed, max_elements=self.max_elements)
+        try:
+            return self.channel.decode(deserialize(wire), ctx), size
+        except Exception as err:  # any failure to parse untrusted bytes is the sender's: refuse them, go on
+            return MalformedMessage(f"it does not decode ({type(err).__name__}: {err})"), size
+
+
+def missing_row(client_id: int, bytes_down: int, reason: str) -> dict:
+    return {"client": client_id, "num_samples": 0, "train_loss": 0.0, "bytes_up": 0, "bytes_down": bytes_down,
+            "accepted": False, "steps": 0, "split_bytes_up": 0, "split_bytes_down": 0, "missing": reason}
+
+
+def answer_row(client_id: int, info: dict, size: int, bytes_down: int, accepted: bool) -> dict:
+    number = lambda key: float(info.get(key, 0)) if isinstance(info.get(key, 0), (int, float)) else 0.0  # noqa: E731
+    split_up, split_down = int(number("split_bytes_up")), int(number("split_bytes_down"))
+    return {"client": client_id, "num_samples": int(number("num_samples")), "train_loss": number("train_loss"),
+            "bytes_up": size + split_up, "bytes_down": bytes_down + split_down, "accepted": accepted,
+            "steps": int(number("steps")), "split_bytes_up": split_up, "split_bytes_down": split_down}
+
+
+def log_to(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "server.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedllm").addHandler(handler)
+    logging.getLogger("fedllm").setLevel(logging.INFO)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_dir = Path(str(context.run_config["run-dir"]))
+    log_to(run_dir)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    check_pairings(recipe)
+    fed = DeployedFederation(recipe, run_dir, grid)
+    try:
+        if (run_dir / "run_meta.json").exists():
+            fed.resume()
+        else:
+            fed.start()
+        fed.run()
+    except RecipeError as err:
+        log.error("%s", err)
+        raise
+    log.info("run finished: %s", run_dir)

@@ -1,0 +1,288 @@
+"""`fedllm serve` and `fedllm join`: the Flower processes of one side of a deployed
+federation, started with TLS and node authentication, stopped by their process ids.
+
+serve: a SuperLink (TLS; only registered party keys may connect), the parties' public keys
+registered, and `flwr run` of the Flower App (server_app.py / client_app.py) on the run
+directory, which holds the recipe, metrics, ledger and checkpoints as in simulation.
+join: the party's worker (one base-model load), then a SuperNode that connects out to the
+SuperLink with the party's key and relays each message to that worker."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from fedllm.capabilities import check_pairings
+from fedllm.engine import new_run_dir
+from fedllm.metrics import read_jsonl, write_atomically
+from fedllm.recipe import dump_recipe, load_recipe
+from fedllm.registry import RecipeError
+
+log = logging.getLogger("fedllm")
+CONNECTION = "fedllm"  # the SuperLink connection's name in the server's Flower config
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedllm-federation"
+version = "1.0.0"
+description = "fedllm's federation on Flower's deployment runtime"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedllm"
+
+[tool.flwr.app.components]
+serverapp = "fedllm.deploy.flower.server_app:app"
+clientapp = "fedllm.deploy.flower.client_app:app"
+
+[tool.flwr.app.config]
+run-dir = "{run_dir}"
+"""
+
+
+def flower_command(name: str) -> str:
+    """A Flower executable of this Python's environment (where fedllm is installed)."""
+    path = Path(sys.executable).parent / name
+    found = str(path) if path.exists() else shutil.which(name)
+    if found is None:
+        raise RecipeError(f"'{name}' is not installed: pip install 'fedllm[flower]'")
+    return found
+
+
+def flower_env(home: Path) -> dict:
+    """The environment of Flower's processes: their own FLWR_HOME, this Python's executables first
+    (the SuperLink starts `flower-superexec` by name)."""
+    env = dict(os.environ, FLWR_HOME=str(home))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, seconds: float, process: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RecipeError(f"{what} exited with code {process.returncode}: see its log")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RecipeError(f"{what} did not listen on {host}:{port} within {seconds:g} s")
+
+
+def start(command: list[str], env: dict, log_file: Path) -> subprocess.Popen:
+    """A process in its own session, so that stopping it stops what it started too."""
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Flower detaches some of its helpers into their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop(process: subprocess.Popen, seconds: float = 10.0) -> None:
+    """Stops a process we started and everything it started, by their ids (and its process
+    group, which holds the helpers its exit left behind)."""
+    pids = [process.pid, *descendants(process.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for kill, target in [(os.killpg, process.pid)] + [(os.kill, pid) for pid in pids]:
+            try:
+                kill(target, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + seconds
+        while time.time() < deadline and (process.poll() is None or any(alive(pid) for pid in pids[1:])):
+            time.sleep(0.2)
+        if process.poll() is not None and not any(alive(pid) for pid in pids[1:]):
+            return
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ---- the server's side ------------------------------------------------------------------
+def prepare_run(recipe_path: str, overrides: list[str]) -> Path:
+    recipe = load_recipe(recipe_path, overrides)
+    check_pairings(recipe)
+    run_dir = new_run_dir(recipe, Path(recipe_path).stem, None)
+    if (run_dir / "recipe.yaml").exists():
+        raise RecipeError(f"{run_dir} already holds a run: continue it with `fedllm serve --resume {run_dir}`, or give "
+                          "this run another output.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(run_dir / "recipe.yaml", dump_recipe(recipe))
+    return run_dir
+
+
+def write_app(run_dir: Path, address: str, ca: Path) -> tuple[Path, Path]:
+    """The Flower App `flwr run` submits (it names fedllm's ServerApp and ClientApp) and the
+    Flower config that points the CLI at our SuperLink; (app dir, FLWR_HOME)."""
+    app, home = run_dir / "flower" / "app", run_dir / "flower" / "home"
+    app.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_PYPROJECT.format(run_dir=run_dir.resolve()))
+    (app / "README.md").write_text("Generated by `fedllm serve`: fedllm's federation as a Flower App.\n")
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
+        f'root-certificates = "{ca.resolve()}"\n')
+    return app, home
+
+
+def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys: list[Path], host: str = "0.0.0.0",
+          port: int = 9092, resume: str | None = None) -> Path:
+    """Runs the federation's server side to the end; returns the run directory."""
+    certs = Path(certs)
+    for name in ("ca.crt", "server.pem", "server.key"):
+        if not (certs / name).exists():
+            raise RecipeError(f"{certs / name} is missing: make the certificates with `fedllm certs {certs}`")
+    if resume:
+        run_dir = Path(resume)
+        if not (run_dir / "recipe.yaml").exists():
+            raise RecipeError(f"{run_dir} is not a fedllm run directory (no recipe.yaml)")
+    else:
+        run_dir = prepare_run(recipe_path, overrides)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    app, home = write_app(run_dir, f"{local}:{port}", certs / "ca.crt")
+    env = flower_env(home)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperLink on the way out
+    superlink = start([
+        flower_command("flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+        "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+        "--enable-supernode-auth", "--host", host, "--port", str(port),
+        "--database", str(home / "superlink.db"),  # registered parties survive a restart of the server
+        "--disable-runtime-dependency-installation",  # the ServerApp runs in this environment, beside fedllm
+    ], env, run_dir / "superlink.log")
+    try:
+        wait_for_port(local, port, 120, superlink, "the SuperLink")
+        for key in party_keys:
+            register(key, env)
+        print(f"SuperLink on {host}:{port} (TLS, {len(party_keys)} registered parties); run directory {run_dir}")
+        done = subprocess.run([flower_command("flwr"), "run", str(app), CONNECTION, "--stream"], env=env)
+        if done.returncode != 0:
+            raise RecipeError(f"`flwr run` failed (exit code {done.returncode}): see {run_dir}/server.log")
+    finally:
+        stop(superlink)
+    return run_dir
+
+
+def register(key: Path, env: dict) -> None:
+    """Registers a party's public key with the SuperLink: only registered SuperNodes may connect."""
+    done = subprocess.run([flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
+        raise RecipeError(f"registering {key} failed: {(done.stdout + done.stderr).strip()[-300:]}")
+
+
+def finished(run_dir: Path) -> int:
+    return len(read_jsonl(Path(run_dir) / "metrics.jsonl"))
+
+
+# ---- a party's side ----------------------------------------------------------------------
+def join(recipe_path: str, overrides: list[str], data: str, client_id: int, superlink: str, ca: Path, key: Path,
+         state_dir: Path, port: int | None = None) -> None:
+    """Builds this party's worker (its one base-model load), then connects to the SuperLink until stopped."""
+    from fedllm.deploy.party import Party
+    from fedllm.deploy.relay import worker_key
+
+    for path in (ca, key):
+        if not Path(path).exists():
+            raise RecipeError(f"{path} does not exist: the server's operator gives each party ca.crt and its key pair")
+    state_dir = Path(state_dir).resolve()
+    party = Party(load_recipe(recipe_path, overrides), data, client_id, state_dir)
+    sock = state_dir / "worker.sock"
+    if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~108 bytes
+        raise RecipeError(f"--state-dir {state_dir} is too long a path for the worker's socket: use a shorter one")
+    worker_key(state_dir)
+    home = state_dir / "flower"
+    home.mkdir(parents=True, exist_ok=True)
+    command = [
+        flower_command("flower-supernode"), "--root-certificates", str(Path(ca).resolve()), "--superlink", superlink,
+        "--auth-supernode-private-key", str(Path(key).resolve()),
+        "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}'",
+        "--port", str(port or free_port()),  # the SuperNode's local API for its ClientApps
+    ]
+    supernode = SuperNode(command, flower_env(home), state_dir / "supernode.log")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperNode on the way out
+    try:
+        party.serve(str(sock), on_ready=supernode.start)
+    finally:
+        supernode.stop()
+
+
+class SuperNode:
+    """The party's SuperNode, started again whenever it exits (it gives up when the SuperLink
+    is unreachable for a while): the party rejoins by itself once the server is back."""
+
+    RESTART_AFTER_S = 5.0
+
+    def __init__(self, command: list[str], env: dict, log_file: Path):
+        self.command, self.env, self.log_file = command, env, log_file
+        self.process, self.stopped = None, threading.Event()
+
+    def start(self) -> None:
+        self.process = start(self.command, self.env, self.log_file)
+        threading.Thread(target=self.watch, daemon=True).start()
+
+    def watch(self) -> None:
+        while not self.stopped.wait(self.RESTART_AFTER_S):
+            if self.process.poll() is not None:
+                stop(self.process)  # its helpers too
+                log.warning("the SuperNode exited (code %s); starting it again", self.process.returncode)
+                self.process = start(self.command, self.env, self.log_file)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.process is not None:
+            stop(self.process)
+
+
+def split_for_parties(recipe_path: str, overrides: list[str], out: Path) -> list[Path]:
+    """out/client_<i>.jsonl: the rows simulated client i trains on, to hand to party i of a
+    test federation (a real party brings its own file)."""
+    from fedllm.data.prepare import client_rows
+
+    recipe = load_recipe(recipe_path, overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, rows in enumerate(client_rows(recipe.data, recipe.federation.num_clients, recipe.seed)):
+        rows.to_json(out / f"client_{i}.jsonl", lines=True, force_ascii=False)
+        paths.append(out / f"client_{i}.jsonl")
+    return paths
