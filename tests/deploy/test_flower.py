@@ -25,7 +25,7 @@ def quickstart(root: Path, name: str, rounds: int, **more) -> list[str]:
     options = {
         "federation.rounds": rounds, "federation.num_clients": 2, "federation.clients_per_round": 2,
         "client.max_steps": 2, "client.keep_optimizer_state": True, "eval.max_batches": 2,
-        "output.dir": root / "runs", "output.name": name, "output.progress": False, **more,
+        "output.dir": root / "runs", "output.name": name, "output.progress": False, "output.checkpoint_every": 1, **more,
     }
     return [f"{k}={v}" for k, v in options.items()]
 
