@@ -73,7 +73,11 @@ def add_deploy_verbs(sub) -> None:
 
 
 def run_deploy_verb(args) -> None:
-    from fedllm.deploy import launch
+    try:
+        import cryptography  # noqa: F401  (Flower's, for the certificates and node keys)
+        from fedllm.deploy import launch
+    except ImportError as err:
+        raise RecipeError(f"`fedllm {args.command}` needs the Flower extra ({err}): pip install 'fedllm[flower]'") from None
 
     if args.command == "serve":
         if not args.recipe and not args.resume:

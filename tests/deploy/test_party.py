@@ -1,0 +1,81 @@
+"""A party of a deployed federation, without any network: what it refuses to load, where
+its state lives, and how it learns that its recipe is not the server's."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from fedllm.deploy.party import Party, recipe_digests
+from fedllm.data.loading import BUNDLED_DIR
+from fedllm.recipe import recipe_from_dict
+from fedllm.registry import RecipeError
+from fedllm.strategies.base import RunInfo
+from fedllm.wire import MalformedMessage
+from tests.conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def party(tmp_path_factory):
+    """One worker for the module: building it (model, data) is the slow part."""
+    root = tmp_path_factory.mktemp("party")
+    rows = root / "rows.jsonl"
+    rows.write_text("".join((BUNDLED_DIR / "quickstart.jsonl").read_text().splitlines(keepends=True)[:12]))
+    raw = tiny_recipe(root, client={"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01,
+                                     "keep_optimizer_state": True})
+    return Party(recipe_from_dict(raw), str(rows), 1, root / "party")
+
+
+def job(p: Party, round: int, state_round: int) -> dict:
+    r = p.recipe
+    info = RunInfo(r.federation.rounds, r.federation.num_clients, 2, "uniform", [12] * 4, [2] * 4, 4, r.seed)
+    return {"round": round, "lr": 0.01, "state_round": state_round, "run_info": info.__dict__, "digests": p.digests,
+            "client_id": 1}
+
+
+def download(p: Party, change=None) -> bytes:
+    tensors = {k: t.clone() for k, t in p.template.items()}
+    if change:
+        change(tensors)
+    return save(tensors)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda t: t.update({next(iter(t)): torch.zeros(3, 3)}), "this model's is"),
+    (lambda t: t.update({"evil": torch.zeros(2)}), "tensors this model lacks"),
+    (lambda t: next(iter(t.values())).view(-1).__setitem__(0, float("nan")), "NaN"),
+    (lambda t: t.update({"padding": torch.zeros(100 * sum(v.numel() for v in t.values()))}), "more than"),
+])
+def test_a_download_that_is_not_this_models_state_is_refused_before_loading(party, change, why):
+    before = {k: t.clone() for k, t in party.adapter.state(party.model).items()}
+    with pytest.raises(MalformedMessage, match=why):
+        party.train(job(party, 0, -1), download(party, change))
+    with pytest.raises(MalformedMessage, match="does not parse"):
+        party.train(job(party, 0, -1), b"\x07" * 40)
+    assert all(torch.equal(before[k], t) for k, t in party.adapter.state(party.model).items())
+
+
+def test_the_party_keeps_its_state_on_its_own_disk_and_starts_from_what_the_server_accepted(party):
+    wire = download(party)
+    stats, up = party.train(job(party, 0, -1), wire)
+    assert stats["steps"] == 2 and len(up) > 0
+    first = party.record(0).optimizer
+    assert first and (party.state_dir / "records" / "round_0.safetensors").exists()
+    _, up_after_accept = party.train(job(party, 1, 0), wire)  # the server accepted round 0: moments carry over
+    _, up_after_reject = party.train(job(party, 2, -1), wire)  # it did not: fresh moments, as in simulation
+    assert up_after_accept != up_after_reject
+    # a new worker on the same directory (a restarted party) reads the same state back
+    again = Party(party.recipe, str(party.state_dir.parent / "rows.jsonl"), 1, party.state_dir)
+    assert all(torch.equal(again.record(1).optimizer[k], party.record(1).optimizer[k]) for k in first)
+    assert json.loads((party.state_dir / "party.json").read_text())["base_model_loads"] == 2
+
+
+def test_a_party_whose_recipe_differs_from_the_servers_is_told_which_section(party):
+    theirs = dict(party.digests, adapter="0" * 16)
+    with pytest.raises(RecipeError, match="differs from the server's in adapter"):
+        party.train({**job(party, 0, -1), "digests": theirs}, download(party))
+    with pytest.raises(RecipeError, match="client 3's round to client 1"):
+        party.train({**job(party, 0, -1), "client_id": 3}, download(party))
+    changed = party.recipe.model_copy(deep=True)
+    changed.data.path = "elsewhere.jsonl"  # the data path is the party's own business
+    assert recipe_digests(changed) == party.digests
