@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save
 
 pytest.importorskip("flwr", reason="the Flower deployment tests need the extra: pip install 'fedllm[flower]'")
 
+from fedllm.deploy.launch import stop  # noqa: E402
 from fedllm.deploy.localhost import LocalFederation  # noqa: E402
 from fedllm.engine import run_recipe  # noqa: E402
 from fedllm.metrics import read_jsonl  # noqa: E402
@@ -88,6 +89,26 @@ def test_a_party_that_crashes_mid_round_is_recorded_missing_and_rejoins(tmp_path
     rejoined = [e["round"] for e in entries if e["client"] == 1 and e["round"] >= 2 and "missing" not in e]
     assert rejoined and all(e["bytes_up"] > 0 for e in entries if e["client"] == 1 and e["round"] in rejoined)
     assert "client 1 dropped out" in (tmp_path / "runs" / "crash" / "server.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 300)
+def test_a_killed_server_resumes_from_its_checkpoint_with_the_parties_reconnecting(tmp_path):
+    fed = LocalFederation(QUICKSTART, quickstart(tmp_path, "resumed", 3), tmp_path).start()
+    run_dir = tmp_path / "runs" / "resumed"
+    try:
+        fed.until(lambda: (run_dir / "checkpoints" / "round_1").exists(), 900, "the round-1 checkpoint")
+        stop(fed.server)  # the server side goes down: SuperLink, ServerApp and all
+        fed.serve(resume=run_dir)
+        assert fed.wait(RUN_TIMEOUT_S) == 0, fed.log_of("serve.log")[-3000:]
+    finally:
+        fed.stop()
+    simulated = run_recipe(QUICKSTART, quickstart(tmp_path, "simulated", 3))
+    a = load_file(str(run_dir / "checkpoints" / "round_3" / "global.safetensors"))
+    b = load_file(str(simulated / "checkpoints" / "round_3" / "global.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
+    assert all(loads(fed, i) == 1 for i in (0, 1))  # the parties stayed up: no reload
 
 
 # ---- tampered uploads, through the server's real round with a stand-in Grid ---------------
