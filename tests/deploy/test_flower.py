@@ -68,7 +68,7 @@ def test_two_parties_over_tls_train_exactly_what_the_simulation_trains(tmp_path)
 @pytest.mark.slow
 @pytest.mark.timeout(RUN_TIMEOUT_S + 300)
 def test_a_party_that_crashes_mid_round_is_recorded_missing_and_rejoins(tmp_path):
-    fed = LocalFederation(QUICKSTART, quickstart(tmp_path, "crash", 5, **{"federation.round_timeout_s": 40}),
+    fed = LocalFederation(QUICKSTART, quickstart(tmp_path, "crash", 5, **{"federation.round_timeout_s": 60}),
                           tmp_path).start()
     metrics = tmp_path / "runs" / "crash" / "metrics.jsonl"
     try:
@@ -136,29 +136,31 @@ class StandInGrid:
     """Two nodes whose parties are real `Party` workers; node 11's upload is tampered."""
 
     def __init__(self, parties: dict, how: str):
-        self.parties, self.how = parties, how
+        self.parties, self.how, self.replies = parties, how, {}
 
     def get_node_ids(self):
         return list(self.parties)
 
-    def send_and_receive(self, messages, timeout=None):
+    def push_messages(self, messages):
         from flwr.app import ConfigRecord, Message, RecordDict
 
         from fedllm.deploy.flower.records import read_bytes, wire_record
 
-        replies = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = str(len(self.replies))  # as Flower's push sets it
             party = self.parties[m.metadata.dst_node_id]
             if m.metadata.message_type == "query":
-                info = ConfigRecord({"info": json.dumps(party.identify())})
-                replies.append(Message(RecordDict({"party": info}), reply_to=m))
-                continue
-            stats, out = party.train(json.loads(str(m.content["job"]["job"])), read_bytes(m.content["down"]))
-            if m.metadata.dst_node_id == 11:
-                out = tampered(out, self.how)
-            content = RecordDict({"up": wire_record(out), "stats": ConfigRecord({"stats": json.dumps(stats)})})
-            replies.append(Message(content, reply_to=m))
-        return replies
+                content = RecordDict({"party": ConfigRecord({"info": json.dumps(party.identify())})})
+            else:
+                stats, out = party.train(json.loads(str(m.content["job"]["job"])), read_bytes(m.content["down"]))
+                if m.metadata.dst_node_id == 11:
+                    out = tampered(out, self.how)
+                content = RecordDict({"up": wire_record(out), "stats": ConfigRecord({"stats": json.dumps(stats)})})
+            self.replies[m.metadata.message_id] = Message(content, reply_to=m)
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
 
 @pytest.mark.slow

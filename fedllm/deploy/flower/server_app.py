@@ -26,6 +26,7 @@ from fedllm.wire import MalformedMessage, WireContext, deserialize
 
 log = logging.getLogger("fedllm")
 STATE_ROUND = "state_round"  # the server's record of a party: the last round whose upload it accepted
+POLL_S = 1.0  # how often the server asks the SuperLink for replies
 
 
 class DeployedFederation(Federation):
@@ -44,7 +45,21 @@ class DeployedFederation(Federation):
         self.waited = False
 
     # ---- who is who --------------------------------------------------------------------
-    def refresh_nodes(self) -> None:
+    def ask(self, messages: list[Message], deadline: float) -> dict[str, Message]:
+        """Sends the messages; sent message id -> reply, for the replies that came by `deadline`."""
+        if not list(self.grid.push_messages(messages)):  # Flower refused them (it logs why)
+            return {}
+        waiting, replies = {m.metadata.message_id for m in messages}, {}
+        while waiting:
+            for reply in self.grid.pull_messages(sorted(waiting)):
+                replies[reply.metadata.reply_to_message_id] = reply
+                waiting.discard(reply.metadata.reply_to_message_id)
+            if not waiting or time.time() >= deadline:
+                break
+            time.sleep(POLL_S)
+        return replies
+
+    def refresh_nodes(self, deadline: float) -> None:
         """Maps the connected parties to client ids: each new node says which client it is."""
         online = set(self.grid.get_node_ids())
         self.nodes = {cid: node for cid, node in self.nodes.items() if node in online}
@@ -53,7 +68,7 @@ class DeployedFederation(Federation):
             return
         ask = RecordDict({"fedllm": ConfigRecord({"digests": json.dumps(self.digests)})})
         messages = [Message(ask, dst_node_id=node, message_type="query") for node in sorted(unknown)]
-        for reply in self.grid.send_and_receive(messages, timeout=self.recipe.federation.round_timeout_s):
+        for reply in self.ask(messages, deadline).values():
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %d did not identify itself: %s", node, reply.error.reason)
@@ -73,16 +88,13 @@ class DeployedFederation(Federation):
                 self.nodes[cid] = node  # the newest node of a party that reconnected wins
                 log.info("client %d is node %d", cid, node)
 
-    def wait_for_parties(self) -> None:
-        """Before this process's first round: every client connected, or join_timeout_s passed."""
-        deadline = time.time() + self.recipe.federation.join_timeout_s
+    def connect(self, wanted: list[int], deadline: float) -> None:
+        """Waits until the wanted clients are connected and identified, or until `deadline`."""
         while True:
-            self.refresh_nodes()
-            if len(self.nodes) == self.recipe.federation.num_clients or time.time() > deadline:
-                break
-            time.sleep(2)
-        log.info("%d of %d parties connected: clients %s", len(self.nodes), self.recipe.federation.num_clients,
-                 sorted(self.nodes))
+            self.refresh_nodes(deadline)
+            if all(cid in self.nodes for cid in wanted) or time.time() >= deadline:
+                return
+            time.sleep(POLL_S)
 
     def state_round(self, client_id: int) -> int:
         record = self.store.get(client_id)
@@ -91,16 +103,18 @@ class DeployedFederation(Federation):
     # ---- one round ---------------------------------------------------------------------
     def run_round(self, t: int, progress=None) -> RoundResult:
         start, r = time.perf_counter(), self.recipe
-        if not self.waited:
-            self.wait_for_parties()
-            self.waited = True
-        else:
-            self.refresh_nodes()
         sampled = self.participation.sampled(t)
+        # a round waits round_timeout_s for its sampled parties, to connect and then to answer;
+        # this process's first round first waits join_timeout_s for them to connect
+        f = r.federation
+        connect_by = time.time() + (f.round_timeout_s if self.waited else f.join_timeout_s)
+        self.connect(sampled, connect_by)
+        answer_by = connect_by if self.waited else time.time() + f.round_timeout_s
+        self.waited = True
         lr = round_learning_rate(r.client, t, r.federation.rounds)
         collect = self.collector(t)
         wire = self.channel.down_wire(self.global_state, self.strategy.broadcast(self.server_state))
-        answers = self.exchange(t, sampled, lr, wire)
+        answers = self.exchange(t, sampled, lr, wire, answer_by)
         stats = []
         for cid in sampled:  # in sampled order, as the simulation sums them
             answer = answers[cid]
@@ -123,11 +137,12 @@ class DeployedFederation(Federation):
                 f"continue it with `fedllm serve --resume {self.run_dir}`")
         return self.aggregate(t, collect, stats, lr, start)
 
-    def exchange(self, t: int, sampled: list[int], lr: float, wire: bytes) -> dict[int, tuple[dict, bytes] | str]:
+    def exchange(self, t: int, sampled: list[int], lr: float, wire: bytes,
+                 deadline: float) -> dict[int, tuple[dict, bytes] | str]:
         """Sends round t's download to the sampled parties; client id -> (stats, upload bytes), or why none came."""
         answers: dict[int, tuple[dict, bytes] | str] = {}
         run_info = asdict(self.run_info())
-        messages, by_node = [], {}
+        messages, for_client = [], {}
         for cid in sampled:
             if cid not in self.nodes:
                 answers[cid] = "not connected"
@@ -136,22 +151,20 @@ class DeployedFederation(Federation):
                    "digests": self.digests, "client_id": cid}
             content = RecordDict({"down": wire_record(wire), "job": ConfigRecord({"job": json.dumps(job)})})
             messages.append(Message(content, dst_node_id=self.nodes[cid], message_type="train", group_id=str(t)))
-            by_node[self.nodes[cid]] = cid
-        timeout = self.recipe.federation.round_timeout_s
-        for reply in self.grid.send_and_receive(messages, timeout=timeout) if messages else []:
-            cid = by_node.get(reply.metadata.src_node_id)
-            if cid is None:
-                continue
-            if reply.has_error():
-                answers[cid] = f"its ClientApp failed: {reply.error.reason}"
-                continue
-            try:
-                stats = json.loads(reply.content["stats"]["stats"])
-                answers[cid] = (stats if isinstance(stats, dict) else {}, read_bytes(reply.content["up"]))
-            except (KeyError, TypeError, ValueError) as err:
-                answers[cid] = ({"malformed": f"its reply is not an upload ({type(err).__name__}: {err})"}, b"")
-        for cid in sampled:
-            answers.setdefault(cid, f"no answer within federation.round_timeout_s={timeout:g}")
+            for_client[id(messages[-1])] = cid
+        replies = self.ask(messages, deadline) if messages else {}
+        for message in messages:
+            cid, reply = for_client[id(message)], replies.get(message.metadata.message_id)
+            if reply is None:
+                answers[cid] = f"no answer within federation.round_timeout_s={self.recipe.federation.round_timeout_s:g}"
+            elif reply.has_error():  # its ClientApp failed, or Flower could not deliver
+                answers[cid] = f"{reply.error.reason}"
+            else:
+                try:
+                    stats = json.loads(reply.content["stats"]["stats"])
+                    answers[cid] = (stats if isinstance(stats, dict) else {}, read_bytes(reply.content["up"]))
+                except (KeyError, TypeError, ValueError) as err:
+                    answers[cid] = ({"malformed": f"its reply is not an upload ({type(err).__name__}: {err})"}, b"")
         return answers
 
     def receive(self, t: int, client_id: int, wire: bytes, info: dict):
