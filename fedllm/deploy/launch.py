@@ -8,6 +8,7 @@ join: the party's worker (one base-model load), then a SuperNode that connects o
 SuperLink with the party's key and relays each message to that worker."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from fedllm.capabilities import check_pairings
 from fedllm.engine import new_run_dir
-from fedllm.metrics import read_jsonl, write_atomically
+from fedllm.metrics import write_atomically
 from fedllm.recipe import dump_recipe, load_recipe
 from fedllm.registry import RecipeError
 
@@ -194,9 +195,13 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
         for key in party_keys:
             register(key, env)
         print(f"SuperLink on {host}:{port} (TLS, {len(party_keys)} registered parties); run directory {run_dir}")
+        outcome = run_dir / "flower" / "outcome.json"  # written by the ServerApp when it ends
+        outcome.unlink(missing_ok=True)
         done = subprocess.run([flower_command("flwr"), "run", str(app), CONNECTION, "--stream"], env=env)
-        if done.returncode != 0:
-            raise RecipeError(f"`flwr run` failed (exit code {done.returncode}): see {run_dir}/server.log")
+        result = json.loads(outcome.read_text()) if outcome.exists() else {}
+        if done.returncode != 0 or not result.get("ok"):
+            raise RecipeError(result.get("error") or f"the run ended without a result (`flwr run` exit code "
+                              f"{done.returncode}): see {run_dir}/server.log and superlink.log")
     finally:
         stop(superlink)
     return run_dir
@@ -208,10 +213,6 @@ def register(key: Path, env: dict) -> None:
                           env=env, capture_output=True, text=True)
     if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
         raise RecipeError(f"registering {key} failed: {(done.stdout + done.stderr).strip()[-300:]}")
-
-
-def finished(run_dir: Path) -> int:
-    return len(read_jsonl(Path(run_dir) / "metrics.jsonl"))
 
 
 # ---- a party's side ----------------------------------------------------------------------

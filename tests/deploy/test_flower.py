@@ -153,6 +153,8 @@ class StandInGrid:
                 content = RecordDict({"party": ConfigRecord({"info": json.dumps(party.identify())})})
             else:
                 stats, out = party.train(json.loads(str(m.content["job"]["job"])), read_bytes(m.content["down"]))
+                if m.metadata.dst_node_id == 11 and self.how == "silent":
+                    continue  # it never answers
                 if m.metadata.dst_node_id == 11:
                     out = tampered(out, self.how)
                 content = RecordDict({"up": wire_record(out), "stats": ConfigRecord({"stats": json.dumps(stats)})})
@@ -163,8 +165,7 @@ class StandInGrid:
         return [self.replies.pop(i) for i in message_ids if i in self.replies]
 
 
-@pytest.mark.slow
-def test_a_tampered_upload_is_rejected_and_the_round_goes_on(recipe_file, tmp_path, monkeypatch, caplog):
+def stand_in_federation(recipe_file, tmp_path, monkeypatch, **federation):
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedllm.deploy.flower.server_app import DeployedFederation
@@ -174,13 +175,20 @@ def test_a_tampered_upload_is_rejected_and_the_round_goes_on(recipe_file, tmp_pa
 
     for name in ("_run_id", "_task_id", "_node_id"):  # Flower's identity of the process a Message is made in
         monkeypatch.setattr(TaskIdentity, name, 1)
-    path = recipe_file(federation={"rounds": 5, "num_clients": 2, "clients_per_round": 2}, client={"max_steps": 1})
+    path = recipe_file(federation={"rounds": 5, "num_clients": 2, "clients_per_round": 2, **federation},
+                       client={"max_steps": 1})
     recipe = load_recipe(path)
     files = split_for_parties(str(path), [], tmp_path / "data")
     parties = {10 + i: Party(recipe, str(files[i]), i, tmp_path / f"party_{i}") for i in (0, 1)}
-    kinds = ["wrong shape", "extra key", "nan", "100x too large", "not a message"]
-    fed = DeployedFederation(recipe, tmp_path / "runs" / "run", StandInGrid(parties, kinds[0]))
+    fed = DeployedFederation(recipe, tmp_path / "runs" / "run", StandInGrid(parties, "none"))
     fed.start()
+    return fed
+
+
+@pytest.mark.slow
+def test_a_tampered_upload_is_rejected_and_the_round_goes_on(recipe_file, tmp_path, monkeypatch, caplog):
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch)
+    kinds = ["wrong shape", "extra key", "nan", "100x too large", "not a message"]
     for t, how in enumerate(kinds):
         fed.grid.how = how
         before = {k: v.clone() for k, v in fed.global_state.items()}
@@ -193,3 +201,17 @@ def test_a_tampered_upload_is_rejected_and_the_round_goes_on(recipe_file, tmp_pa
         fed.global_state, fed.server_state = result.global_state, result.server_state
         caplog.clear()
     assert fed.state_round(0) == len(kinds) - 1 and fed.state_round(1) == -1  # a rejected party's state did not advance
+
+
+@pytest.mark.slow
+def test_a_silent_party_is_recorded_missing_and_too_few_answers_stop_the_run(recipe_file, tmp_path, monkeypatch):
+    from fedllm.registry import RecipeError
+
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, round_timeout_s=1.0, join_timeout_s=1.0)
+    fed.grid.how = "silent"
+    result = fed.run_round(0)
+    assert [(s["client"], s["accepted"], s.get("missing")) for s in result.stats] == [
+        (0, True, None), (1, False, "no answer within federation.round_timeout_s=1")]
+    fed.recipe.federation.min_clients = 2
+    with pytest.raises(RecipeError, match="1 of the 2 sampled parties answered .* fewer than federation.min_clients=2"):
+        fed.run_round(1)

@@ -27,6 +27,7 @@ from fedllm.wire import MalformedMessage, WireContext, deserialize
 log = logging.getLogger("fedllm")
 STATE_ROUND = "state_round"  # the server's record of a party: the last round whose upload it accepted
 POLL_S = 1.0  # how often the server asks the SuperLink for replies
+OUTCOME = "flower/outcome.json"  # how the ServerApp ended, for `fedllm serve`
 
 
 class DeployedFederation(Federation):
@@ -211,16 +212,18 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(context.run_config["run-dir"]))
     log_to(run_dir)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    check_pairings(recipe)
-    fed = DeployedFederation(recipe, run_dir, grid)
     try:
+        recipe = load_recipe(run_dir / "recipe.yaml")
+        check_pairings(recipe)
+        fed = DeployedFederation(recipe, run_dir, grid)
         if (run_dir / "run_meta.json").exists():
             fed.resume()
         else:
             fed.start()
         fed.run()
-    except RecipeError as err:
+    except Exception as err:  # `fedllm serve` reports it: Flower's own exit status does not carry it
         log.error("%s", err)
+        (run_dir / OUTCOME).write_text(json.dumps({"error": f"{err}"}))
         raise
+    (run_dir / OUTCOME).write_text(json.dumps({"ok": True}))
     log.info("run finished: %s", run_dir)
