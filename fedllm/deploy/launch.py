@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -247,6 +248,13 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
         supernode.stop()
 
 
+def last_error(log_file: Path) -> str:
+    """The SuperNode's last complaint (an unreachable SuperLink, an unregistered key), for the party's console."""
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+    found = [line for line in lines if "ERROR" in line or "Failed" in line or "could not" in line]
+    return re.sub(r"\x1b\[[0-9;]*m", "", found[-1]).strip()[:200] if found else f"see {log_file}"
+
+
 class SuperNode:
     """The party's SuperNode, started again whenever it exits (it gives up when the SuperLink
     is unreachable for a while): the party rejoins by itself once the server is back."""
@@ -265,7 +273,8 @@ class SuperNode:
         while not self.stopped.wait(self.RESTART_AFTER_S):
             if self.process.poll() is not None:
                 stop(self.process)  # its helpers too
-                log.warning("the SuperNode exited (code %s); starting it again", self.process.returncode)
+                log.warning("the SuperNode exited (code %s: %s); starting it again", self.process.returncode,
+                            last_error(self.log_file))
                 self.process = start(self.command, self.env, self.log_file)
 
     def stop(self) -> None:
