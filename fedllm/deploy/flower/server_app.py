@@ -27,6 +27,7 @@ from fedllm.wire import MalformedMessage, WireContext, deserialize
 log = logging.getLogger("fedllm")
 STATE_ROUND = "state_round"  # the server's record of a party: the last round whose upload it accepted
 POLL_S = 1.0  # how often the server asks the SuperLink for replies
+IDENTIFY_S = 30.0  # how long one round of "which client are you?" waits
 OUTCOME = "flower/outcome.json"  # how the ServerApp ended, for `fedllm serve`
 
 
@@ -104,24 +105,20 @@ class DeployedFederation(Federation):
     # ---- one round ---------------------------------------------------------------------
     def run_round(self, t: int, progress=None) -> RoundResult:
         start, r = time.perf_counter(), self.recipe
+        if not self.waited:  # this process's first round: every party has join_timeout_s to connect
+            self.connect(list(range(r.federation.num_clients)), time.time() + r.federation.join_timeout_s)
+            self.waited = True
         sampled = self.participation.sampled(t)
-        # a round waits round_timeout_s for its sampled parties, to connect and then to answer;
-        # this process's first round first waits join_timeout_s for them to connect
-        f = r.federation
-        connect_by = time.time() + (f.round_timeout_s if self.waited else f.join_timeout_s)
-        self.connect(sampled, connect_by)
-        answer_by = connect_by if self.waited else time.time() + f.round_timeout_s
-        self.waited = True
         lr = round_learning_rate(r.client, t, r.federation.rounds)
         collect = self.collector(t)
         wire = self.channel.down_wire(self.global_state, self.strategy.broadcast(self.server_state))
-        answers = self.exchange(t, sampled, lr, wire, answer_by)
+        answers, sent = self.exchange(t, sampled, lr, wire)
         stats = []
         for cid in sampled:  # in sampled order, as the simulation sums them
             answer = answers[cid]
             if isinstance(answer, str):
                 log.warning("round %d: client %d dropped out: %s", t, cid, answer)
-                stats.append(missing_row(cid, len(wire) if cid in self.nodes else 0, answer))
+                stats.append(missing_row(cid, len(wire) if cid in sent else 0, answer))
                 continue
             info, up = answer
             message, size = self.receive(t, cid, up, info)
@@ -132,41 +129,53 @@ class DeployedFederation(Federation):
         answered = sum("missing" not in s for s in stats)
         if answered < r.federation.min_clients:
             raise RecipeError(
-                f"round {t + 1}: {answered} of the {len(sampled)} sampled parties answered within "
+                f"round {t}: {answered} of the {len(sampled)} sampled parties answered within "
                 f"federation.round_timeout_s={r.federation.round_timeout_s:g}, fewer than federation.min_clients="
                 f"{r.federation.min_clients}; the run stopped at its last checkpoint: when the parties are back, "
                 f"continue it with `fedllm serve --resume {self.run_dir}`")
         return self.aggregate(t, collect, stats, lr, start)
 
-    def exchange(self, t: int, sampled: list[int], lr: float, wire: bytes,
-                 deadline: float) -> dict[int, tuple[dict, bytes] | str]:
-        """Sends round t's download to the sampled parties; client id -> (stats, upload bytes), or why none came."""
-        answers: dict[int, tuple[dict, bytes] | str] = {}
-        run_info = asdict(self.run_info())
-        messages, for_client = [], {}
-        for cid in sampled:
-            if cid not in self.nodes:
-                answers[cid] = "not connected"
-                continue
-            job = {"round": t, "lr": lr, "state_round": self.state_round(cid), "run_info": run_info,
-                   "digests": self.digests, "client_id": cid}
-            content = RecordDict({"down": wire_record(wire), "job": ConfigRecord({"job": json.dumps(job)})})
-            messages.append(Message(content, dst_node_id=self.nodes[cid], message_type="train", group_id=str(t)))
-            for_client[id(messages[-1])] = cid
-        replies = self.ask(messages, deadline) if messages else {}
-        for message in messages:
-            cid, reply = for_client[id(message)], replies.get(message.metadata.message_id)
-            if reply is None:
-                answers[cid] = f"no answer within federation.round_timeout_s={self.recipe.federation.round_timeout_s:g}"
-            elif reply.has_error():  # its ClientApp failed, or Flower could not deliver
-                answers[cid] = f"{reply.error.reason}"
-            else:
-                try:
-                    stats = json.loads(reply.content["stats"]["stats"])
-                    answers[cid] = (stats if isinstance(stats, dict) else {}, read_bytes(reply.content["up"]))
-                except (KeyError, TypeError, ValueError) as err:
-                    answers[cid] = ({"malformed": f"its reply is not an upload ({type(err).__name__}: {err})"}, b"")
-        return answers
+    def exchange(self, t: int, sampled: list[int], lr: float, wire: bytes) -> tuple[dict, set]:
+        """Round t's download to each sampled party as soon as it is connected (one that reconnects
+        mid-round still gets it) and its answer back, all within round_timeout_s: client id ->
+        (stats, upload bytes) or why none came; and the clients the download went to."""
+        timeout = self.recipe.federation.round_timeout_s
+        deadline, run_info = time.time() + timeout, asdict(self.run_info())
+        pending, replies = {}, {}  # sent message id -> client id; client id -> its reply
+        self.refresh_nodes(min(deadline, time.time() + IDENTIFY_S))
+        while True:
+            new = [cid for cid in sampled if cid in self.nodes and cid not in replies and cid not in pending.values()]
+            messages = [self.train_message(t, cid, lr, wire, run_info) for cid in new]
+            if messages and list(self.grid.push_messages(messages)):
+                pending.update({m.metadata.message_id: cid for m, cid in zip(messages, new)})
+            for reply in self.grid.pull_messages(sorted(pending)) if pending else []:
+                if (cid := pending.pop(reply.metadata.reply_to_message_id, None)) is not None:
+                    replies[cid] = reply
+            if len(replies) == len(sampled) or time.time() >= deadline:
+                break
+            time.sleep(POLL_S)
+            if any(cid not in self.nodes for cid in sampled):
+                self.refresh_nodes(min(deadline, time.time() + IDENTIFY_S))
+        sent = set(pending.values()) | set(replies)
+        return {cid: self.answer(replies[cid]) if cid in replies else
+                (f"no answer within federation.round_timeout_s={timeout:g}" if cid in sent else "not connected")
+                for cid in sampled}, sent
+
+    def train_message(self, t: int, cid: int, lr: float, wire: bytes, run_info: dict) -> Message:
+        job = {"round": t, "lr": lr, "state_round": self.state_round(cid), "run_info": run_info,
+               "digests": self.digests, "client_id": cid}
+        content = RecordDict({"down": wire_record(wire), "job": ConfigRecord({"job": json.dumps(job)})})
+        return Message(content, dst_node_id=self.nodes[cid], message_type="train", group_id=str(t))
+
+    @staticmethod
+    def answer(reply: Message) -> tuple[dict, bytes] | str:
+        if reply.has_error():  # its ClientApp failed, or Flower could not deliver
+            return str(reply.error.reason)
+        try:
+            stats = json.loads(reply.content["stats"]["stats"])
+            return stats if isinstance(stats, dict) else {}, read_bytes(reply.content["up"])
+        except (KeyError, TypeError, ValueError) as err:
+            return {"malformed": f"its reply is not an upload ({type(err).__name__}: {err})"}, b""
 
     def receive(self, t: int, client_id: int, wire: bytes, info: dict):
         """The server's half of the Channel on an untrusted upload: what it decodes to, or why not, and its size."""
