@@ -26,6 +26,7 @@ from fedllm.engine import new_run_dir
 from fedllm.metrics import write_atomically
 from fedllm.recipe import dump_recipe, load_recipe
 from fedllm.registry import RecipeError
+from fedllm.rundir import refuse_planted_links
 
 log = logging.getLogger("fedllm")
 CONNECTION = "fedllm"  # the SuperLink connection's name in the server's Flower config
@@ -145,6 +146,7 @@ def prepare_run(recipe_path: str, overrides: list[str]) -> Path:
     recipe = load_recipe(recipe_path, overrides)
     check_pairings(recipe)
     run_dir = new_run_dir(recipe, Path(recipe_path).stem, None)
+    refuse_planted_links(run_dir)
     if (run_dir / "recipe.yaml").exists():
         raise RecipeError(f"{run_dir} already holds a run: continue it with `fedllm serve --resume {run_dir}`, or give "
                           "this run another output.name")

@@ -19,6 +19,7 @@ from fedllm.capabilities import check_pairings
 from fedllm.deploy.flower.records import read_bytes, wire_record
 from fedllm.deploy.party import mismatch, recipe_digests
 from fedllm.engine import Federation, RoundResult
+from fedllm.metrics import REJECTIONS
 from fedllm.recipe import load_recipe
 from fedllm.registry import RecipeError
 from fedllm.training import round_learning_rate
@@ -122,10 +123,10 @@ class DeployedFederation(Federation):
                 continue
             info, up = answer
             message, size = self.receive(t, cid, up, info)
-            accepted = self.accept(t, cid, collect, message, info.get("weight", 0.0))
-            if accepted:
+            rejection = self.admit(t, cid, collect, message, info.get("weight", 0.0))
+            if rejection is None:
                 self.store.put(cid, {STATE_ROUND: torch.tensor(t)})
-            stats.append(answer_row(cid, info, size, len(wire), accepted))
+            stats.append(answer_row(cid, info, size, len(wire), rejection))
         answered = sum("missing" not in s for s in stats)
         if answered < r.federation.min_clients:
             raise RecipeError(
@@ -196,15 +197,17 @@ class DeployedFederation(Federation):
 
 def missing_row(client_id: int, bytes_down: int, reason: str) -> dict:
     return {"client": client_id, "num_samples": 0, "train_loss": 0.0, "bytes_up": 0, "bytes_down": bytes_down,
-            "accepted": False, "steps": 0, "split_bytes_up": 0, "split_bytes_down": 0, "missing": reason}
+            "accepted": False, "steps": 0, "split_bytes_up": 0, "split_bytes_down": 0, "rejected": 0, "missing": reason}
 
 
-def answer_row(client_id: int, info: dict, size: int, bytes_down: int, accepted: bool) -> dict:
+def answer_row(client_id: int, info: dict, size: int, bytes_down: int, rejection: str | None) -> dict:
+    """The engine's per-client stat row (engine.STAT_COLUMNS) from a party's reported numbers."""
     number = lambda key: float(info.get(key, 0)) if isinstance(info.get(key, 0), (int, float)) else 0.0  # noqa: E731
     split_up, split_down = int(number("split_bytes_up")), int(number("split_bytes_down"))
     return {"client": client_id, "num_samples": int(number("num_samples")), "train_loss": number("train_loss"),
-            "bytes_up": size + split_up, "bytes_down": bytes_down + split_down, "accepted": accepted,
-            "steps": int(number("steps")), "split_bytes_up": split_up, "split_bytes_down": split_down}
+            "bytes_up": size + split_up, "bytes_down": bytes_down + split_down, "accepted": rejection is None,
+            "steps": int(number("steps")), "split_bytes_up": split_up, "split_bytes_down": split_down,
+            "rejected": 0 if rejection is None else 1 + REJECTIONS.index(rejection)}
 
 
 def log_to(run_dir: Path) -> None:
