@@ -294,7 +294,7 @@ def split_for_parties(recipe_path: str, overrides: list[str], out: Path) -> list
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, rows in enumerate(client_rows(recipe.data, recipe.federation.num_clients, recipe.seed)):
+    for i, rows in enumerate(client_rows(recipe.data, recipe.federation.num_clients, recipe.seed, recipe.eval.per_client)):
         rows.to_json(out / f"client_{i}.jsonl", lines=True, force_ascii=False)
         paths.append(out / f"client_{i}.jsonl")
     return paths
