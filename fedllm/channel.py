@@ -68,11 +68,12 @@ class Channel:
             raise
 
     # ---- server → clients --------------------------------------------------------------
-    def down(self, global_state: State, broadcast: State, device: torch.device) -> Downlink:
+    def down(self, global_state: State, broadcast: State, device: torch.device, ctx: WireContext | None = None) -> Downlink:
         """The global state (+ the strategy's broadcast tensors) as real bytes, decoded as a
-        client decodes them; every client downloads the same message."""
+        client decodes them; every client downloads the same message. `ctx` (round, receiving
+        client or -1 for the round's broadcast, seed) seeds what a codec's link does to it."""
         wire = self.down_wire(global_state, broadcast)
-        x_t, broadcast = self.open_down(wire)
+        x_t, broadcast = self.open_down(wire, ctx)
         size = len(wire)
         on_device = lambda state: {k: t.to(device) for k, t in state.items()}  # noqa: E731
         return Downlink(on_device(x_t), on_device(broadcast), lambda client_id: size)
@@ -83,8 +84,11 @@ class Channel:
         message.tensors = with_extras(message.tensors, broadcast)
         return serialize(message)
 
-    def open_down(self, wire: bytes) -> tuple[State, State]:
-        """The client's half: (x^t, the strategy's broadcast) from the downloaded bytes."""
+    def open_down(self, wire: bytes, ctx: WireContext | None = None) -> tuple[State, State]:
+        """The client's half: (x^t, the strategy's broadcast) from the downloaded bytes, as a
+        simulated link (a codec's `down`) delivers them."""
         message = deserialize(wire)
+        for codec in self.codecs:
+            message = codec.down(message, ctx or WireContext(0, -1, 0))
         plain, broadcast = split_extras(message.tensors)
         return self.adapter.decode_global(Message(plain, message.meta)), broadcast

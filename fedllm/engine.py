@@ -198,7 +198,8 @@ class Federation:
         """x^t and the broadcast as clients hold them: one real message, or the adapter's own
         protocol (clients apply the aggregates of the rounds they missed; x^t is the server's)."""
         if self.own_aggregation is None:
-            return self.channel.down(self.global_state, self.strategy.broadcast(self.server_state), self.device)
+            return self.channel.down(self.global_state, self.strategy.broadcast(self.server_state), self.device,
+                                     WireContext(t, -1, self.recipe.seed))
         last = self.participation.last_round
         return Downlink(self.global_state, {},
                         lambda cid: self.own_aggregation.download_bytes(t, last(cid, t), self.global_state))

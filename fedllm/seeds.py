@@ -36,6 +36,9 @@ _STREAMS: dict[str, tuple[str, tuple[int, ...]]] = {
     "dp-sgd": ("mod64", (0x5D,)),  # DP-SGD's client noise under privacy.noise_seed, per (round, client)
     "dp-fedavg": ("mod64", (0xD9,)),  # DP-FedAvg's server noise under privacy.noise_seed
     "dp-brem": ("mod64", (0xB3E,)),  # DP-BREM's server noise under privacy.noise_seed
+    "channel": ("mod64", (0xC4A,)),  # a simulated noisy link's noise and erasures, per (round, client; -1: downlink)
+    "zo": ("numpy", (0x2E0,)),  # zeroth-order directions' seeds, per (round, client)
+    "adversarial": ("torch", (0xAD7,)),  # the adversarial hook's random start, per (round, client)
 }
 
 

@@ -4,4 +4,4 @@
 A codec transforms only float tensors: integer and bool tensors (seeds, indices, counts)
 pass through bit-exact and stay out of its compressed payload and its per-client state
 (tests/codecs/test_integers.py)."""
-from fedllm.codecs import cast, fedzip, qsgd, rqm, topk  # noqa: F401  registers the built-in codecs
+from fedllm.codecs import cast, fedzip, noisy_link, qsgd, rqm, topk  # noqa: F401  registers the built-in codecs

@@ -16,6 +16,11 @@ class Codec:
     def decode(self, message: Message, ctx) -> Message:
         raise NotImplementedError
 
+    def down(self, message: Message, ctx) -> Message:
+        """What the download of round `ctx.round` becomes on its way to a client (a noisy
+        link); identity for a codec of the uplink only."""
+        return message
+
     def accounting(self, rounds_done: int) -> dict:
         """Privacy numbers logged after `rounds_done` rounds (e.g. RQM's ε); {} for none."""
         return {}
