@@ -67,7 +67,9 @@ class Client:
             record.optimizer if self.cfg.keep_optimizer_state else None, self.pad_token_id, self.device, round, client_id,
         )
         gradient = (lambda limit=None: self.loop.full_gradient(job, limit)) if FULL_GRADIENT in self.loop.supports else None
-        hooks.begin(self.params, ClientContext(round, client_id, x_t, broadcast, record.strategy, lr, job.steps, gradient))
+        embed = lambda ids: self.model.get_input_embeddings()(ids)  # noqa: E731  (a Hugging Face model's)
+        hooks.begin(self.params, ClientContext(round, client_id, x_t, broadcast, record.strategy, lr, job.steps, gradient, embed,
+                                               self.cfg.gradient_accumulation_steps))
         result = self.loop.train(job, StepDriver(hooks, self.params, self.max_grad_norm, on_step))
         update = dict(result.update) if hooks.rewrites_update else result.update
         extras, client_state = hooks.finish(self.params, update)

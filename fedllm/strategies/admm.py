@@ -47,7 +47,6 @@ import torch
 
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.strategies.base import ALL, ClientHooks, RoundInfo, RunInfo, State, Strategy, strip_prefix
-from fedllm.training import FULL_GRADIENT, VARIABLE_STEPS
 
 W, G, Z, LAM, SEEN, LAST = "w.", "g.", "z.", "lam.", "seen", "last_round"
 
@@ -62,7 +61,7 @@ class ConsensusServer(Strategy):
 
     needs = ALL
     uniform_weights = True
-    client_needs = frozenset({FULL_GRADIENT, VARIABLE_STEPS})
+    client_needs = frozenset({"full_gradient", "variable_steps"})  # λ_i = −∇f_i(w_i); idle iterations
 
     def __init__(self, rho: float):
         if rho <= 0:

@@ -74,6 +74,8 @@ class ClientContext:
     lr: float
     steps: int  # optimizer steps this local round
     gradient: Callable[[int | None], State] | None = None  # ∇ of the mean loss on the first n local examples (all: None), at x^t
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # token ids -> the model's input embeddings (input perturbations)
+    accumulation: int = 1  # micro-batches per optimizer step (a hook's own backward scales by 1/accumulation)
 
 
 class ClientHooks:

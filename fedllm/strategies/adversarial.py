@@ -1,0 +1,140 @@
+"""Federated adversarial training — Li, Song, Yang, "Federated Adversarial Learning: A
+Framework with Convergence Analysis" (ICML 2023, arXiv 2208.03635): every client solves the
+local min-max problem min_w E max_{‖δ‖≤ε} ℓ(w; x + δ, y) with an inner PGD ascent (their
+Algorithm 1, local step: adversarial examples by PGD, then a gradient step on them); the
+server aggregates as usual. Here it wraps ANY server strategy (`inner`), whose own client
+hooks still run (FedProx's term, SCAFFOLD's correction act on the adversarial gradient).
+
+For a language model the input is discrete, so the perturbation lives in the input
+embedding space, as in FreeLB (Zhu et al., ICLR 2020, Algorithm 1), per example:
+
+    δ₀ ~ U(−1, 1) · init/√(L·D)  on real tokens (L tokens, D dims; padding gets none)
+    for t = 1..K:  g_t = ∇_δ ℓ(w; E(x) + δ_{t−1}, y)
+                   δ_t = Π_{‖δ‖_F ≤ ε} (δ_{t−1} + α · g_t/‖g_t‖_F)
+
+`gradient: freelb` (default) trains on the average of the parameter gradients of the K
+forward passes at δ₀..δ_{K−1} (FreeLB's "free" accumulation, K+0 extra passes' worth of
+backward); `gradient: pgd` trains on the gradient at δ_K alone (Madry's PGD-AT, the FAL
+paper's local step: K ascent passes plus one training pass). The micro-batch's reported
+loss is that of the trained-on perturbed inputs. Defaults: ε = `radius` 0.1 (Frobenius, per
+example), K = `steps` 2, α = `step_size` ε/K, init 0.05 — within FreeLB's reported ranges
+for fine-tuning (adv-lr 0.03–0.1, K 2–3, init 0–0.1); FAL's ℓ∞ pixel-space radius has no
+direct analogue for embeddings.
+
+Deviations: ℓ2 (Frobenius) ball per example rather than FreeLB's optional ℓ∞; the ascent
+is over one micro-batch (one `backward` call of the loop), so it needs a loop that hands
+each micro-batch to the hooks (`per_example`: the built-in loop). Under gradient
+accumulation each micro-batch's gradients are scaled by 1/accumulation like the loop's own.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from fedllm.privacy.budget import DelegatingHooks
+from fedllm.registry import STRATEGIES, RecipeError
+from fedllm.seeds import derive
+from fedllm.strategies.base import ClientContext, State, Strategy
+
+
+def per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    """‖t_b‖_F for each example b, shaped to broadcast against t."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+class AdversarialHooks(DelegatingHooks):
+    def __init__(self, inner, radius: float, steps: int, step_size: float, init: float, mode: str):
+        super().__init__(inner)
+        self.radius, self.steps, self.step_size, self.init, self.mode = radius, steps, step_size, init, mode
+
+    def begin(self, params, ctx: ClientContext):
+        self.embed, self.accumulate = ctx.embed, ctx.accumulation
+        self.generator = torch.Generator().manual_seed(derive(0, ctx.round, ctx.client_id, tag="adversarial"))
+        super().begin(params, ctx)
+
+    def start(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        noise = torch.rand(embeds.shape, generator=self.generator).to(embeds.device, embeds.dtype) * 2 - 1
+        noise = noise * mask
+        dims = mask.flatten(1).sum(1).clamp_min(1) * embeds.shape[-1]  # real tokens × D, per example
+        return noise * (self.init / dims.sqrt()).view(-1, 1, 1)
+
+    def ascend(self, delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        delta = delta + self.step_size * grad / per_example_norm(grad)
+        delta = delta * mask
+        return delta * torch.clamp(self.radius / per_example_norm(delta), max=1.0)  # Π onto ‖δ‖_F ≤ ε
+
+    def backward(self, inputs, loss_of, default):
+        ids = inputs["input_ids"]
+        rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+        mask = (inputs.get("attention_mask", torch.ones_like(ids))).unsqueeze(-1).to(torch.float32)
+        with torch.no_grad():
+            base = self.embed(ids)
+        mask = mask.to(base.dtype)
+        delta = self.start(base, mask)
+        losses = []
+        for t in range(self.steps):
+            delta.requires_grad_(True)
+            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta})
+            if self.mode == "freelb":  # every pass trains: parameter gradients averaged over the K passes
+                (loss / (self.steps * self.accumulate)).backward()
+                grad = delta.grad
+                losses.append(loss.detach())
+            else:  # pgd: the ascent passes only move δ
+                (grad,) = torch.autograd.grad(loss, delta)
+            delta = self.ascend(delta.detach(), grad.detach(), mask).detach()
+        if self.mode == "pgd":
+            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta})
+            (loss / self.accumulate).backward()
+            losses = [loss.detach()]
+        self.last_delta = delta
+        return torch.stack(losses).mean()
+
+
+@STRATEGIES.register("adversarial")
+class Adversarial(Strategy):
+    """Federated adversarial training (Li, Song, Yang): clients train on PGD perturbations of
+    the input embeddings (FreeLB-style) around any inner strategy."""
+
+    def __init__(self, inner: dict = {"name": "fedavg"}, radius: float = 0.1, steps: int = 2,
+                 step_size: Optional[float] = None, init: float = 0.05, gradient: Literal["freelb", "pgd"] = "freelb"):
+        if radius <= 0 or steps < 1 or init < 0 or (step_size is not None and step_size <= 0):
+            raise RecipeError("adversarial: radius and step_size must be > 0, steps ≥ 1, init ≥ 0")
+        self.inner = STRATEGIES.build(inner, "strategy.inner")
+        if self.inner.clips_client_gradients:
+            raise RecipeError(f"adversarial: inner strategy '{inner['name']}' runs its own per-example backward, "
+                              "which would replace the adversarial one: use a non-DP inner strategy")
+        self.radius, self.steps, self.init_scale, self.mode = radius, steps, init, gradient
+        self.step_size = step_size if step_size is not None else radius / steps
+        inner_ = self.inner
+        self.needs, self.uniform_weights, self.counts_in_extras = inner_.needs, inner_.uniform_weights, inner_.counts_in_extras
+        self.client_needs = inner_.client_needs | {"per_example"}  # the loop hands each micro-batch to `backward`
+
+    def client_hooks(self, round: int, client_id: int):
+        return AdversarialHooks(self.inner.client_hooks(round, client_id), self.radius, self.steps, self.step_size,
+                                self.init_scale, self.mode)
+
+    # ---- the server side is the inner strategy's -----------------------------------------
+    def extras_like(self, global_state: State) -> State:
+        return self.inner.extras_like(global_state)
+
+    def check_federation(self, clients_per_round: int) -> None:
+        self.inner.check_federation(clients_per_round)
+
+    def setup(self, run) -> None:
+        self.inner.setup(run)
+
+    def init(self, global_state: State) -> State:
+        return self.inner.init(global_state)
+
+    def broadcast(self, server_state: State) -> State:
+        return self.inner.broadcast(server_state)
+
+    def aggregate(self, global_state: State, updates, server_state: State, info):
+        return self.inner.aggregate(global_state, updates, server_state, info)
+
+    def metrics(self, server_state: State) -> dict:
+        return self.inner.metrics(server_state)
+
+    def stop_reason(self, round: int, server_state: State) -> str | None:
+        return self.inner.stop_reason(round, server_state)
