@@ -13,7 +13,7 @@ from fedllm.training import LocalLoop, lacking
 
 def local_loop(recipe: Recipe, adapter) -> LocalLoop:
     """The adapter's own loop if it brings one (SFPrompt), else the recipe's `client.trainer`."""
-    return adapter.local_loop() or loop_for(recipe.client.trainer)
+    return adapter.local_loop() or loop_for(recipe.client.trainer, recipe.client.optim)
 
 
 def check_pairings(recipe: Recipe) -> None:
@@ -30,3 +30,19 @@ def check_pairings(recipe: Recipe) -> None:
             raise RecipeError(f"strategy '{recipe.strategy['name']}' counts 0/1 flags in its uploads, which codec "
                               f"'{spec['name']}' randomizes: remove that codec or use another strategy")
     strategy.check_federation(recipe.federation.sampled_per_round())
+    if recipe.client.optim == "zo":
+        check_zeroth_order(recipe, strategy, adapter)
+
+
+def check_zeroth_order(recipe: Recipe, strategy, adapter) -> None:
+    """client.optim=zo steps without gradients and sends (seed, scalar) pairs: no gradient
+    hooks, no adapter with its own loop or wire format, no Trainer."""
+    name = recipe.strategy["name"]
+    if strategy.client_hooks(0, 0) is not None:
+        raise RecipeError(f"client.optim=zo trains without gradients, so strategy '{name}' cannot run its client-side "
+                          "hooks: use a strategy without them (fedavg, fedavgm, fedadam/fedyogi/fedadagrad, a robust rule)")
+    if adapter.local_loop() is not None or not adapter.plain_wire:
+        raise RecipeError(f"client.optim=zo needs an adapter whose trainable tensors are its update; adapter "
+                          f"'{recipe.adapter['name']}' has its own local loop or wire format: use lora, ffa_lora, wara or full")
+    if recipe.client.trainer != "builtin":
+        raise RecipeError("client.optim=zo runs its own forward-only loop: set client.trainer=builtin")

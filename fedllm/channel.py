@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from fedllm.adapters.base import Adapter
+from fedllm.loops.zo import SeededDelta, Shapes, decode_seeded, is_seeded
 from fedllm.state import State
 from fedllm.strategies.base import Update
 from fedllm.wire import MalformedMessage, Message, WireContext, deserialize, serialize, split_extras, with_extras
@@ -28,14 +29,18 @@ class Downlink:
 
 
 class Channel:
-    def __init__(self, adapter: Adapter, codecs: list):
-        self.adapter, self.codecs = adapter, list(codecs)
+    """`shapes`: the names and shapes of the global state, which the server needs to rebuild
+    a zeroth-order client's (seed, scalar) upload (fedllm.loops.zo); None: no such uploads."""
+
+    def __init__(self, adapter: Adapter, codecs: list, shapes: Shapes | None = None):
+        self.adapter, self.codecs, self.shapes = adapter, list(codecs), shapes
 
     # ---- client → server ---------------------------------------------------------------
     def encode(self, update: Mapping, extras: State, ctx: WireContext, codec_states: dict[int, State]) -> bytes:
         """The client's half: the bytes it sends. `codec_states` (codec index -> that codec's
         stored state for this client) is updated in place."""
-        message = self.adapter.encode(update, ctx)
+        # a zeroth-order update travels as its seeds and scalars, whatever the adapter
+        message = update.message() if isinstance(update, SeededDelta) else self.adapter.encode(update, ctx)
         message.tensors = with_extras(message.tensors, extras)
         for i, codec in enumerate(self.codecs):
             own = codec_states.setdefault(i, {})
@@ -52,6 +57,8 @@ class Channel:
         if adapter_space:
             return message.tensors
         plain, extras = split_extras(message.tensors)
+        if is_seeded(message):
+            return Update(decode_seeded(plain, self.shapes), extras)
         return Update(self.adapter.decode(Message(plain, message.meta), ctx), extras)
 
     def up(self, update: Mapping, extras: State, ctx: WireContext, codec_states: dict[int, State],

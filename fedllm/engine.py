@@ -129,7 +129,7 @@ class Federation:
         self.own_aggregation = None if self.attack else self.adapter.aggregation(self.strategy, recipe.seed)
         self.client = Client(self.model, self.params, self.adapter, self.strategy, local_loop(recipe, self.adapter),
                              recipe.client, self.data.clients, self.pad_token_id, self.device, recipe.seed)
-        self.channel = Channel(self.adapter, self.codecs)
+        self.channel = Channel(self.adapter, self.codecs, {k: tuple(t.shape) for k, t in self.global_state.items()})
         # Ranks share per-client state through the run directory (budget 0: the disk is the store).
         budget = 0 if is_distributed() else int(fed.client_store_budget_mb * 2**20)
         self.store = ClientStore(self.run_dir / "client_store", budget)

@@ -87,7 +87,8 @@ class ClientConfig(Section):
     min_learning_rate: float = Field(0.0, ge=0)  # end of the cosine schedule across rounds
     lr_scheduler_type: Literal["constant", "cosine"] = "constant"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of rounds with linear warm-up
-    optim: Literal["adamw", "sgd"] = "adamw"
+    optim: Literal["adamw", "sgd", "zo"] = "adamw"  # zo: zeroth-order (MeZO) steps, forward passes only
+    zo_eps: float = Field(1e-3, gt=0)  # zo: the perturbation scale ε of the two-point estimate
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
     max_grad_norm: Optional[float] = Field(1.0, gt=0)

@@ -9,6 +9,11 @@ from fedllm.wire import Message, WireContext
 
 
 class Adapter:
+    # True: an update travels as the trainable tensors' own values (whatever a codec then does),
+    # so it may also travel as a zeroth-order client's (seed, scalar) pairs; False: the adapter
+    # has a wire format of its own (Ferret's projections)
+    plain_wire = True
+
     def attach(self, model: torch.nn.Module, seed: int) -> torch.nn.Module:
         """Injects the trainable parameters once; deterministic given `seed`."""
         raise NotImplementedError

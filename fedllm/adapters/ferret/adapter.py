@@ -125,6 +125,8 @@ class Ferret(FullParameters):
     """Ferret: full-parameter local training; the update travels as K seeded-projection
     coordinates per block and is rebuilt from regenerated bases (arXiv 2409.06277)."""
 
+    plain_wire = False  # its update travels as projections
+
     def __init__(
         self,
         k: int = 200,

@@ -1,0 +1,166 @@
+"""`client.optim: zo` — zeroth-order local training (MeZO: Malladi et al., NeurIPS 2023,
+arXiv 2305.17333, Algorithm 1) with the update sent as (seed, scalar) pairs (FedKSeed: Qin
+et al., ICML 2024, arXiv 2312.06353, §3).
+
+Each local step draws a direction z from a seed s and estimates the directional derivative
+with two forward passes on the step's batch B (SPSA, MeZO Eq. 1):
+
+    g = (L(θ + εz; B) − L(θ − εz; B)) / (2ε),     θ ← θ − η·g·z
+
+No backward pass, no optimizer state: a client needs inference memory plus the trainable
+tensors. Because θ_K − θ_0 = Σ_k c_k z_k with c_k = −η g_k, the upload is K pairs
+(s_k, c_k) — 12 bytes a step whatever the adapter's size — and the server regenerates each
+z_k from its seed. The client accumulates its update D = Σ c_k z_k with exactly the
+arithmetic the server's `reconstruct` uses (fp32, CPU, the same order), and trains at
+θ = x^t + D, so what the server rebuilds IS the client's update, bit for bit.
+
+Directions reuse Ferret's seeded bases (fedllm.adapters.ferret.projections.generate: a
+dedicated generator per (seed, block), never the global RNG): block b is the b-th trainable
+tensor by name, its entries are N(0,1) truncated to ±1/√d_b and divided by that law's
+standard deviation, so E[z zᵀ] = I and E[g z] = ∇L exactly on a quadratic (the truncated
+normal is symmetric with independent coordinates) — MeZO's Gaussian z, with a law every
+party regenerates identically on any device (generated on the CPU).
+
+Defaults: ε = `client.zo_eps` 1e-3 (MeZO's), one direction per step (MeZO's n = 1), the
+batch of a step is `per_device_train_batch_size × gradient_accumulation_steps` examples,
+the model in eval mode (no dropout, so both passes see the same function). Deviations: no
+weight decay (it would move θ off span{z_k}); client hooks that edit gradients cannot run
+(there are none), so only strategies without client hooks pair with zo (checked at load).
+FZooS (Shu et al., arXiv 2308.04077) is not implemented — see the issue note.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from fedllm.adapters.ferret.projections import generate, truncated_normal_variance, truncation
+from fedllm.data import collate
+from fedllm.seeds import derive
+from fedllm.training import VARIABLE_STEPS, LocalJob, LocalLoop, LocalResult, StepDriver, micro_batches
+from fedllm.wire import MalformedMessage, Message
+
+SEEDS, COEFFS, KIND = "zo/seeds", "zo/coeffs", "zo-seeded"
+MAX_PAIRS = 2**20  # pairs one upload may carry (a server-side limit on untrusted input)
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def direction(seed: int, shapes: Shapes) -> dict[str, torch.Tensor]:
+    """z of `seed` over the tensors of `shapes` (fp32, CPU): unit-variance coordinates."""
+    out = {}
+    for block, name in enumerate(sorted(shapes)):
+        d = int(np.prod(shapes[name], dtype=np.int64))
+        scale = float(np.float32(truncated_normal_variance(truncation(d)) ** -0.5))
+        out[name] = generate([seed], block, d)[0].mul_(scale).view(shapes[name])
+    return out
+
+
+def accumulate(total: dict[str, torch.Tensor], seed: int, coeff: float, shapes: Shapes) -> None:
+    """total += coeff·z(seed), in place — the one arithmetic of both client and server."""
+    for name, z in direction(seed, shapes).items():
+        total[name].add_(z, alpha=coeff)
+
+
+def reconstruct(seeds: list[int], coeffs: list[float], shapes: Shapes) -> dict[str, torch.Tensor]:
+    total = {k: torch.zeros(s, dtype=torch.float32) for k, s in shapes.items()}
+    for seed, coeff in zip(seeds, coeffs):
+        accumulate(total, seed, coeff, shapes)
+    return total
+
+
+def two_point(loss_at, seed: int, eps: float, shapes: Shapes) -> float:
+    """(L(θ + εz) − L(θ − εz)) / (2ε) for z = direction(seed); `loss_at(offset)` evaluates L at θ + offset."""
+    z = direction(seed, shapes)
+    plus = loss_at({k: eps * t for k, t in z.items()})
+    minus = loss_at({k: -eps * t for k, t in z.items()})
+    return (plus - minus) / (2 * eps)
+
+
+class SeededDelta(Mapping):
+    """A zeroth-order client's update: Σ_k c_k z(s_k) by name, and its wire form — the pairs."""
+
+    def __init__(self, total: dict[str, torch.Tensor], seeds: list[int], coeffs: list[float]):
+        self.total, self.seeds, self.coeffs = total, seeds, coeffs
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.total[name]
+
+    def __iter__(self):
+        return iter(self.total)
+
+    def __len__(self) -> int:
+        return len(self.total)
+
+    def message(self) -> Message:
+        return Message({SEEDS: torch.tensor(self.seeds, dtype=torch.int64),
+                        COEFFS: torch.tensor(self.coeffs, dtype=torch.float32)}, {"update": KIND})
+
+
+def is_seeded(message: Message) -> bool:
+    return message.meta.get("update") == KIND
+
+
+def decode_seeded(tensors: dict[str, torch.Tensor], shapes: Shapes | None) -> dict[str, torch.Tensor]:
+    """The server's half: Δ rebuilt from the pairs, shaped by what it expects (never the message)."""
+    if shapes is None:
+        raise MalformedMessage("a (seed, scalar) upload reached a channel that was not given the update's shapes")
+    seeds, coeffs = tensors.get(SEEDS), tensors.get(COEFFS)
+    if seeds is None or coeffs is None or seeds.dtype != torch.int64 or not coeffs.is_floating_point():
+        raise MalformedMessage("zo: a seeded upload needs int64 zo/seeds and float zo/coeffs")
+    if seeds.dim() != 1 or seeds.shape != coeffs.shape or len(seeds) > MAX_PAIRS:
+        raise MalformedMessage(f"zo: {tuple(seeds.shape)} seeds and {tuple(coeffs.shape)} scalars do not pair up "
+                               f"(at most {MAX_PAIRS})")
+    return reconstruct(seeds.tolist(), coeffs.float().tolist(), shapes)
+
+
+class ZOLoop(LocalLoop):
+    """MeZO local steps on the trainable tensors; forward passes only."""
+
+    name = "client.optim=zo"
+    supports = frozenset({VARIABLE_STEPS})
+
+    def train(self, job: LocalJob, driver: StepDriver) -> LocalResult:
+        cfg, model, params, device = job.cfg, job.model, job.params, job.device
+        shapes = {k: tuple(p.shape) for k, p in params.items()}
+        x0 = {k: job.x_t[k].to(device) for k in params}
+        total = {k: torch.zeros(s, dtype=torch.float32) for k, s in shapes.items()}
+        words = derive(job.seed, tag="zo").generate_state(max(job.steps, 1), np.uint64)
+        seeds = [int(w >> np.uint64(1)) for w in words[: job.steps]]  # 63 bits: int64 on the wire
+        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+        batches = micro_batches(job.examples, per_step, job.steps, np.random.default_rng(job.seed))
+        was_training = model.training
+        model.eval()
+        coeffs, losses = [], []
+        with torch.no_grad():
+            for seed, batch in zip(seeds, batches):
+                inputs = {k: v.to(device) for k, v in collate(batch, job.pad_token_id).items()}
+                seen = []
+
+                def loss_at(offset: dict) -> float:
+                    self.place(params, x0, total, offset)
+                    seen.append(float(model(**inputs).loss))
+                    return seen[-1]
+
+                # a Python float of the fp32 scalar sent: client and server add the same number
+                g = two_point(loss_at, seed, cfg.zo_eps, shapes)
+                coeff = float(np.float32(-job.lr * g))
+                accumulate(total, seed, coeff, shapes)
+                coeffs.append(coeff)
+                losses.append(sum(seen) / 2)  # the loss at θ, to O(ε²)
+                driver.after_step()
+            self.place(params, x0, total, None)
+        model.train(was_training)
+        return LocalResult(
+            update=SeededDelta(total, seeds, coeffs), num_samples=len(job.examples),
+            train_loss=float(np.mean(losses)) if losses else float("nan"), steps=len(coeffs), optimizer_state=None,
+        )
+
+    def place(self, params, x0, total, offset) -> None:
+        """θ = x^t + D (+ offset) in the trainable tensors."""
+        for k, p in params.items():
+            value = x0[k].float() + total[k].to(p.device)
+            if offset is not None:
+                value = value + offset[k].to(p.device)
+            p.copy_(value.to(p.dtype))
