@@ -34,7 +34,8 @@ def estimate(loss, seeds, eps=1e-2) -> torch.Tensor:
     total = torch.zeros(50, dtype=torch.float64)
     for s in seeds:
         z = direction(s, SHAPES)
-        total += two_point(loss, s, eps, SHAPES) * torch.cat([z[k].flatten() for k in sorted(SHAPES)]).double()
+        g = two_point(lambda z, scale: loss({k: scale * t for k, t in z.items()}), z, eps)
+        total += g * torch.cat([z[k].flatten() for k in sorted(SHAPES)]).double()
     return total / len(seeds)
 
 

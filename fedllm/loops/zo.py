@@ -57,25 +57,22 @@ def direction(seed: int, shapes: Shapes) -> dict[str, torch.Tensor]:
     return out
 
 
-def accumulate(total: dict[str, torch.Tensor], seed: int, coeff: float, shapes: Shapes) -> None:
-    """total += coeff·z(seed), in place — the one arithmetic of both client and server."""
-    for name, z in direction(seed, shapes).items():
-        total[name].add_(z, alpha=coeff)
+def add_scaled(total: dict[str, torch.Tensor], z: dict[str, torch.Tensor], coeff: float) -> None:
+    """total += coeff·z, in place — the one arithmetic of both client and server."""
+    for name, t in z.items():
+        total[name].add_(t, alpha=coeff)
 
 
 def reconstruct(seeds: list[int], coeffs: list[float], shapes: Shapes) -> dict[str, torch.Tensor]:
     total = {k: torch.zeros(s, dtype=torch.float32) for k, s in shapes.items()}
     for seed, coeff in zip(seeds, coeffs):
-        accumulate(total, seed, coeff, shapes)
+        add_scaled(total, direction(seed, shapes), coeff)
     return total
 
 
-def two_point(loss_at, seed: int, eps: float, shapes: Shapes) -> float:
-    """(L(θ + εz) − L(θ − εz)) / (2ε) for z = direction(seed); `loss_at(offset)` evaluates L at θ + offset."""
-    z = direction(seed, shapes)
-    plus = loss_at({k: eps * t for k, t in z.items()})
-    minus = loss_at({k: -eps * t for k, t in z.items()})
-    return (plus - minus) / (2 * eps)
+def two_point(loss_at, z: dict[str, torch.Tensor], eps: float) -> float:
+    """(L(θ + εz) − L(θ − εz)) / (2ε); `loss_at(z, s)` evaluates L at θ + s·z."""
+    return (loss_at(z, eps) - loss_at(z, -eps)) / (2 * eps)
 
 
 class SeededDelta(Mapping):
@@ -138,29 +135,32 @@ class ZOLoop(LocalLoop):
                 inputs = {k: v.to(device) for k, v in collate(batch, job.pad_token_id).items()}
                 seen = []
 
-                def loss_at(offset: dict) -> float:
-                    self.place(params, x0, total, offset)
+                def loss_at(z: dict, scale: float) -> float:
+                    self.place(params, x0, total, z, scale)
                     seen.append(float(model(**inputs).loss))
                     return seen[-1]
 
+                z = direction(seed, shapes)
+                g = two_point(loss_at, z, cfg.zo_eps)
                 # a Python float of the fp32 scalar sent: client and server add the same number
-                g = two_point(loss_at, seed, cfg.zo_eps, shapes)
                 coeff = float(np.float32(-job.lr * g))
-                accumulate(total, seed, coeff, shapes)
+                add_scaled(total, z, coeff)
+                del z
                 coeffs.append(coeff)
                 losses.append(sum(seen) / 2)  # the loss at θ, to O(ε²)
                 driver.after_step()
-            self.place(params, x0, total, None)
+            self.place(params, x0, total, None, 0.0)
         model.train(was_training)
         return LocalResult(
             update=SeededDelta(total, seeds, coeffs), num_samples=len(job.examples),
             train_loss=float(np.mean(losses)) if losses else float("nan"), steps=len(coeffs), optimizer_state=None,
         )
 
-    def place(self, params, x0, total, offset) -> None:
-        """θ = x^t + D (+ offset) in the trainable tensors."""
+    def place(self, params, x0, total, z, scale: float) -> None:
+        """θ = x^t + D (+ scale·z) in the trainable tensors, one tensor's temporaries at a time."""
         for k, p in params.items():
             value = x0[k].float() + total[k].to(p.device)
-            if offset is not None:
-                value = value + offset[k].to(p.device)
+            if z is not None:
+                value.add_(z[k].to(p.device), alpha=scale)
             p.copy_(value.to(p.dtype))
+            del value
