@@ -29,10 +29,14 @@ ROWS = {  # name -> (options, simulate settings)
     "bulyan": ({"f": 1}, {}),
     "geometric_median": ({"f": 1}, {}),
     "centered_clip": ({"f": 1, "tau": 2.0, "momentum": 0.5}, {}),
+    "admm": ({"rho": 4.0}, {}),
+    "noise_robust_admm": ({"rho": 4.0}, {"clients_per_round": 5}),  # with idle iterations owed
 }
 # privacy wrappers: their budgets need a run's shape and they add noise by design; their
 # mechanisms are checked against their papers in tests/privacy/
 ELSEWHERE = {"dp_fedavg", "dp_sgd", "dp_brem"}
+# the adversarial wrapper perturbs a language model's input embeddings: tests/strategies/test_adversarial.py
+ELSEWHERE |= {"adversarial"}
 SETTINGS = dict(lr=0.05, steps=5)
 
 
