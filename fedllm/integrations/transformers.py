@@ -179,7 +179,8 @@ class FederatedCallback(TrainerCallback):
     def begin_round(self) -> None:
         """x^t and the strategy's broadcast as a client decodes them; the hooks begin."""
         self.adapter.prepare_local_round(self.model)
-        down = self.channel.down(self.global_state, self.strategy.broadcast(self.server_state), self.device)
+        down = self.channel.down(self.global_state, self.strategy.broadcast(self.server_state), self.device,
+                                 WireContext(self.round, self.client_id, self.seed))
         self.x_t, broadcast, self.bytes_down = down.x_t, down.broadcast, down.bytes_for(self.client_id)
         self.hooks = self.strategy.client_hooks(self.round, self.client_id) or ClientHooks()
         self.driver = StepDriver(self.hooks, self.params, self.max_grad_norm)

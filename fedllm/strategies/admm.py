@@ -37,9 +37,12 @@ quantity the paper transmits), so a noisy link's SNR is relative to the model.
 
 Defaults: ρ = 1 (a scale: the gradient term is divided by it; adapters' losses are O(1)),
 the paper's idle updates on, capped at 10 missed iterations. Measured on the WLS reference
-(tests/strategies/test_admm_wls.py): both converge to w* on clean links; under equal link
-noise the robust form's steady-state error stays at the noise floor while standard ADMM's
-grows. Server memory: the latest u_i of every client (N × the adapter), checkpointed.
+(tests/strategies/test_admm_wls.py: N=10, d=5, K=10 local gradient steps, ρ=1): both reach
+‖z − w*‖² < 1e-12 on clean links; under independent link noise σ=0.02 on every download and
+upload, mean ‖z − w*‖² over iterations 100–200 is 2.9e-4 (noise_robust_admm) vs 1.0e-2 (admm).
+In our own numpy runs of the same problem, idle updates speed up clean partial participation
+but raise the noisy steady state (an idle client converges to a stale noisy z̃): turn them
+off on very noisy links. Server memory: the latest u_i of every client (N × the adapter).
 """
 from __future__ import annotations
 
