@@ -26,7 +26,13 @@ batch of a step is `per_device_train_batch_size × gradient_accumulation_steps` 
 the model in eval mode (no dropout, so both passes see the same function). Deviations: no
 weight decay (it would move θ off span{z_k}); client hooks that edit gradients cannot run
 (there are none), so only strategies without client hooks pair with zo (checked at load).
-FZooS (Shu et al., arXiv 2308.04077) is not implemented — see the issue note.
+FZooS (Shu et al., arXiv 2308.04077) is not implemented: its surrogate is a GP fitted to the
+query trajectory, whose gradient informs directions the trajectory has explored. Here every
+step queries a fresh seeded direction, so the posterior gradient along the next direction is
+the prior's and the surrogate reduces to the two-point estimate; its adaptive correction
+needs every client's surrogate in shared coordinates (random features over one common
+subspace), which per-round seeds do not give. A faithful form needs a small shared seed pool
+(FedKSeed's K candidates) — a different protocol, left out.
 """
 from __future__ import annotations
 
