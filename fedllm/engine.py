@@ -38,7 +38,7 @@ from fedllm.state import (
 )
 from fedllm.strategies.base import RoundInfo, RunInfo
 from fedllm.training import default_steps, round_learning_rate
-from fedllm.wire import MalformedMessage, WireContext
+from fedllm.wire import Erased, MalformedMessage, WireContext
 
 log = logging.getLogger("fedllm")
 
@@ -224,6 +224,9 @@ class Federation:
     def admit(self, t: int, client_id: int, collect, message, weight: float) -> str | None:
         """An untrusted upload enters the aggregate only if it decoded, with the expected keys,
         shapes and kinds and finite values; else why not (one of metrics.REJECTIONS)."""
+        if isinstance(message, Erased):
+            log.info("round %d: client %d's upload was lost on the simulated link", t, client_id)
+            return "erased"
         if isinstance(message, MalformedMessage):
             problem = str(message)
         else:

@@ -45,7 +45,7 @@ def truncate_jsonl(path: Path, keep_rounds_below: int) -> None:
         write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-REJECTIONS = ("malformed", "non_finite")  # why an upload was left out of its round
+REJECTIONS = ("malformed", "non_finite", "erased")  # why an upload was left out of its round (erased: a simulated lossy link)
 
 
 def rejections(stats: list[dict]) -> dict:
@@ -98,7 +98,8 @@ class MetricsLog:
         if self.enabled:
             self._append("ledger.jsonl", [
                 {"round": round, "client": s["client"], "bytes_up": int(s["bytes_up"]), "bytes_down": int(s["bytes_down"]),
-                 **split_totals([s]), **({"missing": s["missing"]} if "missing" in s else {})}
+                 **split_totals([s]), **({"missing": s["missing"]} if "missing" in s else {}),
+                 **({"rejected": REJECTIONS[s["rejected"] - 1]} if s.get("rejected") else {})}
                 for s in stats
             ])
             self._append("metrics.jsonl", [row])

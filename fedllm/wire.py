@@ -32,6 +32,10 @@ class MalformedMessage(ValueError):
     decoder raises for bad input; its text names the codec, the tensor and what is wrong."""
 
 
+class Erased(MalformedMessage):
+    """A message a simulated lossy link dropped (codec noisy_link's erasures): nothing arrived."""
+
+
 @dataclass
 class Message:
     tensors: dict[str, torch.Tensor]

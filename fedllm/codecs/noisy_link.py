@@ -8,7 +8,8 @@ P = ‖x‖²/n, the receiver gets
 
 so the received signal-to-noise ratio is `snr_db` whatever the update's scale (a fixed σ
 instead: `noise_std`). An uplink message is erased with probability `erasure`: the server
-receives nothing and the client is dropped from the round (its bytes still count as sent).
+receives nothing and the client is dropped from the round (its bytes still count as sent;
+the ledger row says `rejected: erased`).
 `downlink: true` adds the same kind of noise to the global state (+ broadcast) each client
 receives. Integer tensors (seeds, indices, counts) travel as a digital side channel: exact.
 
@@ -31,7 +32,7 @@ import torch
 from fedllm.codecs.base import Codec
 from fedllm.registry import CODECS, RecipeError
 from fedllm.seeds import derive
-from fedllm.wire import MalformedMessage, Message
+from fedllm.wire import Erased, Message
 
 DOWNLINK = -1  # the client id of the round's broadcast draw
 
@@ -99,7 +100,7 @@ class NoisyLink(Codec):
         self.messages += 1
         if rng.random() < self.erasure:  # drawn first, so the noise does not depend on it
             self.erased += 1
-            raise MalformedMessage("erased by the simulated noisy link (codec noisy_link, erasure)")
+            raise Erased("erased by the simulated noisy link (codec noisy_link, erasure)")
         return self.corrupt(message, rng, "up") if self.uplink else message
 
     def down(self, message: Message, ctx) -> Message:

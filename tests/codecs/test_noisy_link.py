@@ -76,3 +76,19 @@ def test_recipe_options_are_checked():
         CODECS.build({"name": "noisy_link", "noise_std": 0.1})
     with pytest.raises(ValueError, match="erasure"):
         CODECS.build({"name": "noisy_link", "erasure": 1.0})
+
+
+@pytest.mark.slow
+def test_an_engine_run_ledgers_erased_uploads_and_logs_the_measured_snr(recipe_file):
+    from fedllm.engine import run_recipe
+    from fedllm.metrics import read_jsonl
+
+    path = recipe_file(codecs=[{"name": "noisy_link", "snr_db": 15.0, "downlink": True, "erasure": 0.5}],
+                       federation={"rounds": 3, "num_clients": 4, "clients_per_round": 4})
+    run_dir = run_recipe(str(path))
+    ledger, metrics = read_jsonl(run_dir / "ledger.jsonl"), read_jsonl(run_dir / "metrics.jsonl")
+    erased = [r for r in ledger if r.get("rejected") == "erased"]
+    assert 0 < len(erased) < len(ledger) and all(r["bytes_up"] > 0 for r in erased)
+    assert sum(len(m.get("rejected", {}).get("erased", [])) for m in metrics) == len(erased)
+    assert metrics[-1]["channel_erased"] == len(erased)
+    assert abs(metrics[-1]["channel_up_snr_db"] - 15.0) < 0.5 and abs(metrics[-1]["channel_down_snr_db"] - 15.0) < 0.5
