@@ -49,7 +49,7 @@ import torch
 
 from fedllm.privacy.accountant import Event, Ledger, calibrate
 from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, check_privacy, secret_seed, split_state
-from fedllm.registry import STRATEGIES
+from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.seeds import derive
 from fedllm.strategies.base import RoundInfo, State
 
@@ -226,6 +226,9 @@ class LocalDPSGD(PrivacyWrapper):
         per_example: str = "vmap",  # "vmap": per-example gradients through torch.func; "loop": one backward each
     ):
         super().__init__(inner, "dp_sgd")
+        if "per_example" in self.inner.client_needs:  # its hooks run their own backward, which ours would replace
+            raise RecipeError(f"dp_sgd: inner strategy '{inner['name']}' computes its own per-micro-batch gradients "
+                              "(e.g. adversarial), which per-example clipping would silently replace: pick another inner strategy")
         if per_example not in ("vmap", "loop"):
             raise ValueError(f"dp_sgd: per_example must be 'vmap' or 'loop', got {per_example!r}")
         self.vectorized = per_example == "vmap"

@@ -73,3 +73,10 @@ def test_composes_with_fedprox_and_scaffold(tmp_path, inner):
             torch.testing.assert_close(far_upload.extras[f"dc.{k}"], -scale * far[k])
     result = strong.run_round(0)  # and a whole round through the engine
     assert all(s["accepted"] for s in result.stats)
+
+
+def test_dp_sgd_refuses_to_wrap_it_and_it_refuses_a_dp_inner():
+    with pytest.raises(ValueError, match="adversarial"):
+        STRATEGIES.build({"name": "dp_sgd", "inner": {"name": "adversarial"}})
+    with pytest.raises(ValueError, match="per-example backward"):
+        STRATEGIES.build({"name": "adversarial", "inner": {"name": "dp_sgd"}})
