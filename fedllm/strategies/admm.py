@@ -42,16 +42,17 @@ the paper's idle updates on, capped at 10 missed iterations. Measured on the WLS
 upload, mean ‖z − w*‖² over iterations 100–200 is 2.9e-4 (noise_robust_admm) vs 1.0e-2 (admm).
 In our own numpy runs of the same problem, idle updates speed up clean partial participation
 but raise the noisy steady state (an idle client converges to a stale noisy z̃): turn them
-off on very noisy links. Server memory: the latest u_i of every client (N × the adapter).
+off on very noisy links. Server memory: the latest u_i of every client heard from (≤ N × the
+adapter) and x⁰.
 """
 from __future__ import annotations
 
 import torch
 
 from fedllm.registry import STRATEGIES, RecipeError
-from fedllm.strategies.base import ALL, ClientHooks, RoundInfo, RunInfo, State, Strategy, strip_prefix
+from fedllm.strategies.base import ALL, ClientHooks, RoundInfo, State, Strategy, strip_prefix
 
-W, G, Z, LAM, SEEN, LAST = "w.", "g.", "z.", "lam.", "seen", "last_round"
+W, G, Z, LAM, SEEN, LAST, X0 = "w.", "g.", "z.", "lam.", "seen", "last_round", "x0."
 
 
 def on(params: dict, state: State) -> State:
@@ -60,7 +61,7 @@ def on(params: dict, state: State) -> State:
 
 
 class ConsensusServer(Strategy):
-    """z = mean over all N clients of each one's latest upload (x⁰ until its first)."""
+    """z = mean over all N clients of each one's latest upload (x⁰ for one not yet heard from)."""
 
     needs = ALL
     uniform_weights = True
@@ -69,25 +70,24 @@ class ConsensusServer(Strategy):
     def __init__(self, rho: float):
         if rho <= 0:
             raise RecipeError(f"{type(self).__name__.lower()}: rho must be > 0")
-        self.rho, self.num_clients, self.last_round = rho, None, None
-
-    def setup(self, run: RunInfo) -> None:
-        self.num_clients = run.num_clients
+        self.rho, self.last_round = rho, None
 
     def init(self, global_state: State) -> State:
-        if self.num_clients is None:
-            raise ValueError("consensus ADMM needs setup(run) before init: it keeps one upload per client")
-        table = {f"u{i}.{k}": t.float().clone() for i in range(self.num_clients) for k, t in global_state.items()}
-        return {**table, LAST: torch.full((self.num_clients,), -1.0, dtype=torch.float64)}
+        # the table of uploads grows as clients are first heard from
+        return {**{X0 + k: t.float().clone() for k, t in global_state.items()}, LAST: torch.zeros(0, dtype=torch.float64)}
 
     def aggregate(self, global_state: State, updates, server_state: State, info: RoundInfo):
         table = dict(server_state)
-        last = table[LAST].clone()
+        last = table[LAST]
         for client_id, update, _ in updates:
             for k, t in update.delta.items():  # the upload is the model itself (see the hooks)
                 table[f"u{client_id}.{k}"] = t.float()
+            if client_id >= len(last):
+                last = torch.cat([last, torch.full((client_id + 1 - len(last),), -1.0, dtype=torch.float64)])
             last[client_id] = info.round
-        z = {k: sum(table[f"u{i}.{k}"] for i in range(info.num_clients)) / info.num_clients for k in global_state}
+        heard = [i for i in range(len(last)) if last[i] >= 0]
+        n = max(info.num_clients, len(heard))
+        z = {k: (sum(table[f"u{i}.{k}"] for i in heard) + (n - len(heard)) * table[X0 + k]) / n for k in global_state}
         return {k: z[k].to(global_state[k].dtype) for k in global_state}, {**table, LAST: last}
 
     def broadcast(self, server_state: State) -> State:
@@ -212,6 +212,7 @@ class NoiseRobustAdmm(ConsensusServer):
         self.idle_updates, self.max_idle, self.limit = idle_updates, max_idle_iterations, gradient_examples
 
     def client_hooks(self, round: int, client_id: int):
-        last = int(self.last_round[client_id]) if self.last_round is not None else -1
+        known = self.last_round is not None and client_id < len(self.last_round)
+        last = int(self.last_round[client_id]) if known else -1
         missed = round - last - 1 if self.idle_updates and last >= 0 else 0
         return RobustHooks(self.rho, min(max(missed, 0), self.max_idle), self.limit)

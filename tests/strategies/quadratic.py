@@ -22,7 +22,7 @@ from fedllm.channel import Channel
 from fedllm.client import Client
 from fedllm.samplers import Uniform
 from fedllm.state import ClientRecord
-from fedllm.strategies.base import ALL, RoundInfo, RunInfo, Update
+from fedllm.strategies.base import ALL, RoundInfo, Update
 from fedllm.training import FULL_GRADIENT, REGRAD, VARIABLE_STEPS, LocalJob, LocalLoop, LocalResult, StepDriver
 from fedllm.wire import WireContext
 
@@ -135,10 +135,9 @@ def simulate(strategy, problem: Quadratic, rounds: int, lr: float, steps: int, c
     """Runs `rounds` rounds (continuing `start` if given) and returns the final state."""
     n = problem.num_clients
     x = {"x": start.x.clone()} if start else {"x": torch.zeros(problem.A.shape[1], dtype=torch.float64)}
-    history = list(start.history) if start else []
-    strategy.setup(RunInfo(len(history) + rounds, n, clients_per_round or n, "uniform", [1] * n, [steps] * n, 1, seed))
     server_state = dict(start.server_state) if start else strategy.init(x)
     store = dict(start.store) if start else {}
+    history = list(start.history) if start else []
     client, channel = quadratic_client(strategy, problem, steps), Channel(Adapter(), [])
     for t in range(len(history), len(history) + rounds):
         sampled = Uniform().sample(t, n, clients_per_round or n, seed)

@@ -91,13 +91,11 @@ def test_partial_participation_with_idle_updates_still_converges_exactly():
 
 def test_a_client_back_after_missing_rounds_owes_those_idle_iterations_up_to_the_cap():
     strategy = STRATEGIES.build({"name": "noise_robust_admm", "max_idle_iterations": 3})
-    strategy.setup(RunInfo(10, 4, 1, "uniform", [1] * 4, [1] * 4, 1, 0))
     state = strategy.init({"x": torch.zeros(2)})
     state["last_round"] = torch.tensor([-1.0, 4.0, 1.0, 5.0], dtype=torch.float64)
     strategy.broadcast(state)
-    assert [strategy.client_hooks(6, i).num_steps(10) for i in range(4)] == [10, 20, 40, 10]
+    assert [strategy.client_hooks(6, i).num_steps(10) for i in range(5)] == [10, 20, 40, 10, 10]  # 4: never seen
     off = STRATEGIES.build({"name": "noise_robust_admm", "idle_updates": False})
-    off.setup(RunInfo(10, 4, 1, "uniform", [1] * 4, [1] * 4, 1, 0))
     off.broadcast(state)
     assert off.client_hooks(6, 2).num_steps(10) == 10
 
