@@ -36,6 +36,7 @@ _STREAMS: dict[str, tuple[str, tuple[int, ...]]] = {
     "dp-sgd": ("mod64", (0x5D,)),  # DP-SGD's client noise under privacy.noise_seed, per (round, client)
     "dp-fedavg": ("mod64", (0xD9,)),  # DP-FedAvg's server noise under privacy.noise_seed
     "dp-brem": ("mod64", (0xB3E,)),  # DP-BREM's server noise under privacy.noise_seed
+    "devices": ("numpy", (0xDE7,)),  # simulated device speeds, once per run
 }
 
 
