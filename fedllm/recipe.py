@@ -177,6 +177,10 @@ class Recipe(Section):
         self.federation.sampler = checked("samplers", self.federation.sampler, "federation.sampler")
         self.federation.sampled_per_round()
         self.federation.staleness = checked("staleness", self.federation.staleness, "federation.staleness")
+        part, devices = self.data.partitioner, self.federation.devices
+        if part["name"] == "intertwined" and (devices is None or devices.slow_fraction != part["slow_fraction"]):
+            raise RecipeError(f"data.partitioner intertwined puts its categories on the last {part['slow_fraction']} of the "
+                              f"clients: set federation.devices.slow_fraction={part['slow_fraction']} to make them the slow ones")
         if self.federation.mode != "sync":
             self.check_asynchrony()
         if self.privacy is not None:

@@ -69,6 +69,8 @@ def test_buffered_updates_are_stale_and_weighed(recipe_file, tmp_path, monkeypat
 def test_async_needs_devices_and_a_mean_strategy(recipe_file, tmp_path):
     with pytest.raises(RecipeError, match="needs federation.devices"):
         load_recipe(recipe_file(federation={**FED, "mode": "async"}))
+    with pytest.raises(RecipeError, match="slow_fraction=0.5"):  # Wang & Gao's setting: slow clients hold the categories
+        load_recipe(recipe_file(data={"partitioner": {"name": "intertwined", "slow_categories": ["open_qa"], "slow_fraction": 0.5}}))
     with pytest.raises(RecipeError, match="must divide"):
         load_recipe(recipe_file(federation={**FED, "mode": "buffered", "buffer_size": 3, "devices": {"profile": "equal"}}))
     recipe = load_recipe(recipe_file(federation={**FED, "mode": "async", "devices": {"profile": "equal"}},
