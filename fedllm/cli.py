@@ -44,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def list_plugins() -> str:
     from fedllm.models import PRESETS
+    from fedllm.recipe import FEDERATION_MODES
     from fedllm.registry import ALL
 
-    lines = [f"model presets: {', '.join(sorted(PRESETS))}"]
+    lines = [f"model presets: {', '.join(sorted(PRESETS))}", f"federation modes: {', '.join(FEDERATION_MODES)}"]
     for kind, registry in ALL.items():
         lines.append(f"{kind}:")
         lines.append(registry.describe() or "  (none)")

@@ -45,6 +45,9 @@ class DataConfig(Section):
     partitioner: Plugin = {"name": "iid"}
 
 
+FEDERATION_MODES = ("sync", "async", "buffered")  # fedllm.asynchrony
+
+
 class DeviceConfig(Section):
     """Simulated client devices (fedllm.devices): each client's speed, drawn once from the
     recipe seed, turns a local round's tokens into simulated seconds."""
@@ -69,7 +72,7 @@ class FederationConfig(Section):
     # ranks wait at most this long in a collective: a frozen or dead rank ends the job (torch's default is 30 min)
     collective_timeout_s: float = Field(300.0, gt=0.0)
     # asynchrony (fedllm.asynchrony): a logged round is clients_per_round arrivals in every mode
-    mode: Literal["sync", "async", "buffered"] = "sync"
+    mode: Literal[FEDERATION_MODES] = "sync"
     devices: Optional[DeviceConfig] = None  # simulated speeds; needed by async and buffered
     max_concurrency: Optional[int] = Field(None, gt=0)  # clients training at once (default clients_per_round)
     buffer_size: Optional[int] = Field(None, gt=0)  # buffered: arrivals per aggregation, FedBuff's K (default clients_per_round)

@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedllm.cli import main
 from fedllm.engine import Federation, resume_run, run_recipe
+from fedllm.metrics import plot_run
 from fedllm.recipe import load_recipe
 from fedllm.registry import RecipeError
 
@@ -116,3 +118,10 @@ def test_sync_with_devices_logs_simulated_time_and_the_straggler_wait(recipe_fil
     rows = metrics(timed)
     assert "sim_time" not in metrics(plain)[0]
     assert 0 < rows[0]["sim_time"] < rows[1]["sim_time"] and all(0 < r["straggler_wait"] < 1 for r in rows)
+    assert "time.png" in {p.name for p in plot_run(timed)} and "time.png" not in {p.name for p in plot_run(plain)}
+
+
+def test_list_shows_the_modes_and_the_staleness_functions(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "federation modes: sync, async, buffered" in out and "polynomial" in out and "hinge" in out
