@@ -146,7 +146,7 @@ class AsyncRounds:
 
     def apply(self, collect, arrived: list, global_state: State, server_state: State):
         accepted = [client for client, ok, _ in arrived if ok]
-        if not accepted:
+        if not accepted and not self.strategy.releases_when_empty:
             collect.unchanged()
             return global_state, server_state
         lr = arrived[-1][2]
