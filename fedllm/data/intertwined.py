@@ -1,7 +1,16 @@
 """The experimental setting of Wang & Gao, "Tackling the Unlimited Staleness in Federated
 Learning with Intertwined Data and Device Heterogeneities" (§3, §6): data heterogeneity and
 device heterogeneity are intertwined — some categories live only on the slow devices, so
-what the global model learns of them arrives stale, or (sync) holds every round back."""
+what the global model learns of them arrives stale, or (sync) holds every round back.
+
+The paper's correction is not implemented: its server inverts each stale update into an
+estimate of the client's training data (gradient inversion) and retrains the current model
+on that estimate. That is a data-reconstruction attack run by the server: it contradicts
+fedllm's privacy features (DP noise would defeat it, or it would defeat the DP promise;
+buffered aggregation exists so the server never sees one client's update alone), and for
+an LLM it means optimizing token embeddings against a LoRA update, with no evidence that
+the reconstruction is faithful enough to convert an update. Staleness is handled by the
+FedAsync / FedBuff weights instead (fedllm.strategies.staleness)."""
 from __future__ import annotations
 
 import math
