@@ -8,6 +8,7 @@ from fedllm.engine import Federation
 def test_the_round_fits_on_one_screen_and_calls_each_role():
     source = inspect.getsource(Federation.run_round)
     assert len(source.splitlines()) <= 40, len(source.splitlines())
+    source += inspect.getsource(Federation.client_round)  # one client's path, shared with the asynchronous loop
     for role in ("self.participation.sampled(", "self.downlink(", "self.collector(", "self.client.run(",
                  "self.send(", "self.admit(", "collect.finish("):
         assert role in source, role
