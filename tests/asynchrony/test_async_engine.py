@@ -125,3 +125,20 @@ def test_list_shows_the_modes_and_the_staleness_functions(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "federation modes: sync, async, buffered" in out and "polynomial" in out and "hinge" in out
+
+
+def test_the_overlay_of_timed_runs_draws_eval_loss_against_simulated_time(tmp_path):
+    from fedllm.evaluation.compare import overlay_figure
+
+    dirs = []
+    for name, times in (("sync", [10.0, 20.0]), ("buffered", [3.0, 6.0])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "recipe.yaml").write_text("adapter: {name: lora}\nstrategy: {name: fedavg}\n")
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"round": i, "bytes_up": 1, "eval_loss": 3.0 - i, "sim_time": t}) + "\n"
+                                                   for i, t in enumerate(times)))
+        dirs.append(run)
+    fig = overlay_figure(dirs)
+    timed = fig.axes[2]
+    assert timed.get_xlabel() == "simulated time (s)"
+    assert [list(line.get_xdata()) for line in timed.get_lines()] == [[10.0, 20.0], [3.0, 6.0]]
