@@ -97,9 +97,10 @@ def run_deploy_verb(args) -> None:
 
 def list_plugins() -> str:
     from fedllm.models import PRESETS
+    from fedllm.recipe import FEDERATION_MODES
     from fedllm.registry import ALL
 
-    lines = [f"model presets: {', '.join(sorted(PRESETS))}"]
+    lines = [f"model presets: {', '.join(sorted(PRESETS))}", f"federation modes: {', '.join(FEDERATION_MODES)}"]
     for kind, registry in ALL.items():
         lines.append(f"{kind}:")
         lines.append(registry.describe() or "  (none)")

@@ -59,6 +59,7 @@ class Client:
             on_step: Callable[[], None] | None = None) -> Upload:
         self.adapter.load(self.model, x_t, self.params)
         self.adapter.prepare_local_round(self.model)
+        x_t = self.adapter.for_client(self.model, self.params, x_t, client_id)
         examples = self.data[client_id]
         hooks = self.strategy.client_hooks(round, client_id) or ClientHooks()
         job = LocalJob(

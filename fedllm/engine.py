@@ -8,7 +8,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,11 +16,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from fedllm.asynchrony import AsyncRounds, SyncClock
 from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel, Downlink
 from fedllm.client import Client, Upload
 from fedllm.collectors import default_collector, message_template, misfit
 from fedllm.data import prepare_data
+from fedllm.devices import Devices
 from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, is_distributed, process_state
 from fedllm.evaluation import evaluate
 from fedllm.evaluation.per_client import evaluate_per_client
@@ -57,6 +59,7 @@ class RoundResult:
     server_state: State
     stats: list[dict]
     seconds: float
+    extra: dict = field(default_factory=dict)  # e.g. simulated time (fedllm.asynchrony)
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:
@@ -135,8 +138,24 @@ class Federation:
         self.store = ClientStore(self.run_dir / "client_store", budget)
         self.start_round = 0
         self.last_checkpoint_bytes = 0
+        self.devices, self.clock, self.asynchrony = self._timeline()
         self.accelerator = self._trackers()
         self.metrics = MetricsLog(self.run_dir, self.is_main, self.accelerator)
+
+    def _timeline(self):
+        """The simulated devices and clock (fedllm.asynchrony), where the recipe sets them."""
+        fed = self.recipe.federation
+        devices = Devices(fed.devices, self.recipe.client, self.data.clients, self.recipe.seed) if fed.devices else None
+        self.adapter.assign_tiers(devices.tiers if devices else None, fed.num_clients)  # e.g. a LoRA rank per device tier
+        if devices is None:
+            return None, None, None
+        if fed.mode == "sync":
+            return devices, SyncClock(devices, self.participation), None
+        if self.world_size > 1 or self.own_aggregation is not None or self.attack is not None:
+            raise RecipeError(f"federation.mode={fed.mode} runs in one process, with a strategy's plain collector and no "
+                              "simulated attack (use federation.mode=sync for those)")
+        return devices, None, AsyncRounds(fed, self.recipe.client, fed.rounds, self.participation, devices, self.strategy,
+                                          self.channel, self.reducer, self.device)
 
     def _trackers(self):
         if not self.recipe.output.report_to:
@@ -162,21 +181,20 @@ class Federation:
     def run_round(self, t: int, progress=None) -> RoundResult:
         """Round t on this rank's share of the sampled clients; `progress` (a tqdm bar) counts local steps."""
         start, r = time.perf_counter(), self.recipe
+        if self.asynchrony is not None:
+            self.global_state, self.server_state, rows, extra = self.asynchrony.round(t, self.global_state, self.server_state,
+                                                                                      self, progress)
+            return RoundResult(self.global_state, self.server_state, gather_stats(rows, self.device),
+                               time.perf_counter() - start, extra)
         mine = self.participation.sampled(t)[self.rank :: self.world_size]  # a deterministic split
         lr = round_learning_rate(r.client, t, r.federation.rounds)
         down = self.downlink(t)
         collect = self.collector(t)
         rows = []
         for cid in mine:
-            upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(self.store.get(cid)), lr,
-                                     on_step=progress.update if progress is not None else None)
-            message, size = self.send(t, cid, upload)
-            rejection = self.admit(t, cid, collect, message, upload.weight)
-            del message  # summed: it must not stay alive through the next client's training
-            self.keep_record(cid, upload.record, rejection is None)
-            rows.append(stat_row(cid, upload, size, down.bytes_for(cid), rejection))
+            rows.append(self.client_round(t, cid, down, collect, lr, progress))
             if progress is not None:
-                progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{upload.result.train_loss:.3f}")
+                progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{rows[-1][2]:.3f}")
         return self.aggregate(t, collect, gather_stats(rows, self.device), lr, start)
 
     def aggregate(self, t: int, collect, stats: list[dict], lr: float, start: float) -> RoundResult:
@@ -185,14 +203,27 @@ class Federation:
         if not accepted and not self.strategy.releases_when_empty:
             log.warning("round %d: no client update was accepted; the global model is unchanged", t)
             collect.unchanged()
-            return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start)
+            return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start, self.clock_metrics(t))
         info = lambda weight: RoundInfo(t, accepted, weight, self.recipe.federation.num_clients, lr=lr,  # noqa: E731
                                         local_steps=self.recipe.client.max_steps or 0)
         new_global, server_state = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
         for s in stats:  # a forged message is filtered where it arrives: after the gather
             if s["client"] in getattr(collect, "forged_non_finite", ()):
                 s["accepted"], s["rejected"] = False, 1 + REJECTIONS.index("non_finite")
-        return RoundResult(new_global, server_state, stats, time.perf_counter() - start)
+        return RoundResult(new_global, server_state, stats, time.perf_counter() - start, self.clock_metrics(t))
+
+    def client_round(self, t: int, cid: int, down: Downlink, collect, lr: float, progress=None) -> list:
+        """One client's round, from x^t to the collector: its stat row (STAT_COLUMNS)."""
+        upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(self.store.get(cid)), lr,
+                                 on_step=progress.update if progress is not None else None)
+        message, size = self.send(t, cid, upload)
+        rejection = self.admit(t, cid, collect, message, upload.weight)
+        del message  # summed: it must not stay alive through the next client's training
+        self.keep_record(cid, upload.record, rejection is None)
+        return stat_row(cid, upload, size, down.bytes_for(cid), rejection)
+
+    def clock_metrics(self, t: int) -> dict:
+        return self.clock.metrics(t) if self.clock is not None else {}
 
     def downlink(self, t: int) -> Downlink:
         """x^t and the broadcast as clients hold them: one real message, or the adapter's own
@@ -290,6 +321,8 @@ class Federation:
         if self.own_aggregation is not None:  # checkpoints before 0.1.x kept it under "engine"
             self.own_aggregation.load_state(parts.get("aggregation", parts.get("engine", {})))
         torch.set_rng_state(parts["rng"]["torch"])
+        if self.asynchrony is not None:
+            self.asynchrony.load_state(parts["asynchrony"], self.global_state)
         self.start_round = meta["round"]
         if self.is_main:
             self.store.restore(path / "clients", read_manifest(path, under="clients/"))
@@ -323,6 +356,8 @@ class Federation:
             return f"its tensor {bad} has shape {tuple(stored[bad].shape)}, the model's is {tuple(self.global_state[bad].shape)}"
         if "rng" not in parts or not isinstance(meta.get("round"), int) or meta["round"] < 1:
             return "its RNG state or round number is missing"
+        if self.asynchrony is not None and "asynchrony" not in parts:
+            return "it lacks the asynchronous clock and in-flight clients (written by a federation.mode=sync run?)"
         if self.server_state and not parts.get("server_state"):
             return f"it lacks the server state strategy '{self.recipe.strategy['name']}' keeps"
         return None
@@ -332,6 +367,8 @@ class Federation:
             parts = {"global": self.global_state, "server_state": self.server_state, "rng": {"torch": torch.get_rng_state()}}
             if self.own_aggregation is not None:
                 parts["aggregation"] = self.own_aggregation.state()
+            if self.asynchrony is not None:
+                parts["asynchrony"] = self.asynchrony.state()
             meta = {"round": rounds_done, "saved_at": time.time()}
             try:
                 cost = write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)
@@ -365,7 +402,7 @@ class Federation:
                 result = self.run_round(t, steps_bar)
             self.global_state, self.server_state = result.global_state, result.server_state
             last = t + 1 == r.federation.rounds
-            extra = {"seconds": result.seconds, **self.strategy.metrics(self.server_state)}
+            extra = {"seconds": result.seconds, **result.extra, **self.strategy.metrics(self.server_state)}
             if self.attack is not None:  # who the simulation made an attacker this round
                 extra["attackers"] = sorted(set(self.participation.sampled(t)) & self.byzantine)
             for codec in self.codecs:

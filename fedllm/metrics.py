@@ -109,7 +109,7 @@ class MetricsLog:
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Writes plots/{loss,eval,bytes}.png from metrics.jsonl."""
+    """Writes plots/{loss,eval,bytes}.png from metrics.jsonl, and time.png (losses against simulated time) where logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,4 +146,23 @@ def plot_run(run_dir: Path) -> list[Path]:
         fig.savefig(out / f"{name}.png", dpi=100)
         plt.close(fig)
         written.append(out / f"{name}.png")
+    if any("sim_time" in r for r in rows):  # a run with simulated devices (fedllm.asynchrony)
+        written.append(plot_against_time(rows, out / "time.png", plt))
     return written
+
+
+def plot_against_time(rows: list[dict], path: Path, plt) -> Path:
+    """Losses against the simulated clock, each logged round a point: the straggler wait of a
+    sync run shows as wide gaps."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")):
+        points = [(r["sim_time"], r[key]) for r in rows if r.get(key) is not None and "sim_time" in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    ax.set_xlabel("simulated time (s)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -45,6 +45,23 @@ class DataConfig(Section):
     partitioner: Plugin = {"name": "iid"}
 
 
+FEDERATION_MODES = ("sync", "async", "buffered")  # fedllm.asynchrony
+
+
+class DeviceConfig(Section):
+    """Simulated client devices (fedllm.devices): each client's speed, drawn once from the
+    recipe seed, turns a local round's tokens into simulated seconds."""
+
+    profile: Literal["equal", "uniform", "lognormal", "csv"] = "lognormal"
+    sigma: float = Field(1.0, ge=0.0)  # lognormal: spread of log-speed
+    low: float = Field(0.5, gt=0.0)  # uniform: speeds in [low, high]
+    high: float = Field(2.0, gt=0.0)
+    path: Optional[str] = None  # csv: one row per client, a column `speed` (relative)
+    tokens_per_second: float = Field(1000.0, gt=0.0)  # of a speed-1 device
+    slow_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # the last ⌈f·N⌉ clients are slow (Wang & Gao's setting)
+    slow_factor: float = Field(10.0, ge=1.0)  # ... this many times slower
+
+
 class FederationConfig(Section):
     rounds: int = Field(10, gt=0)
     num_clients: int = Field(10, gt=0)
@@ -60,6 +77,13 @@ class FederationConfig(Section):
     round_timeout_s: float = Field(600.0, gt=0.0)
     min_clients: int = Field(1, gt=0)
     join_timeout_s: float = Field(600.0, gt=0.0)
+    # asynchrony (fedllm.asynchrony): a logged round is clients_per_round arrivals in every mode
+    mode: Literal[FEDERATION_MODES] = "sync"
+    devices: Optional[DeviceConfig] = None  # simulated speeds; needed by async and buffered
+    max_concurrency: Optional[int] = Field(None, gt=0)  # clients training at once (default clients_per_round)
+    buffer_size: Optional[int] = Field(None, gt=0)  # buffered: arrivals per aggregation, FedBuff's K (default clients_per_round)
+    staleness: Plugin = {"name": "constant"}  # s(τ): constant | polynomial | hinge (fedllm list)
+    async_mixing: float = Field(1.0, gt=0.0, le=1.0)  # async: FedAsync's α in α_t = α·s(t − τ)
 
     def sampled_per_round(self) -> int:
         if self.clients_per_round is not None and self.fraction is not None:
@@ -162,6 +186,13 @@ class Recipe(Section):
         self.data.partitioner = checked("partitioners", self.data.partitioner, "data.partitioner")
         self.federation.sampler = checked("samplers", self.federation.sampler, "federation.sampler")
         self.federation.sampled_per_round()
+        self.federation.staleness = checked("staleness", self.federation.staleness, "federation.staleness")
+        part, devices = self.data.partitioner, self.federation.devices
+        if part["name"] == "intertwined" and (devices is None or devices.slow_fraction != part["slow_fraction"]):
+            raise RecipeError(f"data.partitioner intertwined puts its categories on the last {part['slow_fraction']} of the "
+                              f"clients: set federation.devices.slow_fraction={part['slow_fraction']} to make them the slow ones")
+        if self.federation.mode != "sync":
+            self.check_asynchrony()
         if self.privacy is not None:
             self.check_privacy()
         if self.client.max_steps is None and self.client.num_train_epochs is None:
@@ -169,6 +200,20 @@ class Recipe(Section):
         if self.client.bf16 and self.client.fp16:
             raise RecipeError("set at most one of 'client.bf16' and 'client.fp16'")
         return self
+
+    def check_asynchrony(self) -> None:
+        f, mode = self.federation, self.federation.mode
+        k = f.sampled_per_round()
+        if f.devices is None:
+            raise RecipeError(f"federation.mode={mode} needs federation.devices (e.g. {{profile: lognormal, sigma: 1.0}}): "
+                              "the simulated clock orders the arrivals")
+        if (f.max_concurrency or k) > f.num_clients:
+            raise RecipeError(f"federation.max_concurrency is {f.max_concurrency} but there are only {f.num_clients} clients")
+        if mode == "buffered" and k % (f.buffer_size or k):
+            raise RecipeError(f"federation.buffer_size ({f.buffer_size}) must divide clients_per_round ({k}): a logged "
+                              "round of that many arrivals then ends with an empty buffer")
+        if self.federation.sampler["name"] != "uniform":
+            raise RecipeError(f"federation.mode={mode} draws clients from the uniform sampler; set federation.sampler.name=uniform")
 
     def check_privacy(self) -> None:
         # a strategy that reads the section says so with a `check_privacy(options, privacy)`;

@@ -205,8 +205,9 @@ CODECS = Registry("codec")
 PARTITIONERS = Registry("partitioner")
 SAMPLERS = Registry("sampler")
 ATTACKS = Registry("attack")
+STALENESS = Registry("staleness function")
 
 ALL = {
     "adapters": ADAPTERS, "strategies": STRATEGIES, "codecs": CODECS, "partitioners": PARTITIONERS,
-    "samplers": SAMPLERS, "attacks": ATTACKS,
+    "samplers": SAMPLERS, "attacks": ATTACKS, "staleness": STALENESS,
 }

@@ -39,6 +39,7 @@ _STREAMS: dict[str, tuple[str, tuple[int, ...]]] = {
     "channel": ("mod64", (0xC4A,)),  # a simulated noisy link's noise and erasures, per (round, client; -1: downlink)
     "zo": ("numpy", (0x2E0,)),  # zeroth-order directions' seeds, per (round, client)
     "adversarial": ("torch", (0xAD7,)),  # the adversarial hook's random start, per (round, client)
+    "devices": ("numpy", (0xDE7,)),  # simulated device speeds, once per run
 }
 
 

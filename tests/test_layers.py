@@ -12,10 +12,10 @@ LAYERS = {
     "fedllm.registry": 1, "fedllm.recipe": 1,
     "fedllm.data": 2, "fedllm.models": 2,
     "fedllm.strategies": 3, "fedllm.codecs": 3, "fedllm.privacy": 3, "fedllm.samplers": 3, "fedllm.attacks": 3,
-    "fedllm.training": 3,
+    "fedllm.training": 3, "fedllm.devices": 3,
     "fedllm.adapters": 4,
     "fedllm.client": 5, "fedllm.channel": 5, "fedllm.collectors": 5, "fedllm.loops": 5,
-    "fedllm.engine": 6, "fedllm.evaluation": 6, "fedllm.export": 6, "fedllm.capabilities": 6,
+    "fedllm.engine": 6, "fedllm.asynchrony": 6, "fedllm.evaluation": 6, "fedllm.export": 6, "fedllm.capabilities": 6,
     "fedllm.cli": 7, "fedllm.eval_cli": 7, "fedllm.integrations": 7, "fedllm.deploy": 7, "fedllm.__main__": 7, "fedllm": 7,
 }
 PACKAGE = Path(__file__).parents[1] / "fedllm"

@@ -24,6 +24,15 @@ class Adapter:
     def prepare_local_round(self, model: torch.nn.Module) -> None:
         """Called before every local round (e.g. to re-assert frozen tensors)."""
 
+    def assign_tiers(self, tiers, num_clients: int) -> None:
+        """Called once with the simulated devices' `tiers(count) -> tier per client` (None
+        without `federation.devices`), for adapters that differ per client (a rank per tier)."""
+
+    def for_client(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], x_t: State, client_id: int) -> State:
+        """After x^t is loaded: the state this client starts from, loaded into `params` (a
+        client of lower LoRA rank: its truncation, at the scale it trains with). Default x^t."""
+        return x_t
+
     def state(self, model: torch.nn.Module) -> State:
         return {n: p.detach().clone() for n, p in self.trainable(model).items()}
 

@@ -2,6 +2,7 @@
 from fedllm.data.formats import FORMATS, check_columns, to_spans
 from fedllm.data.loading import load_rows, take_sample
 from fedllm.data.partition import ByColumn, Dirichlet, IID, QuantitySkew
+from fedllm.data import intertwined  # noqa: F401  registers Wang & Gao's setting (fedllm.data.intertwined)
 from fedllm.data.prepare import PreparedData, prepare_data
 from fedllm.data.tokenize import IGNORE_INDEX, collate, tokenize_examples
 

@@ -32,23 +32,31 @@ def describe(run_dir: Path) -> dict:
 
 
 def overlay_figure(run_dirs: list):
-    """The figure: eval loss against rounds (left) and against cumulative bytes up (right)."""
+    """The figure: eval loss against rounds (left), cumulative bytes up and, where every run
+    has simulated devices (fedllm.asynchrony), simulated time (right)."""
     plt = _matplotlib()
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in map(describe, run_dirs):
+    runs = [describe(d) for d in run_dirs]
+    timed = all(any("sim_time" in r for r in run["rows"]) for run in runs)
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(16 if timed else 11, 4))
+    by_round, by_bytes = axes[0], axes[1]
+    for run in runs:
         sent, points = 0, []
         for r in run["rows"]:
             sent += r.get("bytes_up", 0)
             if r.get("eval_loss") is not None:
-                points.append((r["round"] + 1, sent, r["eval_loss"]))
+                points.append((r["round"] + 1, sent, r["eval_loss"], r.get("sim_time")))
         if not points:
             continue
-        rounds, sent_bytes, losses = zip(*points)
+        rounds, sent_bytes, losses, times = zip(*points)
         by_round.plot(rounds, losses, marker="o", markersize=3, label=run["label"])
         by_bytes.plot([b / 2**20 for b in sent_bytes], losses, marker="o", markersize=3, label=run["label"])
+        if timed:
+            axes[2].plot(times, losses, marker="o", markersize=3, label=run["label"])
     by_round.set_xlabel("round")
     by_bytes.set_xlabel("cumulative bytes up (MiB)")
-    for ax in (by_round, by_bytes):
+    if timed:
+        axes[2].set_xlabel("simulated time (s)")
+    for ax in axes:
         ax.set_ylabel("eval loss")
         ax.grid(alpha=0.3)
     by_round.legend(fontsize=8)

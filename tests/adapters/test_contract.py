@@ -37,6 +37,9 @@ CASES = [
                               "keep_ratio": 0.5, "local_loss_steps": 1, "split_steps": 2},
                   "random_init": True, "lossless": True}),
     ("full", {"adapter": {"name": "full"}, "random_init": False, "lossless": True}),
+    # client 2 (the wire checks') has the full rank; the resume run mixes ranks 2 and 1
+    ("hetero_lora", {"adapter": {"name": "hetero_lora", "r": 2, "alpha": 4, "dropout": 0.0, "target_modules": TARGETS,
+                                 "ranks": [2, 1], "aggregation": "flexlora"}, "random_init": True, "lossless": True}),
 ]
 rows = pytest.mark.parametrize("name,row", CASES, ids=[c[0] for c in CASES])
 IDS = torch.tensor([[60, 1, 35, 72, 101, 108, 108, 111, 33, 2], [1, 70, 101, 100, 32, 76, 76, 77, 46, 2]])

@@ -13,6 +13,7 @@ MATRIX = {
     "dirichlet": ({"alpha": 0.5}, 10),
     "by_column": ({}, NUM_CATEGORIES),
     "quantity_skew": ({"alpha": 0.5}, 10),
+    "intertwined": ({"slow_categories": ["c0"], "slow_fraction": 0.3}, 10),
 }
 SEEDS = range(5)
 
@@ -133,3 +134,16 @@ def test_options_are_checked_when_built():
         build("dirichlet", alpha=0.0)
     with pytest.raises(RecipeError, match="unknown key 'data.partitioner.alpah'"):
         PARTITIONERS.build({"name": "dirichlet", "alpah": 0.1}, where="data.partitioner")
+
+
+def test_intertwined_puts_the_slow_categories_only_on_the_slow_clients():
+    from fedllm.data.intertwined import Intertwined
+
+    rows = datasets.Dataset.from_dict({"category": ["a", "b", "c", "d"] * 25})
+    parts = Intertwined(["c", "d"], slow_fraction=0.3).partition(rows, 10, seed=0)
+    assert sorted(i for p in parts for i in p) == list(range(100))
+    cats = [{rows[i]["category"] for i in p} for p in parts]
+    assert all(c <= {"a", "b"} for c in cats[:7]) and all({"c", "d"} <= c for c in cats[7:])  # ⌈0.3·10⌉ = 3 slow
+    assert parts == Intertwined(["c", "d"], slow_fraction=0.3).partition(rows, 10, seed=0)
+    with pytest.raises(RecipeError, match="not values"):
+        Intertwined(["z"]).partition(rows, 10, seed=0)

@@ -1,0 +1,143 @@
+"""Federations on a simulated clock (fedllm.asynchrony), on the quickstart data (CPU).
+
+(a) eval loss against simulated time for sync, async (FedAsync) and buffered (FedBuff) on
+    lognormal devices; goal: buffered reaches the sync run's final eval loss in ≤ 0.6× the
+    sync run's simulated time.
+(b) mixed-rank FlexLoRA (ranks by device tier) against uniform-rank LoRA at about the same
+    uplink bytes (the ledger's real serialized bytes).
+(c) Wang & Gao's intertwined setting (the slow devices alone hold some categories): sync
+    FedAvg against FedAsync and FedBuff staleness weighting.
+
+    python bench/async_rounds.py                 # all three (about an hour on 2 busy shared cores, --workers 3)
+    python bench/async_rounds.py --only a --out /tmp/async.json
+Every run is `fedllm run` in a subprocess with OMP_NUM_THREADS=1; run directories go to a
+temp dir (kept with --keep)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+DEVICES = "federation.devices={profile: lognormal, sigma: 1.0, tokens_per_second: 1000}"
+EVERY_ROUND = ["eval.every=1", "output.checkpoint_every=0", "output.progress=false"]
+
+# name -> (recipe, overrides)
+TIMED = {
+    "sync": ("quickstart.yaml", [DEVICES]),
+    "async": ("async_quickstart.yaml", []),
+    # FedBuff needs more server versions than sync to make up for stale, down-weighted
+    # updates: twice the arrivals, which its concurrency delivers in less simulated time
+    "buffered": ("buffered_quickstart.yaml", ["federation.rounds=30"]),
+}
+FINAL_EVAL = ["eval.every=0"]  # (b) compares the last round only
+RANKS = {
+    "flexlora 4/8/16 by tier": ("flexlora_quickstart.yaml", FINAL_EVAL),
+    "lora r=8 (uniform)": ("quickstart.yaml", ["adapter.r=8", DEVICES, *FINAL_EVAL]),
+}
+SLOW = ["data.partitioner={name: intertwined, slow_categories: [creative_writing, brainstorming], slow_fraction: 0.3}",
+        "federation.devices={profile: lognormal, sigma: 0.5, slow_fraction: 0.3, slow_factor: 10.0}"]
+SLOW_ROUNDS = ["federation.rounds=10"]  # shorter: (c) is about the ordering, not the final loss
+INTERTWINED = {
+    "sync fedavg": ("quickstart.yaml", [*SLOW, *SLOW_ROUNDS]),
+    "async fedasync": ("async_quickstart.yaml", [*SLOW, *SLOW_ROUNDS]),
+    "buffered fedbuff": ("buffered_quickstart.yaml", [*SLOW, *SLOW_ROUNDS]),
+}
+
+
+def run(name: str, recipe: str, overrides: list[str], scratch: Path) -> list[dict]:
+    out = scratch / name.replace(" ", "_").replace("/", "-")
+    if (out / "final").exists():  # --reuse: a finished run of an earlier call
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished run of an earlier call starts again
+    cmd = [sys.executable, "-m", "fedllm", "run", str(RECIPES / recipe), f"output.dir={out.parent}",
+           f"output.name={out.name}", *EVERY_ROUND, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_all(parts: dict[str, dict], scratch: Path, workers: int) -> dict[str, dict[str, list[dict]]]:
+    """Every run of every part in one pool: {part: {name: metrics rows}}."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {part: {name: pool.submit(run, name, recipe, extra, scratch / part) for name, (recipe, extra) in runs.items()}
+                   for part, runs in parts.items()}
+        return {part: {name: f.result() for name, f in runs.items()} for part, runs in futures.items()}
+
+
+def time_to(rows: list[dict], target: float) -> float | None:
+    """Simulated time of the first logged round whose eval loss is ≤ target."""
+    return next((r["sim_time"] for r in rows if r.get("eval_loss") is not None and r["eval_loss"] <= target), None)
+
+
+def timed_table(results: dict[str, list[dict]], reference: str = "sync") -> list[str]:
+    target, sync_time = results[reference][-1]["eval_loss"], results[reference][-1]["sim_time"]
+    lines = [f"target: {reference}'s final eval loss {target:.4f} at simulated {sync_time:.1f} s",
+             "| run | rounds | final eval loss | simulated time | reaches target at | × sync time | mean staleness |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in results.items():
+        reached = time_to(rows, target)
+        stale = sum(r.get("staleness_mean", 0.0) for r in rows) / len(rows)
+        ratio = f"{reached / sync_time:.2f}" if reached is not None else "not reached"
+        at = f"{reached:.1f} s" if reached is not None else "—"
+        lines.append(f"| {name} | {len(rows)} | {rows[-1]['eval_loss']:.4f} | {rows[-1]['sim_time']:.1f} s | {at} | {ratio} | {stale:.2f} |")
+    return lines
+
+
+def curve(rows: list[dict]) -> str:
+    return " ".join(f"{r['sim_time']:.0f}s:{r['eval_loss']:.3f}" for r in rows if r.get("eval_loss") is not None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="abc", help="which parts: any of a, b, c")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", help="also write every run's metrics rows as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    parser.add_argument("--reuse", help="a run directory root of an earlier --keep call: finished runs are not rerun")
+    args = parser.parse_args()
+    scratch = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="fedllm-async-"))
+    wanted = {part: runs for part, runs in (("a", TIMED), ("b", RANKS), ("c", INTERTWINED)) if part in args.only}
+    everything, verdict = run_all(wanted, scratch, args.workers), 0
+    if "a" in args.only:
+        results = everything["a"]
+        print("\n(a) eval loss vs simulated time, quickstart, lognormal(σ=1) devices")
+        print("\n".join(timed_table(results)))
+        for name, rows in results.items():
+            print(f"  {name}: {curve(rows)}")
+        reached = time_to(results["buffered"], results["sync"][-1]["eval_loss"])
+        ok = reached is not None and reached <= 0.6 * results["sync"][-1]["sim_time"]
+        verdict |= not ok
+        print(f"goal (buffered ≤ 0.6× sync's simulated time to sync's final eval loss): {'PASS' if ok else 'FAIL'}")
+    if "b" in args.only:
+        results = everything["b"]
+        print("\n(b) mixed-rank FlexLoRA vs uniform-rank LoRA, same rounds and clients")
+        print("| run | uplink bytes | final eval loss |\n|---|---:|---:|")
+        for name, rows in results.items():
+            print(f"| {name} | {sum(r['bytes_up'] for r in rows):,} | {rows[-1]['eval_loss']:.4f} |")
+    if "c" in args.only:
+        results = everything["c"]
+        print("\n(c) Wang & Gao's intertwined setting: 30% of devices 10× slower hold creative_writing + brainstorming")
+        print("\n".join(timed_table(results, "sync fedavg")))
+        for name, rows in results.items():
+            print(f"  {name}: {curve(rows)}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(everything, indent=1))
+    if args.keep or args.reuse:
+        print(f"run directories: {scratch}")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return verdict
+
+
+if __name__ == "__main__":
+    sys.exit(main())
