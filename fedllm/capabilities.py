@@ -5,10 +5,14 @@ line naming both plugins and what to change — never mid-run. (A privacy wrappe
 an inner strategy it would break in its own constructor, which also runs here.)"""
 from __future__ import annotations
 
+import logging
+
 from fedllm.loops import loop_for
 from fedllm.recipe import Recipe
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
 from fedllm.training import LocalLoop, lacking
+
+log = logging.getLogger("fedllm")
 
 
 def local_loop(recipe: Recipe, adapter) -> LocalLoop:
@@ -32,6 +36,7 @@ def check_pairings(recipe: Recipe) -> None:
     strategy.check_federation(recipe.federation.sampled_per_round())
     if recipe.client.optim == "zo":
         check_zeroth_order(recipe, strategy, adapter)
+    check_local_optimizer(recipe, strategy)
 
 
 def check_zeroth_order(recipe: Recipe, strategy, adapter) -> None:
@@ -46,3 +51,13 @@ def check_zeroth_order(recipe: Recipe, strategy, adapter) -> None:
                           f"'{recipe.adapter['name']}' has its own local loop or wire format: use lora, ffa_lora, wara or full")
     if recipe.client.trainer != "builtin":
         raise RecipeError("client.optim=zo runs its own forward-only loop: set client.trainer=builtin")
+
+
+def check_local_optimizer(recipe: Recipe, strategy) -> None:
+    """A strategy derived for SGD local steps, run with AdamW, does not learn (SCAFFOLD on real
+    text: eval 4.44 -> 4.49 where FedAvg reaches 3.92): a warning with the fix."""
+    wanted, name = strategy.local_optimizer, recipe.strategy["name"]
+    if wanted is not None and recipe.client.optim != wanted:
+        log.warning("strategy '%s' is derived for client.optim=%s local steps; with client.optim=%s its correction "
+                    "misleads the optimizer and the run may not learn: set client.optim=%s (with a larger "
+                    "client.learning_rate, e.g. 0.05) or use fedavg", name, wanted, recipe.client.optim, wanted)

@@ -5,6 +5,7 @@ import argparse
 import errno
 import logging
 import sys
+import time
 import traceback
 
 from safetensors import SafetensorError
@@ -21,15 +22,20 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: the verb's parser must not reset a --debug given before the verb
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error")
+    threads = argparse.ArgumentParser(add_help=False)
+    threads.add_argument("--threads", type=int, default=None,
+                         help="torch CPU threads per process (same as client.threads=N; default: chosen from the usable cores)")
     parser = argparse.ArgumentParser(prog="fedllm", description="Federated fine-tuning of LLMs.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser
     sub.add_parser = lambda *a, **kw: add(*a, parents=[common], **kw)  # --debug after the verb too
-    run = sub.add_parser("run", help="run a recipe (dotted key=value overrides after it)")
+    run = add("run", help="run a recipe (dotted key=value overrides after it)", parents=[common, threads])
     run.add_argument("recipe")
     run.add_argument("overrides", nargs="*", metavar="key.path=value")
-    resume = sub.add_parser("resume", help="continue a run from its last checkpoint")
+    resume = add("resume", help="continue a run from its last checkpoint", parents=[common, threads])
     resume.add_argument("run_dir")
+    resume.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="what may change after the start: more federation.rounds, eval.*, output.*")
     resume.add_argument("--trust-remote-code", action="store_true", help="allow the run's model.trust_remote_code: true")
     export = sub.add_parser("export", help="write a run's global adapter (peft) or merged model (merged)")
     export.add_argument("run_dir")
@@ -101,15 +107,25 @@ def list_plugins() -> str:
     from fedllm.registry import ALL
 
     lines = [f"model presets: {', '.join(sorted(PRESETS))}", f"federation modes: {', '.join(FEDERATION_MODES)}"]
+    # which local optimizer each strategy's method is derived for (client.optim)
+    local = lambda s: f"local steps: {s.local_optimizer or 'any client.optim'}"  # noqa: E731
     for kind, registry in ALL.items():
         lines.append(f"{kind}:")
-        lines.append(registry.describe() or "  (none)")
+        lines.append(registry.describe(local if kind == "strategies" else None) or "  (none)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # overrides after an option (`run r.yaml --threads 1 a=b`) are left over by argparse
+    if rest and (not hasattr(args, "overrides") or not all("=" in r and not r.startswith("-") for r in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.overrides += rest
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None) is not None:
+        args.overrides.append(f"client.threads={args.threads}")
     try:
         if args.command == "list":
             print(list_plugins())
@@ -121,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from fedllm import engine
 
+        start = time.perf_counter()
         if args.command == "run":
-            print(f"run directory: {engine.run_recipe(args.recipe, args.overrides)}")
+            summarize(engine.run_recipe(args.recipe, args.overrides), start)
         elif args.command == "resume":
-            print(f"run directory: {engine.resume_run(args.run_dir, trust_remote_code=args.trust_remote_code)}")
+            summarize(engine.resume_run(args.run_dir, args.overrides, trust_remote_code=args.trust_remote_code), start)
         elif args.command == "export":
             from fedllm.export import export_run
 
@@ -135,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedllm: error: {describe(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def summarize(run_dir, start: float) -> None:
+    from fedllm.distributed import process_state
+    from fedllm.summary import run_summary
+
+    if process_state().is_main_process:
+        print(run_summary(run_dir, time.perf_counter() - start))
 
 
 def describe(err: Exception) -> str:

@@ -27,9 +27,9 @@ from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_int,
 from fedllm.evaluation import evaluate
 from fedllm.evaluation.per_client import evaluate_per_client
 from fedllm.export import write_export
-from fedllm.metrics import REJECTIONS, MetricsLog, truncate_jsonl, write_atomically
+from fedllm.metrics import REJECTIONS, MetricsLog, check_writable, show_progress, truncate_jsonl, write_atomically
 from fedllm.models import build_model
-from fedllm.recipe import Recipe, dump_recipe, load_recipe, refuse_remote_code
+from fedllm.recipe import Recipe, check_resume_overrides, dump_recipe, load_recipe, refuse_remote_code
 from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
 from fedllm.rundir import refuse_planted_links
 from fedllm.samplers import Participation
@@ -39,6 +39,7 @@ from fedllm.state import (
     write_checkpoint,
 )
 from fedllm.strategies.base import RoundInfo, RunInfo
+from fedllm.threads import set_threads
 from fedllm.training import default_steps, round_learning_rate
 from fedllm.wire import Erased, MalformedMessage, WireContext
 
@@ -107,6 +108,7 @@ class Federation:
         self.is_main = self.state.is_main_process
         self.reducer = Reducer(self.device)
         self.tokenizer, self.model, self.adapter = build_model(recipe, self.device)
+        set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.params = self.adapter.trainable(self.model)
         self.data = prepare_data(recipe.data, self.tokenizer, recipe.federation.num_clients, recipe.seed,
@@ -201,7 +203,7 @@ class Federation:
         """The round's end, wherever its clients ran: the accepted uploads become the new global state."""
         accepted = [s["client"] for s in stats if s["accepted"]]
         if not accepted and not self.strategy.releases_when_empty:
-            log.warning("round %d: no client update was accepted; the global model is unchanged", t)
+            log.warning("round %d: no client update was accepted; the global model is unchanged", t + 1)
             collect.unchanged()
             return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start, self.clock_metrics(t))
         info = lambda weight: RoundInfo(t, accepted, weight, self.recipe.federation.num_clients, lr=lr,  # noqa: E731
@@ -265,7 +267,7 @@ class Federation:
         if problem is None and collect.add(client_id, message, weight):
             return None
         what = f"a malformed update ({problem})" if problem else "a non-finite update (NaN/Inf)"
-        log.warning("round %d: client %d sent %s; dropped from the round", t, client_id, what)
+        log.warning("round %d: client %d sent %s; dropped from the round", t + 1, client_id, what)
         return "malformed" if problem else "non_finite"
 
     def keep_record(self, client_id: int, record: ClientRecord, accepted: bool) -> None:
@@ -387,7 +389,8 @@ class Federation:
         r = self.recipe
         rows = []
         rounds = range(self.start_round, r.federation.rounds)
-        bar = tqdm(rounds, desc="rounds", disable=not (self.is_main and r.output.progress), dynamic_ncols=True)
+        bar = tqdm(rounds, desc="rounds", disable=not (self.is_main and show_progress(r.output.progress)), dynamic_ncols=True,
+                   initial=self.start_round, total=r.federation.rounds)
         for t in bar:
             reason = self.strategy.stop_reason(t, self.server_state)
             if reason:
@@ -398,7 +401,7 @@ class Federation:
             mine = -(-r.federation.sampled_per_round() // self.world_size)
             steps = r.client.max_steps * mine if r.client.max_steps else None
             with tqdm(total=steps, desc=f"round {t + 1} local steps", leave=False, dynamic_ncols=True,
-                      disable=not (self.is_main and r.output.progress)) as steps_bar:
+                      disable=not (self.is_main and show_progress(r.output.progress))) as steps_bar:
                 result = self.run_round(t, steps_bar)
             self.global_state, self.server_state = result.global_state, result.server_state
             last = t + 1 == r.federation.rounds
@@ -409,7 +412,7 @@ class Federation:
                 extra.update(codec.accounting(t + 1))  # e.g. RQM's ε after t + 1 rounds
             if self.data.eval and ((r.eval.every and (t + 1) % r.eval.every == 0) or last):
                 extra.update(self.evaluate(self.data.eval))
-            row = self.metrics.log_round(t, result.stats, extra)
+            row = self.metrics.log_round(t + 1, result.stats, extra)  # round n: as checkpoints/round_n
             rows.append(row)
             bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "eval_loss") if row.get(k) is not None})
             if last or (r.output.checkpoint_every and (t + 1) % r.output.checkpoint_every == 0):
@@ -430,15 +433,23 @@ class Federation:
 def run_recipe(path: str, overrides: list[str] = ()) -> Path:
     recipe = load_recipe(path, overrides)
     check_pairings(recipe)  # before any model is built
+    check_writable(Path(recipe.output.dir))
     run_dir = new_run_dir(recipe, Path(path).stem, process_state(recipe.federation.collective_timeout_s).device)
     refuse_planted_links(run_dir)
     if (run_dir / "recipe.yaml").exists():
         raise RecipeError(f"{run_dir} already holds a run: continue it with `fedllm resume {run_dir}`, or give this "
                           "run another output.name")
+    announce(run_dir)
     fed = Federation(recipe, run_dir)
     fed.start()
     fed.run()
     return run_dir
+
+
+def announce(run_dir: Path) -> None:
+    """The run directory, first: what `fedllm resume` needs after a kill."""
+    if process_state().is_main_process:
+        log.info("run directory: %s (after a kill: fedllm resume %s)", run_dir, run_dir)
 
 
 def check_run_recipe(path: Path) -> None:
@@ -456,15 +467,22 @@ def check_run_recipe(path: Path) -> None:
 
 def resume_run(run_dir: str, overrides: list[str] = (), trust_remote_code: bool = False) -> Path:
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no such directory: {run_dir} (give the run directory `fedllm run` printed)")
     if not (run_dir / "recipe.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a fedllm run directory (no recipe.yaml)")
     refuse_planted_links(run_dir)
     check_run_recipe(run_dir / "recipe.yaml")
+    announce(run_dir)
+    done = max((int(p.name.split("_")[1]) for p in checkpoint_dirs(run_dir)), default=0)
+    check_resume_overrides(load_recipe(run_dir / "recipe.yaml"), list(overrides), done)
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     refuse_remote_code(recipe, run_dir / "recipe.yaml", trust_remote_code)
     check_pairings(recipe)
     process_state(recipe.federation.collective_timeout_s)  # the process group, before the Federation needs it
     fed = Federation(recipe, run_dir)
+    if overrides:
+        fed.start()  # the changed recipe.yaml: a later resume goes on with it
     fed.resume()
     fed.run()
     return run_dir

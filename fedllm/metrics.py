@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from fedllm.rundir import open_no_follow, refuse_planted_links
@@ -38,10 +39,27 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def truncate_jsonl(path: Path, keep_rounds_below: int) -> None:
-    """On resume: forget lines of rounds after the checkpoint (they are re-run)."""
+def check_writable(directory: Path) -> None:
+    """Fails at once, in one line, where runs cannot be written (before any model is loaded)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".fedllm-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"output.dir={directory} cannot be written ({err.strerror or err}): set output.dir to a "
+                          "directory you can write") from None
+
+
+def show_progress(enabled: bool) -> bool:
+    """Progress bars only on a terminal: in a log file each refresh would be a line of its own."""
+    return enabled and sys.stderr.isatty()
+
+
+def truncate_jsonl(path: Path, rounds_done: int) -> None:
+    """On resume: forget lines of rounds after the checkpoint of round `rounds_done` (they are re-run)."""
     if path.exists():
-        kept = [r for r in read_jsonl(path) if r["round"] < keep_rounds_below]
+        kept = [r for r in read_jsonl(path) if r["round"] <= rounds_done]
         write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -103,9 +121,39 @@ class MetricsLog:
                 for s in stats
             ])
             self._append("metrics.jsonl", [row])
+            if not sys.stderr.isatty():  # no progress bar: one line per round instead
+                log.info("%s", round_line(row))
             if self.accelerator is not None and self.accelerator.trackers:
                 self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=round)
         return row
+
+
+def round_line(row: dict) -> str:
+    shown = [f"{k.replace('_', ' ')} {row[k]:.4f}" for k in ("train_loss", "eval_loss", "token_accuracy")
+             if row.get(k) is not None]
+    return (f"round {row['round']}: {', '.join(shown)}, {human_bytes(row['bytes_up'])} up, "
+            f"{human_bytes(row['bytes_down'])} down, {row.get('seconds', 0):.1f} s")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def run_title(run_dir: Path) -> str:
+    """'<run name>: <adapter> + <strategy> [+ codecs]' from the run's recipe.yaml."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        recipe = {}
+    names = [(recipe.get(k) or {}).get("name") for k in ("adapter", "strategy")]
+    names += [c.get("name") for c in recipe.get("codecs") or [] if isinstance(c, dict)]
+    return f"{Path(run_dir).resolve().name}: {' + '.join(n for n in names if n)}"
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -121,25 +169,32 @@ def plot_run(run_dir: Path) -> list[Path]:
         raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no rounds to plot")
     out = Path(run_dir) / "plots"
     out.mkdir(exist_ok=True)
-    rounds = [r["round"] + 1 for r in rows]
+    rounds = [r["round"] for r in rows]  # round n: after n rounds, as checkpoints/round_n
+    # bytes in the unit of the largest total; up and down drawn apart (line, marker) since they often coincide
+    total = max(sum(r["bytes_up"] for r in rows), sum(r["bytes_down"] for r in rows), 1)
+    unit, scale = next((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1)) if total >= s or s == 1)
     figures = {
-        "loss": [("train_loss", "train loss"), ("eval_loss", "eval loss")],
-        "eval": [("token_accuracy", "eval token accuracy")],
-        "bytes": [("cum_bytes_up", "cumulative bytes up"), ("cum_bytes_down", "cumulative bytes down")],
+        "loss": ([("train_loss", "train loss", "-", "o"), ("eval_loss", "eval loss", "--", "s")], "loss (nats per token)"),
+        "eval": ([("token_accuracy", "eval token accuracy", "-", "o")], "token accuracy (fraction)"),
+        "bytes": ([("cum_bytes_up", "up (clients → server)", "-", "o"), ("cum_bytes_down", "down (server → clients)", "--", "x")],
+                  f"cumulative bytes ({unit})"),
     }
     cumulative = {"cum_bytes_up": 0, "cum_bytes_down": 0}
     for r in rows:
         for key in cumulative:
             cumulative[key] += r[key.removeprefix("cum_")]
-            r[key] = cumulative[key]
+            r[key] = cumulative[key] / scale
+    title = run_title(run_dir)
     written = []
-    for name, series in figures.items():
+    for name, (series, ylabel) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in series:
+        for key, label, style, marker in series:
             points = [(x, r[key]) for x, r in zip(rounds, rows) if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+                ax.plot(*zip(*points), linestyle=style, marker=marker, markersize=5, label=label)
         ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()

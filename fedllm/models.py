@@ -2,6 +2,10 @@
 built-in preset built from a config with a locally made tokenizer (no download)."""
 from __future__ import annotations
 
+import difflib
+import os
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -67,10 +71,37 @@ def _tiny_gpt2(vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
 PRESETS = {"tiny-llama": _tiny_llama, "tiny-gpt2": _tiny_gpt2}
 
 
+def _in_hub_cache(name: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    except ValueError:  # not a valid repo id at all
+        return False
+
+
+def check_model_name(name: str, revision: str | None = None) -> None:
+    """A name that is no preset and no local path, and that cannot be fetched now (the hub is
+    off, or it is a preset's name misspelt): one line at once, not a minute of hub retries."""
+    if name in PRESETS or Path(name).exists():
+        return
+    close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.75)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    if close or (offline and not _in_hub_cache(name, revision)):
+        why = "it looks like a misspelt preset" if close else "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+        raise RecipeError(f"model.name '{name}' is neither a preset ({', '.join(PRESETS)}) nor a local path, and {why}; "
+                          f"did you mean '{(close or ['tiny-llama'])[0]}'?")
+
+
 def load_tokenizer(cfg) -> PreTrainedTokenizerFast:
     if cfg.name in PRESETS:
         return byte_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    check_model_name(cfg.name, cfg.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:  # transformers' "not a local folder and not a valid model identifier", network errors
+        raise RecipeError(f"model.name '{cfg.name}' is neither a preset ({', '.join(PRESETS)}), a local path, nor "
+                          f"reachable on the hub ({str(err).splitlines()[0]}); did you mean 'tiny-llama'?") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

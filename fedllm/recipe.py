@@ -2,6 +2,7 @@
 use dotted paths. Unknown keys are errors naming the valid keys and the nearest match."""
 from __future__ import annotations
 
+import logging
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -11,6 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedllm.registry import ALL, RecipeError, explain_validation_error
+
+log = logging.getLogger("fedllm")
 
 
 class Section(BaseModel):
@@ -121,6 +124,7 @@ class ClientConfig(Section):
     trainer: Literal["builtin", "hf"] = "builtin"  # hf: a transformers.Trainer runs each local round
     bf16: bool = False
     fp16: bool = False
+    threads: Optional[int] = Field(None, gt=0)  # torch CPU threads per process; default chosen (fedllm.threads)
 
 
 class EvalConfig(Section):
@@ -263,8 +267,101 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
 
 
+# keys `fedllm resume RUN key=value` may change: none alters what the rounds already run computed
+# (federation.rounds not below the last checkpoint, and only where no schedule or budget is spread over it)
+RESUMABLE = (
+    "federation.rounds", "federation.collective_timeout_s", "federation.client_store_budget_mb",
+    "eval.every", "eval.per_device_eval_batch_size", "eval.max_batches",
+    "output.checkpoint_every", "output.keep_last", "output.report_to", "output.progress",
+    "client.threads",  # speed only (the last bits of a CPU sum may differ between thread counts)
+    "privacy.max_epsilon",  # only where the run stops: spending more is the user's decision
+)
+
+
+def check_resume_overrides(saved: Recipe, overrides: list[str], rounds_done: int = 0) -> None:
+    """Refuses, with the reason, a resume override that would make the resumed run differ from
+    one uninterrupted run of the same recipe (`rounds_done`: the newest checkpoint's round)."""
+    values = saved.model_dump(mode="json")
+    for text in overrides:
+        path, value = parse_override(text)
+        key, old = ".".join(path), section_of(values, tuple(path))
+        if key in ("output.dir", "output.name"):
+            raise RecipeError(f"resume cannot change {key}: the run stays in the directory given to `fedllm resume`")
+        if key not in RESUMABLE:
+            raise RecipeError(
+                f"resume cannot change {key} (the rounds already run used {old!r}; a different value would make this "
+                f"run match neither recipe): start a new run with `fedllm run ... {text}`. Resume can change: "
+                f"{', '.join(RESUMABLE)}")
+        if key == "federation.rounds":
+            check_rounds(saved, value, rounds_done)
+
+
+def check_rounds(saved: Recipe, rounds, rounds_done: int) -> None:
+    if not isinstance(rounds, int) or rounds < max(rounds_done, 1):
+        raise RecipeError(f"resume cannot set federation.rounds={rounds}: the run has checkpointed {rounds_done} rounds "
+                          "(an earlier round's adapter: `fedllm export RUN OUT --round N`)")
+    c = saved.client
+    if c.lr_scheduler_type != "constant" or c.warmup_ratio > 0:
+        raise RecipeError("resume cannot change federation.rounds of this run: its learning-rate schedule "
+                          f"(client.lr_scheduler_type={c.lr_scheduler_type}, warmup_ratio={c.warmup_ratio}) is spread "
+                          "over the planned rounds, so the rounds already run would not match; start a new run")
+    if saved.privacy is not None and saved.privacy.target_epsilon is not None:
+        raise RecipeError("resume cannot change federation.rounds of this run: its noise was calibrated for "
+                          f"privacy.target_epsilon={saved.privacy.target_epsilon} over the planned rounds; start a new run")
+
+
+# the recipe sections that hold one plugin (`name:` + its options), and their registries
+PLUGIN_SECTIONS = {
+    ("adapter",): "adapters", ("strategy",): "strategies", ("byzantine",): "attacks",
+    ("data", "partitioner"): "partitioners", ("federation", "sampler"): "samplers",
+}
+
+
+def switched_plugins(raw: dict, overrides: list[str]) -> list[tuple[tuple, str, set]]:
+    """(section, its old plugin name, keys the command line sets in it) for each plugin
+    section whose `name` an override changes."""
+    paths = [parse_override(text)[0] for text in overrides]
+    found = {}
+    for path in paths:
+        section = tuple(path[:-1])
+        if section in PLUGIN_SECTIONS and path[-1] == "name" and section not in found:
+            node = section_of(raw, section)
+            found[section] = node.get("name") if isinstance(node, dict) else None
+    return [(section, old, {p[-1] for p in paths if tuple(p[:-1]) == section}) for section, old in found.items()]
+
+
+def section_of(raw: dict, section: tuple):
+    node = raw
+    for part in section:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def drop_foreign_options(raw: dict, switched: list[tuple[tuple, str, set]]) -> None:
+    """After `adapter.name=ferret` on a LoRA recipe: the old plugin's options the new one does
+    not take are dropped, with a note (those it takes, and those the command line sets, stay)."""
+    for section, old, explicit in switched:
+        node = section_of(raw, section)
+        registry = ALL[PLUGIN_SECTIONS[section]]
+        if not isinstance(node, dict) or not isinstance(node.get("name"), str) or node["name"] == old:
+            continue
+        if registry.canonical(node["name"]) not in registry.names():
+            continue  # validation names the known plugins
+        takes = {o.name for o in registry.options(node["name"])}
+        dropped = [k for k in node if k != "name" and k not in takes and k not in explicit]
+        for key in dropped:
+            del node[key]
+        if dropped:
+            where = ".".join(section)
+            log.info("note: %s.name=%s: dropped %s's options %s (%s does not take them)", where, node["name"], old,
+                     ", ".join(dropped), node["name"])
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Applies `a.b=value` overrides to the raw recipe; a plugin switched by its `name` keeps
+    only the options the new plugin takes."""
     defaults = Recipe().model_dump(mode="json")
+    switched = switched_plugins(raw, overrides)
     for text in overrides:
         path, value = parse_override(text)
         node, default = raw, defaults
@@ -275,6 +372,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{text}': '{part}' is not a section")
         node[path[-1]] = value
+    drop_foreign_options(raw, switched)
     return raw
 
 
@@ -293,10 +391,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise RecipeError(f"recipe {yaml_problem(path, err)}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe '{path}' must be a YAML mapping of sections")
     return recipe_from_dict(apply_overrides(raw, list(overrides)))
+
+
+def yaml_problem(path: Path, err: yaml.YAMLError) -> str:
+    """'file:line:column is not valid YAML: what' (PyYAML names the file `<unicode string>`)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem, context = getattr(err, "problem", None), getattr(err, "context", None)
+    what = f"{problem} ({context})" if problem and context else problem or str(err).splitlines()[0]
+    return f"{where} is not valid YAML: {what}"
 
 
 def refuse_remote_code(recipe: Recipe, where: Path, allowed: bool) -> None:

@@ -48,6 +48,8 @@ class Option:
     def describe(self) -> str:
         if typing.get_origin(self.annotation) is typing.Literal:
             kind = "|".join(map(str, typing.get_args(self.annotation)))
+        elif typing.get_origin(self.annotation) is typing.Union:  # Optional[float] -> float | None
+            kind = " | ".join(getattr(a, "__name__", str(a)).replace("NoneType", "None") for a in typing.get_args(self.annotation))
         else:
             kind = getattr(self.annotation, "__name__", None) or str(self.annotation).replace("typing.", "")
         return f"{self.name}: {kind}" + ("  (required)" if self.required else f" = {self.default!r}")
@@ -99,8 +101,8 @@ PLUGINS = PluginGroup("fedllm.plugins")
 
 
 class Registry:
-    def __init__(self, kind: str):
-        self.kind = kind
+    def __init__(self, kind: str, plural: str | None = None):
+        self.kind, self.plural = kind, plural or f"{kind}s"
         self._factories: dict[str, Callable] = {}
         self._schemas: dict[str, type[pydantic.BaseModel]] = {}
         self._aliases: dict[str, str] = {}  # deprecated name -> registered name
@@ -133,7 +135,7 @@ class Registry:
         if name not in self._factories:
             raise RecipeError(
                 f"unknown {self.kind} '{name}'{nearest(name, self._factories)} "
-                f"Known {self.kind}s: {', '.join(self.names()) or '(none)'}."
+                f"Known {self.plural}: {', '.join(self.names()) or '(none)'}."
             )
         return self._factories[name]
 
@@ -173,11 +175,13 @@ class Registry:
         options = self.validate(spec, where or self.kind)
         return self.get(spec["name"])(**options, **context)
 
-    def describe(self) -> str:
+    def describe(self, note: Callable[[Callable], str] | None = None) -> str:
+        """Each plugin with its docstring's first paragraph on one line (+ `note(factory)`) and its options."""
         lines = []
         for name in self.names():
-            doc = inspect.getdoc(self._factories[name]) or ""
-            lines.append(f"  {name}: {doc.splitlines()[0] if doc else ''}".rstrip())
+            doc = " ".join((inspect.getdoc(self._factories[name]) or "").split("\n\n")[0].split())
+            extra = f" [{note(self._factories[name])}]" if note else ""
+            lines.append(f"  {name}: {doc}{extra}".rstrip())
             for option in self.options(name):
                 lines.append(f"      {option.describe()}")
         return "\n".join(lines)
@@ -200,7 +204,7 @@ def explain_validation_error(err: pydantic.ValidationError, where: str, valid_ke
 
 
 ADAPTERS = Registry("adapter")
-STRATEGIES = Registry("strategy")
+STRATEGIES = Registry("strategy", "strategies")
 CODECS = Registry("codec")
 PARTITIONERS = Registry("partitioner")
 SAMPLERS = Registry("sampler")

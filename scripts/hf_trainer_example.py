@@ -9,6 +9,7 @@ each one its own share of the batches (an IID split); a real silo would load its
 Offline by default: the built-in tiny-llama preset and the bundled dataset.
 """
 import argparse
+import os
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -31,12 +32,14 @@ def main():
     tokenizer = byte_tokenizer()
     model = load_model(ModelConfig(name="tiny-llama"), tokenizer, seed=0)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    data = prepare_data(DataConfig(max_length=128), tokenizer, num_clients=1, seed=0)
+    data = prepare_data(DataConfig(max_length=256), tokenizer, num_clients=1, seed=0)
 
+    # gloo only when a launcher started several processes: one plain process has no process group
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     args = TrainingArguments(
         output_dir=cli.output_dir, max_steps=cli.max_steps, per_device_train_batch_size=4, learning_rate=2e-3,
         lr_scheduler_type="constant", logging_steps=5, save_steps=20, report_to=[],
-        use_cpu=not torch.cuda.is_available(), ddp_backend=None if torch.cuda.is_available() else "gloo",
+        use_cpu=not torch.cuda.is_available(), ddp_backend="gloo" if several and not torch.cuda.is_available() else None,
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=data.clients[0], eval_dataset=data.eval,

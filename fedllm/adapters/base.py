@@ -2,8 +2,14 @@
 travels. State is a flat `dict[str, Tensor]` keyed by parameter name, in a fixed order."""
 from __future__ import annotations
 
-import torch
+import contextlib
+import re
+import warnings
 
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from fedllm.registry import RecipeError
 from fedllm.state import State
 from fedllm.wire import Message, WireContext
 
@@ -87,3 +93,33 @@ class Adapter:
             model.merge_and_unload().save_pretrained(path)
         else:
             raise ValueError(f"unknown export format '{fmt}'; this adapter writes: {', '.join(self.export_formats)}")
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft 0.21's PeftModel reads transformers' deprecated `is_gradient_checkpointing`: the
+    same FutureWarning on every run, about code that is neither ours nor the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def linear_layers(model: torch.nn.Module) -> list[str]:
+    """Dotted names of the model's linear layers (torch Linear, and GPT-2's Conv1D)."""
+    return [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+def check_targets(model: torch.nn.Module, target_modules: list[str] | str | None) -> None:
+    """`adapter.target_modules` that match no linear layer (peft's rules: a list matches a name
+    or its dotted suffix, a string is a full-match regex): an error listing the ones there are."""
+    if target_modules is None or target_modules == "all-linear":
+        return
+    names = linear_layers(model)
+    if isinstance(target_modules, str):
+        hit = any(re.fullmatch(target_modules, n) for n in names)
+    else:
+        hit = any(n == t or n.endswith("." + t) for n in names for t in target_modules)
+    if not hit:
+        short = sorted({n.rpartition(".")[2] for n in names})
+        raise RecipeError(f"adapter.target_modules={target_modules!r} matches no linear layer of the model; its linear "
+                          f"layers are: {', '.join(short)} (or use target_modules: all-linear)")

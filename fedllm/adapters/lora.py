@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedllm.adapters.base import Adapter
-from fedllm.registry import ADAPTERS
+from fedllm.adapters.base import Adapter, check_targets, quiet_peft
+from fedllm.registry import ADAPTERS, RecipeError
 
 
 @ADAPTERS.register("lora")
@@ -22,7 +22,7 @@ class LoRA(Adapter):
         bias: str = "none",
     ):
         if r <= 0:
-            raise ValueError("adapter.r must be positive")
+            raise RecipeError(f"adapter.r must be at least 1 (got {r}): it is the rank of the low-rank update")
         self.r, self.alpha, self.dropout, self.target_modules, self.bias = r, alpha, dropout, target_modules, bias
 
     def peft_config(self) -> LoraConfig:
@@ -32,7 +32,8 @@ class LoRA(Adapter):
         )
 
     def attach(self, model, seed):
+        check_targets(model, self.target_modules)
         # peft initialises A from the global RNG: fork it so attach is a pure function of seed.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), quiet_peft():
             torch.manual_seed(seed)
             return get_peft_model(model, self.peft_config())

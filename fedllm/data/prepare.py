@@ -2,6 +2,9 @@
 partition, tokenize once."""
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from dataclasses import dataclass
 
 import datasets
@@ -11,10 +14,13 @@ import fedllm.data.partition  # noqa: F401  registers the partitioners
 from fedllm.data.formats import FORMATS, check_columns, to_spans
 from fedllm.data.holdout import split_per_client
 from fedllm.data.loading import load_rows, take_sample
-from fedllm.data.tokenize import tokenize_examples
+from fedllm.data.report import SplitReport, spread
+from fedllm.data.tokenize import Lengths, tokenize_with_lengths
 from fedllm.recipe import DataConfig
 from fedllm.registry import PARTITIONERS, RecipeError
 from fedllm.seeds import derive
+
+log = logging.getLogger("fedllm")
 
 
 @dataclass
@@ -24,11 +30,12 @@ class PreparedData:
     clients: list[list[dict]]
     eval: list[dict]
     client_sizes: list[int]
-    num_dropped: int  # examples whose response was truncated away entirely
+    num_dropped: int  # examples with nothing to train on (an empty response, or one truncated away)
     # eval.per_client: each client's own held-out examples (`eval` is their union, in client
     # order) and the row indices they came from; None with one pooled held-out set
     client_eval: list[list[dict]] | None = None
     client_eval_rows: list[list[int]] | None = None
+    reports: tuple[SplitReport, ...] = ()  # train, eval: what was kept and why the rest was dropped
 
 
 def _hold_out(rows: datasets.Dataset, fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -72,12 +79,22 @@ def _split_per_client(cfg: DataConfig, num_clients: int, seed: int):
     return rows.select(order), train_shards, rows.select([i for s in held_out for i in s]), held_out
 
 
-def _encode(rows: datasets.Dataset, cfg: DataConfig, tokenizer) -> list[dict | None]:
+def _encode(rows: datasets.Dataset, cfg: DataConfig, tokenizer) -> tuple[list[dict | None], list[Lengths]]:
     if len(rows) == 0:
-        return []
+        return [], []
     spans = [to_spans(row, cfg.format, tokenizer) for row in rows.to_list()]
     special_tokens = not FORMATS[cfg.format].templated
-    return tokenize_examples(spans, tokenizer, cfg.max_length, add_special_tokens=special_tokens)
+    return tokenize_with_lengths(spans, tokenizer, cfg.max_length, add_special_tokens=special_tokens)
+
+
+def _report(reports: list[SplitReport]) -> None:
+    for report in reports:
+        report.check()
+        if int(os.environ.get("RANK", "0")) != 0:  # every rank prepares the same data: rank 0 tells
+            continue
+        log.info(report.summary())
+        if (warning := report.warning()) is not None:
+            log.warning(warning)
 
 
 def _split(cfg: DataConfig, num_clients: int, seed: int, per_client_eval: bool = False):
@@ -101,7 +118,9 @@ def prepare_local_data(cfg: DataConfig, tokenizer, path: str) -> list[dict]:
     format and length (the recipe's `path`, eval split and partitioner are the server's)."""
     rows = load_rows(path)
     check_columns(rows.column_names, cfg.format)
-    examples = [e for e in _encode(rows, cfg, tokenizer) if e is not None]
+    encoded, lengths = _encode(rows, cfg, tokenizer)
+    _report([SplitReport("local", cfg.max_length, lengths)])
+    examples = [e for e in encoded if e is not None]
     if not examples:
         raise RecipeError(f"{path} has no example left after truncation to data.max_length={cfg.max_length}")
     return examples
@@ -112,14 +131,20 @@ def prepare_data(cfg: DataConfig, tokenizer, num_clients: int, seed: int, per_cl
     it), deals the training rows out with `cfg.partitioner` and tokenizes them with
     completion-only labels. `per_client_eval`: partitions first and holds out a slice of
     each client's shard instead."""
+    if not sys.stderr.isatty():  # a log file gets the report below, not a progress bar per Arrow conversion
+        datasets.disable_progress_bars()
     train, shards, eval_rows, held_out = _split(cfg, num_clients, seed, per_client_eval)
-    encoded, encoded_eval = _encode(train, cfg, tokenizer), _encode(eval_rows, cfg, tokenizer)
+    (encoded, lengths), (encoded_eval, eval_lengths) = _encode(train, cfg, tokenizer), _encode(eval_rows, cfg, tokenizer)
+    reports = [SplitReport("train", cfg.max_length, lengths), SplitReport("eval", cfg.max_length, eval_lengths)]
+    _report(reports)
     clients = [[encoded[i] for i in shard if encoded[i] is not None] for shard in shards]
     empty = [c for c, examples in enumerate(clients) if not examples]
     if empty:
+        mine = [lengths[i] for i in shards[empty[0]]]
         raise RecipeError(
-            f"client {empty[0]} has no example left after truncation to data.max_length={cfg.max_length}; "
-            "raise data.max_length"
+            f"client {empty[0]} has no example left after truncation to data.max_length={cfg.max_length}: its "
+            f"{len(mine)} prompts take {spread([x.prompt for x in mine])} tokens; raise data.max_length (to "
+            f"{SplitReport('train', cfg.max_length, mine).whole_length()} to keep 95% of them whole) or shorten the prompts"
         )
     num_dropped = sum(e is None for e in encoded) + sum(e is None for e in encoded_eval)
     return PreparedData(
@@ -129,6 +154,7 @@ def prepare_data(cfg: DataConfig, tokenizer, num_clients: int, seed: int, per_cl
         num_dropped=num_dropped,
         client_eval=_per_client(encoded_eval, held_out),
         client_eval_rows=held_out,
+        reports=tuple(reports),
     )
 
 

@@ -117,6 +117,9 @@ class Strategy:
     uniform_weights = False  # True: every accepted client weighs 1 instead of its sample count
     client_needs: frozenset[str] = frozenset()  # capabilities its client hooks need of the local loop
     counts_in_extras = False  # True: `aggregate` counts 0/1 flags in the extras' mean, which must arrive exactly
+    # the client.optim its method is derived for (a correction or momentum read back from plain
+    # SGD steps); None: any local optimizer. Another one gets a warning when the recipe loads.
+    local_optimizer: str | None = None
     # True: its client hooks clip per example themselves (DP-SGD), so the step driver must not
     # clip the (noisy) step gradient again with client.max_grad_norm
     clips_client_gradients = False

@@ -92,6 +92,7 @@ class MinerHooks(ClientHooks):
 @STRATEGIES.register("fedamd")
 class FedAMD(Strategy):
     """FedAMD: anchors (prob. p) send large-batch gradients, miners run SARAH from their mean."""
+    local_optimizer = "sgd"  # the SARAH direction is the step itself (Wu et al. 2023, Alg. 1)
 
     uniform_weights = True  # the code averages miners and table rows unweighted
     counts_in_extras = True  # the mean of the 0/1 miner flags × |S| counts the round's miners

@@ -38,7 +38,7 @@ class FedOpt(Strategy):
 
 @STRATEGIES.register("fedadagrad")
 class FedAdagrad(FedOpt):
-    """v += Δ²; x += η m/(√v + τ)."""
+    """FedAdagrad: Adagrad on the server over the mean update Δ: v += Δ²; x += η m/(√v + τ)."""
 
     def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, tau: float = 1e-3):
         super().__init__(server_lr, beta1, 0.0, tau)
@@ -49,7 +49,7 @@ class FedAdagrad(FedOpt):
 
 @STRATEGIES.register("fedadam")
 class FedAdam(FedOpt):
-    """v = β2 v + (1−β2) Δ²; x += η m/(√v + τ)."""
+    """FedAdam: Adam on the server over the mean update Δ: v = β2 v + (1−β2) Δ²; x += η m/(√v + τ)."""
 
     def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         super().__init__(server_lr, beta1, beta2, tau)
@@ -60,7 +60,7 @@ class FedAdam(FedOpt):
 
 @STRATEGIES.register("fedyogi")
 class FedYogi(FedOpt):
-    """v = v − (1−β2) Δ² sign(v − Δ²); x += η m/(√v + τ)."""
+    """FedYogi: Yogi on the server over the mean update Δ: v = v − (1−β2) Δ² sign(v − Δ²); x += η m/(√v + τ)."""
 
     def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
         super().__init__(server_lr, beta1, beta2, tau)

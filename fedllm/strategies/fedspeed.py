@@ -81,6 +81,7 @@ class FedSpeedHooks(ClientHooks):
 @STRATEGIES.register("fedspeed")
 class FedSpeed(Strategy):
     """FedSpeed: sharpness ascent ρ + prox-correction λ(w − x^t + h_i); x = mean_S w_i + mean_N h_j."""
+    local_optimizer = "sgd"  # the prox-correction and λw terms are SGD steps (Sun et al. 2023, Alg. 1)
 
     uniform_weights = True  # mean_S(w_i): the code averages the participants unweighted
 

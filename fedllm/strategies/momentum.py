@@ -75,6 +75,7 @@ class ScaffoldMomentumHooks(MomentumHooks):
 @STRATEGIES.register("fedavg_client_momentum", deprecated_aliases=("fedavg_m",))
 class FedAvgMomentum(Strategy):
     """FedAvg-M: local direction β∇f + (1−β)g; g = mean(x^t − x_i)/(η_l K); x −= γ g."""
+    local_optimizer = "sgd"  # g is read back from the update as the mean SGD direction (Cheng et al. 2024, Alg. 1)
 
     uniform_weights = True  # Alg. 1 averages over S unweighted
 

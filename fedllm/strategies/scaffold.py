@@ -98,6 +98,7 @@ class ScaffoldHooks(ClientHooks):
 @STRATEGIES.register("scaffold")
 class Scaffold(Strategy):
     """SCAFFOLD: client gradients corrected by c − c_i (option II control variates)."""
+    local_optimizer = "sgd"  # c − c_i corrects SGD steps (Karimireddy et al. 2020, Alg. 1)
 
     uniform_weights = True
 

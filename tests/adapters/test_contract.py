@@ -199,4 +199,4 @@ def test_one_round_then_resume_equals_two_rounds_bit_for_bit(tmp_path, name, row
     resume_run(str(cut))
     assert final_bytes(cut) == reference
     rounds = [json.loads(line)["round"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [0, 1]
+    assert rounds == [1, 2]

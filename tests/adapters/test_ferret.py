@@ -227,8 +227,9 @@ def test_a_ferret_federation_lowers_the_eval_loss_and_the_ledger_counts_its_byte
     assert fed.own_aggregation is not None and len(ledger) == 3 * 2 and all(e["bytes_up"] < full_bytes / 1000 for e in ledger)
     # the download is the aggregate of every round the client missed since it last took part
     for e in ledger:
-        last = fed.participation.last_round(e["client"], e["round"])
-        assert e["bytes_down"] == sum(fed.own_aggregation.sizes[last : e["round"]]) < full_bytes / 100
+        t = e["round"] - 1  # the ledger counts rounds from 1, the participation from 0
+        last = fed.participation.last_round(e["client"], t)
+        assert e["bytes_down"] == sum(fed.own_aggregation.sizes[last:t]) < full_bytes / 100
     assert [e["bytes_down"] for e in ledger[:2]] == [0, 0] and len(fed.own_aggregation.sizes) == 3
     meta = json.loads((fed.run_dir / "run_meta.json").read_text())["adapter"]
     assert meta["ferret_generator_device"] == "cpu" and meta["ferret_blocks"] == 18

@@ -52,11 +52,11 @@ def test_a_kill_before_the_first_checkpoint_resumes_to_the_uninterrupted_adapter
     with pytest.raises(KeyboardInterrupt):
         run_recipe(str(path), ["output.name=killed"])
     run_dir = tmp_path / "runs" / "killed"
-    assert any((run_dir / "client_store").iterdir()) and rounds(run_dir) == [0, 1, 2]  # what the attempt left
+    assert any((run_dir / "client_store").iterdir()) and rounds(run_dir) == [1, 2, 3]  # what the attempt left
     monkeypatch.undo()
     resume_run(str(run_dir))
     assert same(final_adapter(run_dir), expected)
-    assert rounds(run_dir) == [0, 1, 2]  # the killed attempt's rows are gone, none logged twice
+    assert rounds(run_dir) == [1, 2, 3]  # the killed attempt's rows are gone, none logged twice
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, tmp_path, caplog):
@@ -70,7 +70,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, tmp
     resume_run(str(run_dir))
     assert "round_3 is damaged" in caplog.text and "does not match its manifest" in caplog.text
     assert same(final_adapter(run_dir), expected)
-    assert rounds(run_dir) == [0, 1, 2]
+    assert rounds(run_dir) == [1, 2, 3]
 
 
 def test_a_missing_client_file_is_damage_not_a_reset(reference, tmp_path, caplog):
@@ -98,7 +98,7 @@ def test_a_half_written_last_log_line_is_dropped_on_resume(reference, tmp_path, 
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"round": 3, "train_lo')  # killed mid-write
     resume_run(str(run_dir))
-    assert same(final_adapter(run_dir), expected) and rounds(run_dir) == [0, 1, 2]
+    assert same(final_adapter(run_dir), expected) and rounds(run_dir) == [1, 2, 3]
 
 
 def test_running_into_an_existing_run_directory_refuses(recipe_file, capsys):
@@ -218,7 +218,7 @@ def test_a_kill_at_each_stage_of_a_checkpoint_write_resumes_bit_exactly(referenc
     run_dir = path.parent / "runs" / "killed"
     resume_run(str(run_dir))
     assert same(final_adapter(run_dir), expected)
-    assert rounds(run_dir) == [0, 1, 2]
+    assert rounds(run_dir) == [1, 2, 3]
 
 
 FIRST_ROUND_STAGES = {  # (class, method) -> when the kill lands, all before the first checkpoint
@@ -242,7 +242,7 @@ def test_a_kill_at_each_stage_of_the_first_round_resumes_bit_exactly(reference, 
     assert not list((run_dir / "checkpoints").glob("round_*"))
     resume_run(str(run_dir))
     assert same(final_adapter(run_dir), expected)
-    assert rounds(run_dir) == [0, 1, 2]
+    assert rounds(run_dir) == [1, 2, 3]
 
 
 @pytest.mark.parametrize("planted", ["metrics.jsonl", "checkpoints", "client_store"])

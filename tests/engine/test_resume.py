@@ -52,7 +52,7 @@ def test_resume_after_sigkill_mid_round_is_bit_exact(recipe_file, tmp_path):
     assert resumed.keys() == reference.keys()
     assert all((resumed[k] == reference[k]).all() for k in reference)
     rows = [json.loads(line) for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # no round lost, none logged twice
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]  # no round lost, none logged twice
 
 
 def test_resume_of_a_finished_run_changes_nothing(recipe_file):

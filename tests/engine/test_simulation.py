@@ -24,7 +24,7 @@ def run(recipe_file, **sections):
 
 def test_a_run_writes_every_output_and_counts_real_bytes(recipe_file):
     run_dir, rows = run(recipe_file)
-    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [1, 2, 3]
     for name in ("recipe.yaml", "run_meta.json", "ledger.jsonl", "final/adapter_model.safetensors", "final/adapter_config.json"):
         assert (run_dir / name).exists(), name
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
@@ -32,7 +32,7 @@ def test_a_run_writes_every_output_and_counts_real_bytes(recipe_file):
     # the upload is the serialized update: every LoRA tensor in fp32 plus a safetensors header
     fed_params = json.loads((run_dir / "run_meta.json").read_text())["trainable_parameters"]
     assert all(4 * fed_params < e["bytes_up"] < 4 * fed_params + 8192 for e in ledger)
-    assert rows[0]["bytes_up"] == sum(e["bytes_up"] for e in ledger if e["round"] == 0)
+    assert rows[0]["bytes_up"] == sum(e["bytes_up"] for e in ledger if e["round"] == 1)
     assert {"train_loss", "eval_loss", "perplexity", "token_accuracy", "seconds"} <= rows[-1].keys()
 
 

@@ -38,7 +38,7 @@ def test_dp_fedavg_reports_epsilon_stops_at_the_budget_and_resumes_continuously(
     assert int(checkpoint_dirs(run_dir)[-1].name.split("_")[1]) == 2
     resume_run(str(run_dir), ["privacy.max_epsilon=null", "federation.rounds=3"])
     rows = rows_of(run_dir)
-    assert [r["round"] for r in rows] == [0, 1, 2] and round(rows[-1]["epsilon"], 2) == 9.01
+    assert [r["round"] for r in rows] == [1, 2, 3] and round(rows[-1]["epsilon"], 2) == 9.01
 
 
 def test_local_dp_sgd_runs_per_example_and_spends_at_most_the_target(recipe_file):
@@ -130,7 +130,7 @@ def test_dp_fedavg_with_poisson_sampling_runs_through_empty_rounds(recipe_file):
     )
     run_dir = run_recipe(str(path))
     rows = rows_of(run_dir)
-    assert [r["round"] for r in rows] == [0, 1, 2, 3] and (run_dir / "final" / "adapter_model.safetensors").exists()
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and (run_dir / "final" / "adapter_model.safetensors").exists()
     assert 0 < rows[-1]["epsilon"] < 4.73 * 2  # q = 1/4: amplified below four unsampled Gaussian rounds
 
 

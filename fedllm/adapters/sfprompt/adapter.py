@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from transformers.modeling_outputs import CausalLMOutput
 
-from fedllm.adapters.base import Adapter
+from fedllm.adapters.base import Adapter, quiet_peft
 from fedllm.adapters.sfprompt.split import SplitLM, causal_lm_loss, el2n_scores, token_logits
 from fedllm.data import collate
 from fedllm.registry import ADAPTERS, RecipeError
@@ -200,7 +200,8 @@ class SFPrompt(Adapter):
 
         flags = {n: p.requires_grad for n, p in model.named_parameters()}  # get_peft_model freezes the base
         config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=self.p)
-        peft_model = get_peft_model(model.base, config)
+        with quiet_peft():
+            peft_model = get_peft_model(model.base, config)
         with torch.no_grad():
             peft_model.prompt_encoder["default"].embedding.weight.copy_(model.prompt)
         peft_model.save_pretrained(path)

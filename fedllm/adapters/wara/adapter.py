@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from fedllm.adapters.base import Adapter
+from fedllm.adapters.base import Adapter, check_targets
 from fedllm.adapters.ffa_lora import module_generator
 from fedllm.adapters.wara.wavelets import analysis, pad_adjoint, pad_to_even, synthesis, wavelet_filters
 from fedllm.registry import ADAPTERS, RecipeError
@@ -110,6 +110,7 @@ def target_names(model: nn.Module, target_modules: list[str] | str | None) -> li
 
     names = [name for name, module in model.named_modules() if wanted(name, module)]
     if not names:
+        check_targets(model, target_modules)  # names the linear layers there are
         raise RecipeError(f"adapter.target_modules={target_modules!r} matches no linear layer of the model")
     return names
 
@@ -145,7 +146,7 @@ class WaRA(Adapter):
         odd_padding: Literal["zero", "edge"] = "zero",
     ):
         if r <= 0:
-            raise RecipeError("adapter.r must be positive")
+            raise RecipeError(f"adapter.r must be at least 1 (got {r}): it is the rank of the low-rank update")
         self.r, self.alpha, self.wavelet, self.target_modules = r, alpha, wavelet, target_modules
         self.dropout, self.freeze_a, self.odd_padding = dropout, freeze_a, odd_padding
         self.filters = wavelet_filters(wavelet)
