@@ -44,7 +44,7 @@ def overlay_figure(run_dirs: list):
         for r in run["rows"]:
             sent += r.get("bytes_up", 0)
             if r.get("eval_loss") is not None:
-                points.append((r["round"] + 1, sent, r["eval_loss"], r.get("sim_time")))
+                points.append((r["round"], sent, r["eval_loss"], r.get("sim_time")))
         if not points:
             continue
         rounds, sent_bytes, losses, times = zip(*points)
@@ -73,7 +73,7 @@ def client_spread_figure(run_dir):
     fig, ax = plt.subplots(figsize=(6, 4))
     losses = [[c["eval_loss"] for c in r["eval_clients"] if "eval_loss" in c] for r in rows]
     ax.boxplot(losses, positions=list(range(len(rows))))
-    ax.set_xticks(range(len(rows)), [str(r["round"] + 1) for r in rows])
+    ax.set_xticks(range(len(rows)), [str(r["round"]) for r in rows])
     ax.plot(range(len(rows)), [r["eval_loss"] for r in rows], "x--", label="pooled")
     ax.set_xlabel("round")
     ax.set_ylabel("eval loss per client")

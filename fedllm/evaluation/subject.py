@@ -52,7 +52,7 @@ class Subject:
         """The run's own metrics.jsonl row for this round (empty if none)."""
         if self.run_dir is None or self.round is None:
             return {}
-        rows = [r for r in read_jsonl(self.run_dir / "metrics.jsonl") if r.get("round") == self.round - 1]
+        rows = [r for r in read_jsonl(self.run_dir / "metrics.jsonl") if r.get("round") == self.round]
         return rows[-1] if rows else {}
 
 
@@ -78,8 +78,8 @@ def pick_round(run_dir: Path, which: str) -> tuple[int, Path]:
     if which == "last":
         return max(done), done[max(done)]
     if which == "best":
-        logged = {r["round"] + 1: r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl")
-                  if r.get("eval_loss") is not None and r["round"] + 1 in done}
+        logged = {r["round"]: r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl")
+                  if r.get("eval_loss") is not None and r["round"] in done}
         if not logged:
             raise EvalError(f"no checkpointed round of {run_dir} has a logged eval loss (checkpoints: {sorted(done)}); "
                             "pass --round N or --round last")

@@ -85,8 +85,8 @@ def test_a_party_that_crashes_mid_round_is_recorded_missing_and_rejoins(tmp_path
     assert len(rows) == 5 and rows[1]["missing_clients"] == [1] and rows[1]["dropped"] == 1
     assert rows[1]["train_loss"] is not None  # round 1 aggregated party 0's update
     entries = read_jsonl(tmp_path / "runs" / "crash" / "ledger.jsonl")
-    assert [e["client"] for e in entries if e["round"] == 1 and "missing" in e] == [1]
-    rejoined = [e["round"] for e in entries if e["client"] == 1 and e["round"] >= 2 and "missing" not in e]
+    assert [e["client"] for e in entries if e["round"] == 2 and "missing" in e] == [1]  # rows count from 1
+    rejoined = [e["round"] for e in entries if e["client"] == 1 and e["round"] >= 3 and "missing" not in e]
     assert rejoined and all(e["bytes_up"] > 0 for e in entries if e["client"] == 1 and e["round"] in rejoined)
     assert "client 1 dropped out" in (tmp_path / "runs" / "crash" / "server.log").read_text()
 
@@ -107,7 +107,7 @@ def test_a_killed_server_resumes_from_its_checkpoint_with_the_parties_reconnecti
     a = load_file(str(run_dir / "checkpoints" / "round_3" / "global.safetensors"))
     b = load_file(str(simulated / "checkpoints" / "round_3" / "global.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
+    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
     assert all(loads(fed, i) == 1 for i in (0, 1))  # the parties stayed up: no reload
 
 
