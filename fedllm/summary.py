@@ -37,7 +37,7 @@ def run_summary(run_dir: str | Path, seconds: float) -> str:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     done, planned = (rows[-1]["round"] if rows else 0), planned_rounds(run_dir)
     stopped = f" of {planned} planned (stopped early: see the warning above)" if planned and done < planned else ""
-    lines = [f"done: {done} rounds{stopped} in {duration(seconds)} (this command); run directory {run_dir}"]
+    lines = [f"done: {done} round{'' if done == 1 else 's'}{stopped} in {duration(seconds)} (this command); run directory {run_dir}"]
     metrics = [c for c in (change(rows, k) for k in ("eval_loss", "token_accuracy", "train_loss")) if c]
     if metrics:
         lines.append("  " + "; ".join(metrics))
