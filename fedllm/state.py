@@ -116,7 +116,9 @@ class ClientStore:
         self.spill_dir, self.budget = Path(spill_dir), budget_bytes
         self._memory: OrderedDict[int, State] = OrderedDict()
         self._memory_bytes = 0
-        self._entries: dict[tuple, dict] = {}  # file signature -> manifest entry (no re-hashing)
+        # client id -> (signature of its newest file, that file's manifest entry): no re-hashing,
+        # and one entry per client however many times its state is rewritten
+        self._entries: dict[int, tuple[tuple, dict]] = {}
         self._in_checkpoint: set[int] = set()  # memory clients unchanged since the last checkpoint
         self._last_checkpoint: Path | None = None
 
@@ -165,17 +167,17 @@ class ClientStore:
             self._in_checkpoint.discard(client_id)
             self._memory_bytes -= nbytes(state)
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            self._remember(self._file(client_id), save_state(state, self._file(client_id)))
+            self._remember(client_id, self._file(client_id), save_state(state, self._file(client_id)))
 
-    def _remember(self, path: Path, entry: dict) -> dict:
-        self._entries[signature(path)] = entry
+    def _remember(self, client_id: int, path: Path, entry: dict) -> dict:
+        self._entries[client_id] = signature(path), entry
         return entry
 
-    def _entry(self, path: Path) -> dict:
+    def _entry(self, client_id: int, path: Path) -> dict:
         """A file's manifest entry: known from its write, or hashed once (another rank wrote it)."""
-        known = self._entries.get(signature(path))
-        if known is None:
-            known = self._remember(path, {"bytes": path.stat().st_size, "sha256": file_digest(path)})
+        stamp, known = self._entries.get(client_id, (None, None))
+        if stamp != signature(path):
+            known = self._remember(client_id, path, {"bytes": path.stat().st_size, "sha256": file_digest(path)})
         return known
 
     def save(self, directory: Path, incremental: bool = True) -> tuple[dict[str, dict], Written]:
@@ -188,7 +190,7 @@ class ClientStore:
             before = self._last_checkpoint / "clients" / target.name if self._last_checkpoint else None
             unchanged = incremental and client_id in self._in_checkpoint and before is not None and before.exists()
             if client_id in self._memory and not unchanged:
-                entry = self._remember(target, save_state(self._memory[client_id], target, durable=True))
+                entry = self._remember(client_id, target, save_state(self._memory[client_id], target, durable=True))
                 cost.bytes_written += entry["bytes"]
             else:
                 source = before if client_id in self._memory else self._file(client_id)
@@ -198,7 +200,7 @@ class ClientStore:
                     shutil.copyfile(source, target)
                     cost.bytes_written += target.stat().st_size
                 cost.files_linked += int(incremental)
-                entry = self._entry(target)
+                entry = self._entry(client_id, target)
             entries[target.name] = entry
         return entries, cost
 
@@ -222,7 +224,7 @@ class ClientStore:
             link_or_copy(path, target)
             entry = (entries or {}).get(path.name)
             if entry is not None:
-                self._remember(target, entry)
+                self._remember(int(path.stem.split("_")[1]), target, entry)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
