@@ -27,7 +27,7 @@ from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_int,
 from fedllm.evaluation import evaluate
 from fedllm.evaluation.per_client import evaluate_per_client
 from fedllm.export import write_export
-from fedllm.metrics import REJECTIONS, MetricsLog, check_writable, show_progress, truncate_jsonl, write_atomically
+from fedllm.metrics import MetricsLog, check_writable, rejection_code, show_progress, truncate_jsonl, write_atomically
 from fedllm.models import build_model
 from fedllm.recipe import Recipe, check_resume_overrides, dump_recipe, load_recipe, refuse_remote_code
 from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
@@ -47,7 +47,7 @@ log = logging.getLogger("fedllm")
 
 # bytes_up/down are a client's whole traffic; split_bytes_* the part its local round itself
 # exchanged with the server (split learning's activations and gradients), 0 for a plain loop
-# rejected: 0, or 1 + the index in metrics.REJECTIONS of why the upload was left out
+# rejected: metrics.rejection_code of why the upload was left out (0: accepted)
 STAT_COLUMNS = (
     "client", "num_samples", "train_loss", "bytes_up", "bytes_down", "accepted", "steps", "split_bytes_up", "split_bytes_down",
     "rejected",
@@ -86,9 +86,8 @@ def new_run_dir(recipe: Recipe, recipe_name: str, device) -> Path:
 def stat_row(client_id: int, upload: Upload, bytes_up: int, bytes_down: int, rejection: str | None) -> list:
     r = upload.result
     split_up, split_down = r.split_bytes_up, r.split_bytes_down
-    code = 0 if rejection is None else 1 + REJECTIONS.index(rejection)
     return [client_id, r.num_samples, r.train_loss, bytes_up + split_up, bytes_down + split_down, rejection is None,
-            r.steps, split_up, split_down, code]
+            r.steps, split_up, split_down, rejection_code(rejection)]
 
 
 def gather_stats(rows: list, device) -> list[dict]:
@@ -211,7 +210,7 @@ class Federation:
         new_global, server_state = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
         for s in stats:  # a forged message is filtered where it arrives: after the gather
             if s["client"] in getattr(collect, "forged_non_finite", ()):
-                s["accepted"], s["rejected"] = False, 1 + REJECTIONS.index("non_finite")
+                s["accepted"], s["rejected"] = False, rejection_code("non_finite")
         return RoundResult(new_global, server_state, stats, time.perf_counter() - start, self.clock_metrics(t))
 
     def client_round(self, t: int, cid: int, down: Downlink, collect, lr: float, progress=None) -> list:

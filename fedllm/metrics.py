@@ -66,6 +66,11 @@ def truncate_jsonl(path: Path, rounds_done: int) -> None:
 REJECTIONS = ("malformed", "non_finite", "erased")  # why an upload was left out of its round (erased: a simulated lossy link)
 
 
+def rejection_code(reason: str | None) -> int:
+    """A stat row's `rejected` column: 0 for an accepted upload, else 1 + the reason's index."""
+    return 0 if reason is None else 1 + REJECTIONS.index(reason)
+
+
 def rejections(stats: list[dict]) -> dict:
     """{"rejected": {reason: [client ids]}} where some upload was left out, else nothing."""
     found = {}

@@ -53,7 +53,7 @@ from fedllm.collectors import default_collector
 from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_state_, is_distributed
 from fedllm.engine import gather_stats
 from fedllm.loops.trainer import ReplayLastBatch
-from fedllm.metrics import REJECTIONS
+from fedllm.metrics import rejection_code
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
 from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, RunInfo, split_prefix, with_prefix
 from fedllm.training import REGRAD, StepDriver, lacking, load_optimizer_state, optimizer_state_to_tensors
@@ -205,9 +205,8 @@ class FederatedCallback(TrainerCallback):
         accepted = collect.add(self.client_id, message, weight)
         if not accepted:
             log.warning("round %d: client %d has a non-finite update (NaN/Inf); dropped", self.round, self.client_id)
-        rejected = 0 if accepted else 1 + REJECTIONS.index("non_finite")
         row = [self.client_id, self.num_samples, math.nan, bytes_up, self.bytes_down, accepted, self.local_steps, 0, 0,
-               rejected]
+               rejection_code(None if accepted else "non_finite")]
         stats = gather_stats([row], self.device)
         clients = [s["client"] for s in stats if s["accepted"]]
         if clients:

@@ -19,7 +19,7 @@ from fedllm.capabilities import check_pairings
 from fedllm.deploy.flower.records import read_bytes, wire_record
 from fedllm.deploy.party import mismatch, recipe_digests
 from fedllm.engine import Federation, RoundResult
-from fedllm.metrics import REJECTIONS
+from fedllm.metrics import rejection_code
 from fedllm.recipe import load_recipe
 from fedllm.registry import RecipeError
 from fedllm.training import round_learning_rate
@@ -207,7 +207,7 @@ def answer_row(client_id: int, info: dict, size: int, bytes_down: int, rejection
     return {"client": client_id, "num_samples": int(number("num_samples")), "train_loss": number("train_loss"),
             "bytes_up": size + split_up, "bytes_down": bytes_down + split_down, "accepted": rejection is None,
             "steps": int(number("steps")), "split_bytes_up": split_up, "split_bytes_down": split_down,
-            "rejected": 0 if rejection is None else 1 + REJECTIONS.index(rejection)}
+            "rejected": rejection_code(rejection)}
 
 
 def log_to(run_dir: Path) -> None:
