@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from fedllm.rundir import NOFOLLOW
+from fedllm.rundir import open_no_follow
 
 State = dict[str, torch.Tensor]
 
@@ -68,8 +68,7 @@ def save_state(state: State, path: Path, durable: bool = False) -> dict:
     Returns the file's manifest entry."""
     data = safetensors_bytes({k: t.detach().contiguous().cpu() for k, t in state.items()})
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as f:
+    with open_no_follow(tmp, "wb") as f:
         f.write(data)
         if durable:
             f.flush()
@@ -274,8 +273,7 @@ def retire(checkpoint: Path) -> None:
 
 def write_text(path: Path, text: str) -> dict:
     data = text.encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as f:
+    with open_no_follow(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
