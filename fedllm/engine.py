@@ -364,6 +364,8 @@ class Federation:
         return None
 
     def checkpoint(self, rounds_done: int) -> None:
+        if not self.recipe.output.checkpoints:  # the user's choice: no resume, no checkpoint writes
+            return
         if self.is_main:
             parts = {"global": self.global_state, "server_state": self.server_state, "rng": {"torch": torch.get_rng_state()}}
             if self.own_aggregation is not None:

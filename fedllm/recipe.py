@@ -125,6 +125,8 @@ class ClientConfig(Section):
     bf16: bool = False
     fp16: bool = False
     threads: Optional[int] = Field(None, gt=0)  # torch CPU threads per process; default chosen (fedllm.threads)
+    fused_optimizer: bool = True  # AdamW/SGD as one fused kernel where torch has one for the device and dtype
+    torch_compile: bool = False  # compile the model's forward/backward for the local steps (torch.compile)
 
 
 class EvalConfig(Section):
@@ -140,6 +142,7 @@ class OutputConfig(Section):
     dir: str = "runs"
     name: Optional[str] = None  # run directory name; default <recipe>-<timestamp>
     checkpoint_every: int = Field(1, ge=0)  # 0 = only the final round
+    checkpoints: bool = True  # false: write no checkpoint at all (a killed run cannot resume)
     keep_last: int = Field(2, ge=0)  # checkpoints kept on disk; 0 = all
     report_to: list[Literal["tensorboard", "wandb"]] = []
     progress: bool = True
@@ -272,7 +275,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 RESUMABLE = (
     "federation.rounds", "federation.collective_timeout_s", "federation.client_store_budget_mb",
     "eval.every", "eval.per_device_eval_batch_size", "eval.max_batches",
-    "output.checkpoint_every", "output.keep_last", "output.report_to", "output.progress",
+    "output.checkpoint_every", "output.checkpoints", "output.keep_last", "output.report_to", "output.progress",
     "client.threads",  # speed only (the last bits of a CPU sum may differ between thread counts)
     "privacy.max_epsilon",  # only where the run stops: spending more is the user's decision
 )

@@ -46,6 +46,8 @@ def run_summary(run_dir: str | Path, seconds: float) -> str:
     final = run_dir / "final"
     if final.is_dir():
         kind = "a PEFT adapter" if (final / "adapter_config.json").exists() else "the merged model"
-        lines.append(f"  final: {final} ({kind}); another round or format: fedllm export {run_dir} OUT --round N --to peft|merged")
+        other = f"; another round or format: fedllm export {run_dir} OUT --round N --to peft|merged" \
+            if any((run_dir / "checkpoints").glob("round_*")) else " (no checkpoints: output.checkpoints was false)"
+        lines.append(f"  final: {final} ({kind}){other}")
     lines.append(f"  curves: fedllm plot {run_dir} (writes {run_dir / 'plots'}/loss.png, eval.png, bytes.png)")
     return "\n".join(lines)

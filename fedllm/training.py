@@ -199,8 +199,15 @@ def micro_batches(examples: list[dict], batch_size: int, count: int, rng: np.ran
 
 def make_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if cfg.optim == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        kind, options = torch.optim.SGD, {"lr": lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    else:
+        kind, options = torch.optim.AdamW, {"lr": lr, "weight_decay": cfg.weight_decay}
+    if getattr(cfg, "fused_optimizer", False):
+        try:  # one kernel over all tensors; torch refuses at construction where the device or dtype has none
+            return kind(params, fused=True, **options)
+        except (RuntimeError, ValueError):
+            pass
+    return kind(params, **options)
 
 
 def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> State:

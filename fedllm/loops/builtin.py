@@ -18,6 +18,16 @@ class BuiltinLoop(LocalLoop):
     name = "client.trainer=builtin"
     supports = frozenset({PER_EXAMPLE, REGRAD, FULL_GRADIENT, VARIABLE_STEPS})
 
+    def __init__(self):
+        self._compiled: tuple[torch.nn.Module, torch.nn.Module] | None = None
+
+    def compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` under torch.compile, made once: the resident model's parameters are updated in
+        place between clients, so one compiled graph serves every client of every round."""
+        if self._compiled is None or self._compiled[0] is not model:
+            self._compiled = (model, torch.compile(model))
+        return self._compiled[1]
+
     def train(self, job: LocalJob, driver: StepDriver) -> LocalResult:
         """Trains `job.params` (already holding x^t) on `job.examples`; returns Δ and the loss."""
         cfg, model, params, device = job.cfg, job.model, job.params, job.device
@@ -35,13 +45,14 @@ class BuiltinLoop(LocalLoop):
         accumulate = cfg.gradient_accumulation_steps
         count = job.steps * accumulate
         loss_of = ModelLoss(model, autocast)
+        forward = self.compiled(model) if cfg.torch_compile else model
         losses = []
         for i, batch in enumerate(micro_batches(job.examples, cfg.per_device_train_batch_size, count, rng)):
             inputs = {k: v.to(device) for k, v in collate(batch, job.pad_token_id).items()}
 
             def backward():
                 with autocast:
-                    loss = model(**inputs).loss
+                    loss = forward(**inputs).loss
                 scaler.scale(loss / accumulate).backward()
                 return loss.detach()
 
