@@ -12,38 +12,50 @@ L_i = f_i(w) + λ_iᵀ(w − z) + (ρ/2)‖w − z‖².
 A noisy z̃ (and noisy uplinks) break Σ_i λ_i = 0: that sum is a random walk driven by the
 link noise, and the fixed point z − w* = −(Σ∇²f_i)⁻¹ Σλ_i walks with it (cumulative noise).
 
-`noise_robust_admm` — the dual eliminated (the paper's key change, as its abstract states it;
-the full text was not reachable offline, so the equations are our derivation, not cited by
-number). The w-update's optimality, ∇f_i(w_i⁺) + λ_i + ρ(w_i⁺ − z̃) = 0, followed by the dual
-step λ_i ← λ_i + ρ(w_i⁺ − z̃) gives λ_i = −∇f_i(w_i⁺) exactly, so no dual is carried:
-    w_i⁺ = argmin f_i(w) − ∇f_i(w_i)ᵀ(w − z̃) + (ρ/2)‖w − z̃‖²      (one noisy z̃ per iteration)
-    u_i  = w_i⁺ − ∇f_i(w_i⁺)/ρ       (uplink: w_i⁺ + λ_i⁺/ρ, the model carrying its dual)
-    z    = mean_i u_i                (over all N, each client's latest u_i; x⁰ before its first)
-The data enter every uplink through ∇f_i, so link noise is not integrated anywhere: the
-error stays at the noise floor. Fixed point: w_i = z and Σ∇f_i(z) = 0, i.e. z = w*, however
-inexact the local solve. For WLS, f_i = ½‖y_i − X_i w‖²_{W_i}, the w-update is
-(R_i + ρI) w_i⁺ = R_i w_i + ρ z̃ with R_i = X_iᵀW_iX_i.
-Unscheduled clients keep updating locally (the paper's second change, `idle_updates`): a
-client that missed m rounds runs min(m, `max_idle_iterations`) further iterations toward
-the last z̃ it received before this round's — computed lazily when it is next scheduled,
-which gives the same numbers as computing them eagerly, since they depend only on its own
-state.
+`noise_robust_admm` — the dual eliminated. Source: the paper's full text was not reachable
+offline (its equation numbers are not cited here); the rule is the one in the first author's
+published simulation code, github.com/ehsan-lari/RERCE_Fed (src/RERCE_Fed.m, and
+RERCE_Fed_ContinualUpdates.m, "based on" the Signal Processing 2025 version). For WLS,
+f_i = ½(y_i − H_iw)ᵀW_i(y_i − H_iw), R_i = H_iᵀW_iH_i, that code runs
+    w_i¹ = (R_i + ρI)⁻¹ H_iᵀW_iy_i                    (first iteration, from z⁰ = 0, λ⁰ = 0)
+    w_i⁺ = (I − ρ(R_i + ρI)⁻¹) w_i + ρ(R_i + ρI)⁻¹ z̃  (one noisy global model z̃; no dual kept)
+i.e. w_i⁺ = argmin f_i(w) − ∇f_i(w_i)ᵀw + (ρ/2)‖w − z̃‖², and, in the continual-updates code,
+    uplink s_i = 2w_i⁺ − w_i;   z = mean over all N of each client's latest s_i   (`form: paper`)
+(src/RERCE_Fed.m, without continual updates, uploads w_i⁺, averages only that iteration's
+clients and broadcasts 2z − z_old; that server-side variant is not built.)
+This is consensus ADMM (Boyd 7.6–7.7) with λ_i eliminated through the exact local solve:
+λ_iⁿ = −∇f_i(w_iⁿ) − ρ(zⁿ − zⁿ⁻¹), so z̃ stands for 2zⁿ − zⁿ⁻¹, which one message carries (the
+standard form's client combines two noisy receptions). The data enter only through w_i¹:
+Σ_i λ_i = 0 is a conserved quantity that every inexact local solve, stale table entry (partial
+participation) and link-noise draw perturbs for good, so the fixed point drifts with them.
+`form: gradient` (the default; the closest form we found that survives those): same client
+update, uplink u_i = w_i⁺ − ∇f_i(w_i⁺)/ρ = w_i⁺ + λ_i⁺/ρ with λ_i⁺ = −∇f_i(w_i⁺) (Boyd 7.6's
+z-term), z = mean_i u_i. Fixed point: w_i = z and Σ∇f_i(z) = 0, i.e. z = w*, however inexact
+the solve; the data enter every uplink, so link noise is not integrated: it stays at a floor.
+Unscheduled clients keep updating locally (the paper's second change, `idle_updates`; the
+code's unscheduled clients iterate toward the last z̃ they received): a client that missed m
+rounds runs min(m, `max_idle_iterations`) further iterations toward that z̃ — computed lazily
+when it is next scheduled, which gives the same numbers as computing them eagerly, since they
+depend only on its own state. A client not yet heard from counts as x⁰ in the server's mean
+(the code has every client upload at the first iteration).
 
 For adapters (inexact local SGD): each iteration is the local loop's K steps on L_i with
 the gradient corrected by −∇f_i(w_i) + ρ(w − z̃) (∇f_i(w_i): the full local gradient at the
 iteration's start, `gradient_examples` caps the examples it uses); the client's w_i, ∇f_i(w_i)
-and last z̃ live in the client store. The upload is u_i (the model, in place of Δ — the
-quantity the paper transmits), so a noisy link's SNR is relative to the model.
+and last z̃ live in the client store. The upload is s_i or u_i (a model, in place of Δ — what
+the paper transmits), so a noisy link's SNR is relative to the model.
 
-Defaults: ρ = 1 (a scale: the gradient term is divided by it; adapters' losses are O(1)),
-the paper's idle updates on, capped at 10 missed iterations. Measured on the WLS reference
-(tests/strategies/test_admm_wls.py: N=10, d=5, K=10 local gradient steps, ρ=1): both reach
-‖z − w*‖² < 1e-12 on clean links; under independent link noise σ=0.02 on every download and
-upload, mean ‖z − w*‖² over iterations 100–200 is 2.9e-4 (noise_robust_admm) vs 1.0e-2 (admm).
-In our own numpy runs of the same problem, idle updates speed up clean partial participation
-but raise the noisy steady state (an idle client converges to a stale noisy z̃): turn them
-off on very noisy links. Server memory: the latest u_i of every client heard from (≤ N × the
-adapter) and x⁰.
+Defaults: ρ = 1 (the code's default), `form: gradient`, idle updates on, capped at 10 missed
+iterations. Measured on the WLS reference (tests/strategies/test_admm_wls.py: N=10, d=5, the real
+Client with K=10 gradient steps, lr 0.2, ρ=1), ‖z − w*‖²: clean links, all clients — gradient
+7e-16, admm 4e-14, paper 3.3e-5 (stuck: the K-step solve is inexact); 3 of 10 per round —
+gradient 4e-13, paper 0.055 (stuck); independent noise σ=0.02 on every download and upload,
+mean over iterations 100–200 — gradient 2.9e-4, paper 1.04e-2, admm 1.0e-2. In numpy with
+exact solves, `paper` and `admm` give the same error under full participation and both grow
+without bound (0.014 → 0.25 from iteration 150 to 4500) while `gradient` stays at 8e-5; in the
+code's own setting (N=100, L=128, 4 clients per iteration, W_i = 10⁴I, so R_i ≫ ρ) the drift
+is too slow to see: −23.3 dB NMSD from iteration 250 to 4000 at noise variance 1e-2.
+Server memory: the latest upload of every client heard from (≤ N × the adapter) and x⁰.
 """
 from __future__ import annotations
 
@@ -142,9 +154,9 @@ class StandardHooks(AdmmHooks):
 
 
 class RobustHooks(AdmmHooks):
-    def __init__(self, rho: float, idle: int, limit: int | None):
+    def __init__(self, rho: float, idle: int, limit: int | None, form: str):
         super().__init__(rho)
-        self.idle, self.limit = idle, limit  # idle: iterations owed for the rounds it missed
+        self.idle, self.limit, self.form = idle, limit, form  # idle: iterations owed for the rounds it missed
 
     def num_steps(self, default: int) -> int:
         self.per_iteration = default
@@ -157,9 +169,10 @@ class RobustHooks(AdmmHooks):
             self.load_local_model(params, on(params, strip_prefix(stored, W)))
             self.lam = {k: -t for k, t in on(params, strip_prefix(stored, G)).items()}  # λ_i = −∇f_i(w_i)
             self.anchor = on(params, strip_prefix(stored, Z)) if self.idle else self.x_t
-        else:  # first round: λ⁰ = 0, from z̃, nothing owed
+        else:  # first iteration: λ⁰ = 0, from z̃ (the code's w_i¹ = (R_i + ρI)⁻¹ p_i from z⁰ = 0), nothing owed
             self.lam = {k: torch.zeros_like(t) for k, t in self.x_t.items()}
             self.anchor, self.idle = self.x_t, 0
+        self.w_prev = {k: p.detach().to(self.x_t[k].dtype, copy=True) for k, p in params.items()}
 
     def local_gradient(self, params) -> State:
         return on(params, self.gradient(self.limit))
@@ -172,6 +185,7 @@ class RobustHooks(AdmmHooks):
                 self.lam = {k: -t for k, t in self.local_gradient(params).items()}
             for k, p in params.items():
                 p.grad = grads[k]
+            self.w_prev = {k: p.detach().to(self.x_t[k].dtype, copy=True) for k, p in params.items()}
             if self.steps_done == self.per_iteration * self.idle:  # the last one: this round's z̃
                 self.anchor = self.x_t
         self.steps_done += 1
@@ -179,9 +193,12 @@ class RobustHooks(AdmmHooks):
 
     def finish(self, params, update):
         with torch.enable_grad():
-            g = self.local_gradient(params)  # ∇f_i(w_i⁺): the next λ and this uplink
+            g = self.local_gradient(params)  # ∇f_i(w_i⁺): the next iteration's λ
         w = {k: p.detach().float() for k, p in params.items()}
-        u = {k: w[k] - g[k] / self.rho for k in w}
+        if self.form == "paper":  # the code's s_i = 2w_i⁺ − w_i
+            u = {k: 2 * w[k] - self.w_prev[k].float() for k in w}
+        else:  # w_i⁺ + λ_i⁺/ρ, Boyd 7.6's z-term with λ_i⁺ = −∇f_i(w_i⁺)
+            u = {k: w[k] - g[k] / self.rho for k in w}
         self.send(update, u, self.x_t)
         state = {**{W + k: t.cpu() for k, t in w.items()}, **{G + k: t.cpu() for k, t in g.items()},
                  **{Z + k: t.cpu() for k, t in self.x_t.items()}}
@@ -201,18 +218,20 @@ class Admm(ConsensusServer):
 
 @STRATEGIES.register("noise_robust_admm")
 class NoiseRobustAdmm(ConsensusServer):
-    """Noise-robust ADMM (Lari et al. 2024): dual eliminated (λ_i = −∇f_i(w_i)), one noisy z̃ per
-    iteration, uplink w_i − ∇f_i(w_i)/ρ, unscheduled clients keep iterating."""
+    """Noise-robust ADMM (Lari et al. 2024): the dual eliminated, one noisy z̃ per iteration, unscheduled
+    clients keep iterating; uplink 2w_i⁺ − w_i (`form: paper`) or w_i⁺ − ∇f_i(w_i⁺)/ρ (`form: gradient`)."""
 
-    def __init__(self, rho: float = 1.0, idle_updates: bool = True, max_idle_iterations: int = 10,
+    def __init__(self, rho: float = 1.0, form: str = "gradient", idle_updates: bool = True, max_idle_iterations: int = 10,
                  gradient_examples: int | None = None):
         super().__init__(rho)
+        if form not in ("paper", "gradient"):
+            raise RecipeError(f"noise_robust_admm: form must be paper or gradient, not {form!r}")
         if max_idle_iterations < 0 or (gradient_examples is not None and gradient_examples < 1):
             raise RecipeError("noise_robust_admm: max_idle_iterations must be ≥ 0 and gradient_examples ≥ 1")
-        self.idle_updates, self.max_idle, self.limit = idle_updates, max_idle_iterations, gradient_examples
+        self.form, self.idle_updates, self.max_idle, self.limit = form, idle_updates, max_idle_iterations, gradient_examples
 
     def client_hooks(self, round: int, client_id: int):
         known = self.last_round is not None and client_id < len(self.last_round)
         last = int(self.last_round[client_id]) if known else -1
         missed = round - last - 1 if self.idle_updates and last >= 0 else 0
-        return RobustHooks(self.rho, min(max(missed, 0), self.max_idle), self.limit)
+        return RobustHooks(self.rho, min(max(missed, 0), self.max_idle), self.limit, self.form)

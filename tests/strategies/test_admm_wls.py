@@ -45,10 +45,10 @@ class WLS:
 
 
 def run(name: str, problem: WLS, iterations: int, sigma: float = 0.0, per_round: int | None = None, rho: float = 1.0,
-        steps: int = 10, lr: float = 0.2) -> list[float]:
+        steps: int = 10, lr: float = 0.2, **options) -> list[float]:
     """‖z − w*‖² after every iteration."""
     n = problem.num_clients
-    strategy = STRATEGIES.build({"name": name, "rho": rho})
+    strategy = STRATEGIES.build({"name": name, "rho": rho, **options})
     strategy.setup(RunInfo(iterations, n, per_round or n, "uniform", [1] * n, [steps] * n, 1, 0))
     model = torch.nn.Module()
     model.x = torch.nn.Parameter(torch.zeros(problem.dim, dtype=torch.float64))
