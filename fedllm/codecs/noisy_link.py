@@ -1,5 +1,7 @@
-"""A simulated noisy link (the channel model of Lari et al., arXiv 2409.13451, §II: every
-transmitted model is received plus zero-mean white Gaussian noise; and packet erasures).
+"""A simulated noisy link (the channel of Lari et al., arXiv 2409.13451, as their published
+code github.com/ehsan-lari/RERCE_Fed simulates it: every transmitted model is received plus
+zero-mean white Gaussian noise of a fixed variance — `noise_std` here — drawn independently
+per client on the uplink and the downlink; packet erasures are ours).
 
 For a message whose float entries x ∈ R^n (all its tensors together) have power
 P = ‖x‖²/n, the receiver gets
