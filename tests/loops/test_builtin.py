@@ -45,10 +45,9 @@ def test_checkpoints_false_writes_no_checkpoint_and_still_exports(recipe_file, t
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile on the CPU needs a C compiler (inductor)")
 def test_torch_compile_trains_the_same_adapter(recipe_file):
-    sections = dict(federation={"rounds": 1, "num_clients": 2, "clients_per_round": 1}, client={"max_steps": 2},
-                    eval={"every": 0, "max_batches": 1})
-    eager = run_recipe(str(recipe_file(**sections, output={"name": "eager"})))
-    compiled = run_recipe(str(recipe_file(**sections, output={"name": "compiled"}, client={"max_steps": 2, "torch_compile": True})))
+    sections = dict(federation={"rounds": 1, "num_clients": 2, "clients_per_round": 1}, eval={"every": 0, "max_batches": 1})
+    eager = run_recipe(str(recipe_file(**sections, client={"max_steps": 2}, output={"name": "eager"})))
+    compiled = run_recipe(str(recipe_file(**sections, client={"max_steps": 2, "torch_compile": True}, output={"name": "compiled"})))
     a, b = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (eager, compiled))
     assert a.keys() == b.keys()
     assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 0  # trained away from B = 0
