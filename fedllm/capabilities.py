@@ -10,7 +10,7 @@ import logging
 from fedllm.loops import loop_for
 from fedllm.recipe import Recipe
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
-from fedllm.training import LocalLoop, lacking
+from fedllm.training import GROUP, PER_EXAMPLE, LocalLoop, lacking
 
 log = logging.getLogger("fedllm")
 
@@ -34,9 +34,29 @@ def check_pairings(recipe: Recipe) -> None:
             raise RecipeError(f"strategy '{recipe.strategy['name']}' counts 0/1 flags in its uploads, which codec "
                               f"'{spec['name']}' randomizes: remove that codec or use another strategy")
     strategy.check_federation(recipe.federation.sampled_per_round())
+    check_groups(recipe, strategy, loop)
     if recipe.client.optim == "zo":
         check_zeroth_order(recipe, strategy, adapter)
     check_local_optimizer(recipe, strategy)
+
+
+def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
+    """federation.group_size > 1: a loop that can split a client's batch over a group, and no
+    per-example clipping (DP-SGD's noise is calibrated to one rank's batch)."""
+    fed = recipe.federation
+    if fed.group_size == 1:
+        if fed.group_parallel != "ddp":
+            raise RecipeError(f"federation.group_parallel={fed.group_parallel} shards a client over a group of ranks: "
+                              "set federation.group_size > 1 (a divisor of the launched processes)")
+        return
+    if GROUP not in loop.supports:
+        raise RecipeError(f"federation.group_size={fed.group_size} needs a local loop that trains one client on a group of "
+                          f"ranks; {loop.name} does not: use client.trainer=builtin (and an adapter without its own loop), "
+                          "or federation.group_size=1")
+    if PER_EXAMPLE in strategy.client_needs:
+        raise RecipeError(f"strategy '{recipe.strategy['name']}' runs its own per-example backward (DP-SGD's clipping and "
+                          "noise are sized for one rank's batch), which a client group does not split: use "
+                          "federation.group_size=1")
 
 
 def check_zeroth_order(recipe: Recipe, strategy, adapter) -> None:

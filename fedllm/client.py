@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from fedllm.adapters.base import Adapter
+from fedllm.distributed import ClientGroup
 from fedllm.recipe import ClientConfig
 from fedllm.state import ClientRecord, State
 from fedllm.strategies.base import ClientContext, ClientHooks, Strategy
@@ -50,7 +51,8 @@ class Client:
 
     def __init__(self, model: torch.nn.Module, params: dict[str, torch.nn.Parameter], adapter: Adapter,
                  strategy: Strategy, loop: LocalLoop, cfg, data: Sequence[list[dict]], pad_token_id: int,
-                 device: torch.device, seed: int):
+                 device: torch.device, seed: int, group: ClientGroup | None = None):
+        self.group = group  # the client group this rank trains each client with (fedllm.distributed)
         self.model, self.params, self.adapter, self.strategy, self.loop = model, params, adapter, strategy, loop
         self.cfg, self.data, self.pad_token_id, self.device, self.seed = cfg, data, pad_token_id, device, seed
         self.max_grad_norm = post_step_clip(strategy, cfg.max_grad_norm)  # None under DP-SGD: see there
@@ -66,6 +68,7 @@ class Client:
             self.model, self.params, x_t, examples, self.cfg, lr, client_seed(self.seed, round, client_id),
             hooks.num_steps(default_steps(self.cfg, len(examples))),
             record.optimizer if self.cfg.keep_optimizer_state else None, self.pad_token_id, self.device, round, client_id,
+            self.group,
         )
         gradient = (lambda limit=None: self.loop.full_gradient(job, limit)) if FULL_GRADIENT in self.loop.supports else None
         embed = lambda ids: self.model.get_input_embeddings()(ids)  # noqa: E731  (a Hugging Face model's)

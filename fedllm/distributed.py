@@ -2,6 +2,7 @@
 Tensors only: nothing is pickled between processes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -22,12 +23,76 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum_(flat: torch.Tensor, device: torch.device) -> torch.Tensor:
+def all_reduce_sum_(flat: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
     if is_distributed():
         on_device = flat.to(device)
-        dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+        dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group)
         flat.copy_(on_device.to(flat.device))
     return flat
+
+
+@dataclass(frozen=True)
+class ClientGroup:
+    """This rank's client group: the W launched ranks form W/G groups of G consecutive ranks
+    (group g holds ranks gG … gG+G−1); a group trains one client at a time, data parallel
+    inside it, and its leader (member 0) speaks for it in every collective across groups."""
+
+    size: int  # G
+    index: int  # g: the groups split a round's clients as single ranks do with G = 1
+    count: int  # W/G
+    member: int  # this rank's place in its group
+    handle: object = None  # the torch.distributed subgroup of the G ranks (None: G = 1)
+
+    @property
+    def leader(self) -> bool:
+        return self.member == 0
+
+
+def client_groups(size: int) -> ClientGroup:
+    """This rank's ClientGroup (every rank must call it: creating subgroups is collective)."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
+    if world % size:
+        raise ValueError(f"federation.group_size={size} does not divide the {world} launched processes: launch a "
+                         f"multiple of {size} processes or set a group_size that divides {world}")
+    handle = None
+    if size > 1:
+        # new_group is collective over the whole world: every rank creates every group, in order
+        for g in range(world // size):
+            made = dist.new_group(list(range(g * size, (g + 1) * size)))
+            handle = made if g == rank // size else handle
+    return ClientGroup(size, rank // size, world // size, rank % size, handle)
+
+
+def shard_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device) -> None:
+    """FSDP inside a client group (FSDP2 `fully_shard` over the group's ranks): the frozen base
+    weights are sharded, block by block, so each rank holds 1/G of them and all-gathers a block
+    for its forward and backward. The trainable adapter stays whole on every rank (FSDP's
+    `ignored_params`): the adapter code reads and writes it as with G = 1, and its gradients
+    are averaged in the group like in ddp mode (group_mean_)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group.handle, device.type)
+    keep = set(trainable.values())
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = set(getattr(base, "_no_split_modules", None) or ())  # a Hugging Face model's decoder layers
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, ignored_params=keep)
+    fully_shard(model, mesh=mesh, ignored_params=keep)
+
+
+def group_mean_(tensors: list[torch.Tensor], group: ClientGroup, device: torch.device) -> None:
+    """Each tensor, in place, becomes its mean over the ranks of `group` (one flat all-reduce)."""
+    if group.size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(device, torch.float32) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group.handle)
+    flat /= group.size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+        offset += t.numel()
 
 
 def all_gather_rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -106,20 +171,24 @@ def all_gather_messages(kept: list[tuple[int, dict, float]], template: dict, dev
 
 class Reducer:
     """The collectives, handed to code that must not call torch.distributed itself (an
-    adapter's collector): sums and gathers over every rank, no-ops in one process."""
+    adapter's collector): sums and gathers over every rank, no-ops in one process.
+    `contributes=False` (a client group's non-leader, which holds a copy of what its leader
+    holds): this rank takes part in every collective but adds nothing, so a group counts once."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, contributes: bool = True):
+        self.device, self.contributes = device, contributes
 
     @property
     def active(self) -> bool:
         return is_distributed()
 
     def sum_(self, flat: torch.Tensor) -> torch.Tensor:
+        if not self.contributes:
+            flat.zero_()
         return all_reduce_sum_(flat, self.device)
 
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return all_gather_rows(rows, self.device)
+        return all_gather_rows(rows if self.contributes else rows[:0], self.device)
 
     def gather_messages(self, kept: list[tuple[int, dict, float]], template: dict) -> list[tuple[int, dict, float]]:
-        return all_gather_messages(kept, template, self.device)
+        return all_gather_messages(kept if self.contributes else [], template, self.device)

@@ -23,7 +23,9 @@ from fedllm.client import Client, Upload
 from fedllm.collectors import default_collector, message_template, misfit
 from fedllm.data import prepare_data
 from fedllm.devices import Devices
-from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, is_distributed, process_state
+from fedllm.distributed import (
+    Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state, shard_base,
+)
 from fedllm.evaluation import evaluate
 from fedllm.evaluation.per_client import evaluate_per_client
 from fedllm.export import write_export
@@ -106,10 +108,14 @@ class Federation:
         self.device, self.rank, self.world_size = self.state.device, self.state.process_index, self.state.num_processes
         self.is_main = self.state.is_main_process
         self.reducer = Reducer(self.device)
+        self.group = client_groups(recipe.federation.group_size)  # G ranks train each client together
         self.tokenizer, self.model, self.adapter = build_model(recipe, self.device)
         set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.params = self.adapter.trainable(self.model)
+        self.sharded = recipe.federation.group_parallel == "fsdp" and self.group.size > 1
+        if self.sharded:
+            shard_base(self.model, self.params, self.group, self.device)
         self.data = prepare_data(recipe.data, self.tokenizer, recipe.federation.num_clients, recipe.seed,
                                  per_client_eval=recipe.eval.per_client)
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
@@ -132,7 +138,7 @@ class Federation:
         # mean): no full-size update per client; a simulated attack needs every message.
         self.own_aggregation = None if self.attack else self.adapter.aggregation(self.strategy, recipe.seed)
         self.client = Client(self.model, self.params, self.adapter, self.strategy, local_loop(recipe, self.adapter),
-                             recipe.client, self.data.clients, self.pad_token_id, self.device, recipe.seed)
+                             recipe.client, self.data.clients, self.pad_token_id, self.device, recipe.seed, self.group)
         self.channel = Channel(self.adapter, self.codecs, {k: tuple(t.shape) for k, t in self.global_state.items()})
         # Ranks share per-client state through the run directory (budget 0: the disk is the store).
         budget = 0 if is_distributed() else int(fed.client_store_budget_mb * 2**20)
@@ -174,7 +180,8 @@ class Federation:
             rounds=r.federation.rounds, num_clients=r.federation.num_clients,
             clients_per_round=r.federation.sampled_per_round(), sampler=r.federation.sampler["name"],
             client_sizes=sizes, local_steps=[default_steps(r.client, n) for n in sizes],
-            batch_size=r.client.per_device_train_batch_size * r.client.gradient_accumulation_steps, seed=r.seed,
+            batch_size=r.client.per_device_train_batch_size * r.client.gradient_accumulation_steps * r.federation.group_size,
+            seed=r.seed,
             privacy=r.privacy.model_dump() if r.privacy else None,
         )
 
@@ -187,14 +194,16 @@ class Federation:
                                                                                       self, progress)
             return RoundResult(self.global_state, self.server_state, gather_stats(rows, self.device),
                                time.perf_counter() - start, extra)
-        mine = self.participation.sampled(t)[self.rank :: self.world_size]  # a deterministic split
+        # a deterministic split over the client groups (with G = 1, over the ranks)
+        mine = self.participation.sampled(t)[self.group.index :: self.group.count]
         lr = round_learning_rate(r.client, t, r.federation.rounds)
         down = self.downlink(t)
         collect = self.collector(t)
         rows = []
         for cid in mine:
-            rows.append(self.client_round(t, cid, down, collect, lr, progress))
-            if progress is not None:
+            row = self.client_round(t, cid, down, collect, lr, progress)
+            rows += [row] if row is not None else []
+            if progress is not None and rows:
                 progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{rows[-1][2]:.3f}")
         return self.aggregate(t, collect, gather_stats(rows, self.device), lr, start)
 
@@ -213,10 +222,13 @@ class Federation:
                 s["accepted"], s["rejected"] = False, rejection_code("non_finite")
         return RoundResult(new_global, server_state, stats, time.perf_counter() - start, self.clock_metrics(t))
 
-    def client_round(self, t: int, cid: int, down: Downlink, collect, lr: float, progress=None) -> list:
-        """One client's round, from x^t to the collector: its stat row (STAT_COLUMNS)."""
+    def client_round(self, t: int, cid: int, down: Downlink, collect, lr: float, progress=None) -> list | None:
+        """One client's round, from x^t to the collector: its stat row (STAT_COLUMNS); None on a
+        client group's other ranks, which train with the leader but send and store nothing."""
         upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(self.store.get(cid)), lr,
                                  on_step=progress.update if progress is not None else None)
+        if not self.group.leader:
+            return None
         message, size = self.send(t, cid, upload)
         rejection = self.admit(t, cid, collect, message, upload.weight)
         del message  # summed: it must not stay alive through the next client's training
@@ -275,11 +287,15 @@ class Federation:
             self.store.put(client_id, flat)
 
     def evaluate(self, examples: list[dict]) -> dict:
+        # a sharded base runs a forward only with its whole group: the groups split the batches,
+        # and the leader's sums stand for the group's
+        reducer, rank, world = ((Reducer(self.device, self.group.leader), self.group.index, self.group.count)
+                                if self.sharded else (self.reducer, self.rank, self.world_size))
         if self.data.client_eval is not None:  # eval.per_client: `examples` is the union of the slices
             return evaluate_per_client(self.model, self.adapter, self.global_state, self.data.client_eval,
-                                       self.recipe.eval, self.pad_token_id, self.reducer, self.rank, self.world_size)
+                                       self.recipe.eval, self.pad_token_id, reducer, rank, world)
         return evaluate(self.model, self.adapter, self.global_state, examples, self.recipe.eval, self.pad_token_id,
-                        self.reducer, self.rank, self.world_size)
+                        reducer, rank, world)
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -399,7 +415,7 @@ class Federation:
                 if t > self.start_round and not (r.output.checkpoint_every and t % r.output.checkpoint_every == 0):
                     self.checkpoint(t)  # the last completed round must be on disk
                 break
-            mine = -(-r.federation.sampled_per_round() // self.world_size)
+            mine = -(-r.federation.sampled_per_round() // self.group.count)
             steps = r.client.max_steps * mine if r.client.max_steps else None
             with tqdm(total=steps, desc=f"round {t + 1} local steps", leave=False, dynamic_ncols=True,
                       disable=not (self.is_main and show_progress(r.output.progress))) as steps_bar:

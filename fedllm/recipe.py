@@ -87,6 +87,11 @@ class FederationConfig(Section):
     buffer_size: Optional[int] = Field(None, gt=0)  # buffered: arrivals per aggregation, FedBuff's K (default clients_per_round)
     staleness: Plugin = {"name": "constant"}  # s(τ): constant | polynomial | hinge (fedllm list)
     async_mixing: float = Field(1.0, gt=0.0, le=1.0)  # async: FedAsync's α in α_t = α·s(t − τ)
+    # client groups: the launched ranks form world/group_size groups, each training one client at a
+    # time data parallel (ddp: the adapter's gradients averaged in the group; fsdp: also the frozen
+    # base sharded over the group's ranks); see README "Scaling"
+    group_size: int = Field(1, gt=0)
+    group_parallel: Literal["ddp", "fsdp"] = "ddp"
 
     def sampled_per_round(self) -> int:
         if self.clients_per_round is not None and self.fraction is not None:

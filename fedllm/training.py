@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedllm.data import collate
+from fedllm.distributed import ClientGroup
 from fedllm.seeds import derive
 from fedllm.state import State
 from fedllm.strategies.base import ClientHooks
@@ -23,11 +24,13 @@ PER_EXAMPLE = "per_example"  # calls hooks.backward per micro-batch (DP-SGD's pe
 REGRAD = "regrad"  # can recompute the last micro-batch's gradients inside a step (FedSpeed, FedAMD)
 FULL_GRADIENT = "full_gradient"  # ∇ of the mean loss over the client's data at x^t (FedAMD's anchors)
 VARIABLE_STEPS = "variable_steps"  # trains the number of steps the hooks ask for (0 included)
+GROUP = "group"  # trains one client on a client group of ranks (federation.group_size > 1)
 CAPABILITIES = {
     PER_EXAMPLE: "per-micro-batch backward hooks (per-example gradients)",
     REGRAD: "recomputing a micro-batch's gradients within a step",
     FULL_GRADIENT: "the client's full-data gradient at x^t",
     VARIABLE_STEPS: "a number of local steps chosen by the strategy",
+    GROUP: "training one client on a group of ranks (federation.group_size > 1)",
 }
 
 
@@ -66,6 +69,7 @@ class LocalJob:
     device: torch.device
     round: int
     client_id: int
+    group: ClientGroup | None = None  # the ranks training this client together (None: this rank alone)
 
 
 class LocalLoop:
