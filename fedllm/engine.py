@@ -316,6 +316,9 @@ class Federation:
             "eval_examples": len(self.data.eval),
             "adapter": self.adapter.metadata(self.model),
             "byzantine_clients": sorted(self.byzantine),
+            # rank 0's share of the model: with group_parallel=fsdp about 1/G of the base plus the whole adapter
+            "client_group": {"size": self.group.size, "parallel": self.recipe.federation.group_parallel,
+                             "rank0_parameter_bytes": resident_bytes(self.model)},
             # eval.per_client: which sampled rows each client holds out (fedllm.data.holdout)
             **({"client_eval_rows": self.data.client_eval_rows} if self.data.client_eval_rows is not None else {}),
         }
@@ -445,6 +448,12 @@ class Federation:
             write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final",
                          self.adapter.export_formats[0])
         barrier()
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds (an FSDP-sharded tensor counts its local shard)."""
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  (a DTensor's shard)
+    return sum(local(p).numel() * p.element_size() for p in model.parameters())
 
 
 def run_recipe(path: str, overrides: list[str] = ()) -> Path:

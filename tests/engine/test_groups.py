@@ -1,5 +1,6 @@
 """Client groups (federation.group_size): G ranks train one client together, data parallel,
 and the run ends where one rank training each client with G times the batch ends."""
+import json
 import os
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from tests.engine.test_distributed import TRAIN, free_port
 
 B = 2  # per-device batch inside a group; the one-rank reference trains with G·B
 # Equal up to float rounding: padding to a shorter batch and summing G partial gradients
-# reorder float32 additions (measured max difference ~1e-7 on the adapter after 2 rounds).
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
+# reorder float32 additions: measured max differences 7e-9 on the final adapter and 1.3e-7 on the
+# stored SCAFFOLD control variates (2.5e-3 and 3e-2 without the token weighting of GroupShare).
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def launch(recipe: Path, processes: int, name: str, *overrides: str) -> Path:
@@ -87,7 +89,12 @@ def test_four_ranks_as_two_groups_end_as_single_ranks_do(reference):
 @pytest.mark.slow
 def test_a_group_sharding_the_base_with_fsdp_trains_as_one_rank(reference):
     path, one_dir = reference
-    assert_same_run(launch(path, 2, "fsdp", "federation.group_size=2", "federation.group_parallel=fsdp"), one_dir)
+    run_dir = launch(path, 2, "fsdp", "federation.group_size=2", "federation.group_parallel=fsdp")
+    assert_same_run(run_dir, one_dir)
+    # the base really was sharded: each rank held about half of the model
+    held, whole = (json.loads((d / "run_meta.json").read_text())["client_group"]["rank0_parameter_bytes"]
+                   for d in (run_dir, one_dir))
+    assert 0.45 * whole < held < 0.55 * whole
 
 
 def test_a_group_size_that_does_not_divide_the_ranks_is_a_one_line_error(tmp_path):
