@@ -192,3 +192,20 @@ class Reducer:
 
     def gather_messages(self, kept: list[tuple[int, dict, float]], template: dict) -> list[tuple[int, dict, float]]:
         return all_gather_messages(kept if self.contributes else [], template, self.device)
+
+
+def gather_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a model sharded by FSDP (FSDP2 `fully_shard` or FSDP1), whole,
+    on every rank, keyed by their unwrapped names (collective: every rank of the shards calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    return {k: t.detach().cpu().clone() for k, t in full.items()}
+
+
+def scatter_trainable_(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Writes whole trainable tensors (the same on every rank) into each rank's shards (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # a copy: torch replaces the dict's entries by the distributed tensors it makes of them
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=False))

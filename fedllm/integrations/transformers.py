@@ -18,8 +18,15 @@ uses `no_sync` for the non-final micro-batches of an accumulation). At `on_train
 callback sets `require_backward_grad_sync = False` on the Trainer's DDP wrapper
 (`trainer.model_wrapped`) — the flag `DDP.no_sync()` toggles, so the Trainer's own
 `no_sync` contexts restore it to False — and `args.average_tokens_across_devices = False`
-(else each rank's loss is normalised by the tokens of all ranks). DeepSpeed and FSDP shard
-one model over the ranks and are refused.
+(else each rank's loss is normalised by the tokens of all ranks).
+
+FSDP (accelerate's FSDP plugin, FSDP1 or FSDP2): the Trainer shards ONE model over its ranks,
+so they train one client together — a client group (README "Scaling"), with FSDP's own
+gradient reduction as the group's data parallelism. At each round the adapter is gathered
+whole from the shards (torch's full state dict of the trainable tensors), rank 0 sends the
+group's update, and the new global adapter is written back into every rank's shards.
+Strategies with client hooks (FedProx, SCAFFOLD, ...) are refused there: their corrections
+act on whole gradients. DeepSpeed ZeRO is refused (not yet supported: no machine to test it on).
 
 Strategy hooks run at `on_pre_optimizer_step`, which transformers calls AFTER its gradient
 clipping: a correction (FedProx μ(w − x^t), SCAFFOLD c − c_i) is then not clipped. For the
@@ -50,7 +57,9 @@ from transformers import Trainer, TrainerCallback
 
 from fedllm.channel import Channel
 from fedllm.collectors import default_collector
-from fedllm.distributed import Reducer, all_gather_rows, barrier, broadcast_state_, is_distributed
+from fedllm.distributed import (
+    Reducer, all_gather_rows, barrier, broadcast_state_, gather_trainable, is_distributed, scatter_trainable_,
+)
 from fedllm.engine import gather_stats
 from fedllm.loops.trainer import ReplayLastBatch
 from fedllm.metrics import rejection_code
@@ -81,11 +90,17 @@ def owning_trainer(callback: TrainerCallback) -> Trainer:
     raise RuntimeError("FederatedCallback must be passed to a transformers.Trainer (callbacks=[...])")
 
 
+def is_sharded(trainer: Trainer) -> bool:
+    """True when the Trainer shards one model over its ranks (FSDP): they are then one client."""
+    kind = str(trainer.accelerator.distributed_type)
+    if "DEEPSPEED" in kind:
+        raise ValueError("FederatedCallback does not support DeepSpeed ZeRO yet: shard a client over several GPUs with "
+                         "FSDP (accelerate's FSDP plugin, fsdp_version 2) instead, or train one whole model per process")
+    return "FSDP" in kind
+
+
 def switch_off_gradient_sync(trainer: Trainer) -> bool:
     """Stops DDP from averaging gradients across ranks; True if there was a wrapper."""
-    kind = str(trainer.accelerator.distributed_type)
-    if "DEEPSPEED" in kind or "FSDP" in kind:
-        raise ValueError(f"FederatedCallback needs one whole model per process (plain DDP), not {kind}")
     wrapped = trainer.model_wrapped
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         wrapped.require_backward_grad_sync = False
@@ -133,11 +148,21 @@ class FederatedCallback(TrainerCallback):
         self.model, self.device = model, args.device
         self.world_size = torch.distributed.get_world_size() if is_distributed() else 1
         rank = torch.distributed.get_rank() if is_distributed() else 0
-        self.client_id = rank if self.client_id is None else self.client_id
+        self.sharded = is_sharded(self.trainer)
+        # sharded: all ranks are one client (rank 0 speaks for it); else every rank is a client
+        self.leader, self.clients = (rank == 0, 1) if self.sharded else (True, self.world_size)
+        self.client_id = (0 if self.sharded else rank) if self.client_id is None else self.client_id
         self.check_schedule(args, state)
-        if switch_off_gradient_sync(self.trainer):
-            log.info("FederatedCallback: DDP gradient all-reduce off; ranks meet every %d steps", self.local_steps)
-        args.average_tokens_across_devices = False  # read at every step: each client's loss is its own
+        if self.sharded:
+            if self.strategy.client_hooks(0, self.client_id) is not None:
+                raise ValueError(f"strategy '{type(self.strategy).__name__}' has client hooks, which act on whole "
+                                 "gradients; under FSDP use a strategy without them (fedavg, fedavgm, fedadam, a robust rule)")
+            log.info("FederatedCallback: FSDP shards one client over the %d ranks; they meet every %d steps",
+                     self.world_size, self.local_steps)
+        else:
+            if switch_off_gradient_sync(self.trainer):
+                log.info("FederatedCallback: DDP gradient all-reduce off; ranks meet every %d steps", self.local_steps)
+            args.average_tokens_across_devices = False  # read at every step: each client's loss is its own
         if self.num_samples is None:
             dataset = getattr(train_dataloader, "dataset", None)
             self.num_samples = len(dataset) if hasattr(dataset, "__len__") else 1
@@ -150,7 +175,7 @@ class FederatedCallback(TrainerCallback):
             self.load_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_DIR)
         else:
             self.round = 0
-            self.global_state = {k: p.detach().cpu().clone() for k, p in self.params.items()}
+            self.global_state = {k: t.detach().cpu().clone() for k, t in self.adapter_weights().items()}
             # every rank starts from rank 0's server state (a DP strategy's secret noise generator)
             self.server_state = broadcast_state_(self.strategy.init({k: t.float() for k, t in self.global_state.items()}),
                                                  self.device)
@@ -194,7 +219,8 @@ class FederatedCallback(TrainerCallback):
     @torch.no_grad()
     def synchronise(self) -> dict:
         """Ends the round on every rank with the identical new global state; returns its metrics."""
-        update = {k: p.detach().float() - self.x_t[k].float() for k, p in self.params.items()}
+        local = self.adapter_weights()
+        update = {k: t.detach().float() - self.x_t[k].float().to(t.device) for k, t in local.items()}
         extras, client_state = self.hooks.finish(self.params, update)
         if client_state is not None:
             self.client_state = {k: t.detach().cpu() for k, t in client_state.items()}
@@ -202,19 +228,19 @@ class FederatedCallback(TrainerCallback):
         weight = 1.0 if self.strategy.uniform_weights else float(self.num_samples)
         # the strategy's input: the weighted mean over ranks, or every rank's message
         collect = default_collector(self.strategy, lambda: message, self.round)
-        accepted = collect.add(self.client_id, message, weight)
-        if not accepted:
+        accepted = collect.add(self.client_id, message, weight) if self.leader else False  # a group counts once
+        if self.leader and not accepted:
             log.warning("round %d: client %d has a non-finite update (NaN/Inf); dropped", self.round, self.client_id)
         row = [self.client_id, self.num_samples, math.nan, bytes_up, self.bytes_down, accepted, self.local_steps, 0, 0,
                rejection_code(None if accepted else "non_finite")]
-        stats = gather_stats([row], self.device)
+        stats = gather_stats([row] if self.leader else [], self.device)
         clients = [s["client"] for s in stats if s["accepted"]]
         if clients:
-            info = lambda total: RoundInfo(self.round, clients, total, self.world_size, lr=self.lr, local_steps=self.local_steps)  # noqa: E731
+            info = lambda total: RoundInfo(self.round, clients, total, self.clients, lr=self.lr, local_steps=self.local_steps)  # noqa: E731
             new_global, self.server_state = collect.finish(self.strategy, self.global_state, self.server_state, info,
                                                            self.reducer)
             self.global_state = {k: t.cpu() for k, t in new_global.items()}
-        self.adapter.load(self.model, {k: t.to(self.device) for k, t in self.global_state.items()}, self.params)
+        self.load_adapter(self.global_state)
         self.round += 1
         self.begin_round()
         return {
@@ -226,14 +252,28 @@ class FederatedCallback(TrainerCallback):
     def run_info(self, args, state) -> RunInfo:
         """The run's shape as the strategy's `setup` reads it: every rank is a client in every
         round, for as many rounds as the Trainer's steps allow."""
-        sizes = all_gather_rows(torch.tensor([[float(self.num_samples)]], dtype=torch.float64), args.device)
+        mine = torch.tensor([[float(self.num_samples)]] if self.leader else [], dtype=torch.float64).reshape(-1, 1)
+        sizes = all_gather_rows(mine, args.device)
         return RunInfo(
-            rounds=math.ceil(state.max_steps / self.local_steps), num_clients=self.world_size,
-            clients_per_round=self.world_size, sampler="uniform", client_sizes=[int(n) for n in sizes.flatten().tolist()],
-            local_steps=[self.local_steps] * self.world_size,
+            rounds=math.ceil(state.max_steps / self.local_steps), num_clients=self.clients,
+            clients_per_round=self.clients, sampler="uniform", client_sizes=[int(n) for n in sizes.flatten().tolist()],
+            local_steps=[self.local_steps] * self.clients,
             batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps, seed=self.seed,
             privacy=self.privacy,
         )
+
+    # ---- the adapter, whole or in shards -------------------------------------------------------
+    def adapter_weights(self) -> dict:
+        """The trainable tensors as the client's local weights (gathered from the shards under FSDP)."""
+        if self.sharded:
+            return gather_trainable(self.trainer.model_wrapped)
+        return {k: p.detach() for k, p in self.params.items()}
+
+    def load_adapter(self, state: dict) -> None:
+        if self.sharded:
+            scatter_trainable_(self.trainer.model_wrapped, state)
+        else:
+            self.adapter.load(self.model, {k: t.to(self.device) for k, t in state.items()}, self.params)
 
     # ---- checks --------------------------------------------------------------------------
     def check_schedule(self, args, state) -> None:
@@ -258,10 +298,12 @@ class FederatedCallback(TrainerCallback):
             save_file({k: t.contiguous().cpu() for k, t in self.server_state.items()}, str(folder / "server_state.safetensors"))
             meta = {"round": self.round, "local_steps": self.local_steps, "world_size": self.world_size, "lr": self.lr}
             (folder / "meta.json").write_text(json.dumps(meta))
-        local = {k: p.detach() for k, p in self.params.items()}
-        client = {**with_prefix(self.client_state, "state/"), **with_prefix(local, "local/"),
-                  **with_prefix(optimizer_state_to_tensors(self.trainer.optimizer), "optim/")}
-        save_file({k: t.contiguous().cpu() for k, t in client.items()}, str(folder / f"client_{self.client_id}.safetensors"))
+        local = self.adapter_weights()
+        # under FSDP the optimizer's moments are sharded: the Trainer's own checkpoint saves them
+        optim = {} if self.sharded else optimizer_state_to_tensors(self.trainer.optimizer)
+        client = {**with_prefix(self.client_state, "state/"), **with_prefix(local, "local/"), **with_prefix(optim, "optim/")}
+        if self.leader:
+            save_file({k: t.contiguous().cpu() for k, t in client.items()}, str(folder / f"client_{self.client_id}.safetensors"))
         barrier()
 
     def load_state(self, folder: Path) -> None:
@@ -273,13 +315,13 @@ class FederatedCallback(TrainerCallback):
             raise ValueError(f"checkpoint was made with {meta}; this run has local_steps={self.local_steps}, "
                              f"world_size={self.world_size}")
         self.round, self.resumed_lr = meta["round"], meta["lr"]
-        dtypes = {k: p.dtype for k, p in self.params.items()}
+        dtypes = {k: t.dtype for k, t in self.adapter_weights().items()}
         self.global_state = {k: t.to(dtypes[k]) for k, t in load_file(str(folder / "global.safetensors")).items()}
         self.server_state = load_file(str(folder / "server_state.safetensors"))
         client = load_file(str(folder / f"client_{self.client_id}.safetensors"))
         rest, self.client_state = split_prefix(client, "state/")
         rest, local = split_prefix(rest, "local/")
         _, optim = split_prefix(rest, "optim/")
-        self.adapter.load(self.model, {k: t.to(self.device) for k, t in local.items()}, self.params)
+        self.load_adapter(local)
         if optim:
             load_optimizer_state(self.trainer.optimizer, optim)
