@@ -106,6 +106,12 @@ class HeteroLoRA(LoRA):
             out[key] = t
         return out
 
+    def client_download(self, state: State, client_id: int) -> State:
+        """A rank-r_c client receives only its factors: A[:r_c] and (r_c/r)·B[:, :r_c]."""
+        rank = self.rank_of(client_id)
+        return {k: t[:rank] if A_KEY in k else t[:, :rank] * (rank / self.r) if B_KEY in k else t
+                for k, t in state.items()}
+
     # ---- the wire -----------------------------------------------------------------------
     def encode(self, update, ctx: WireContext) -> Message:
         rank = self.rank_of(ctx.client_id)
@@ -203,8 +209,8 @@ class FlexRounds:
     def collector(self, round: int) -> FlexCollector:
         return FlexCollector(self.adapter)
 
-    def download_bytes(self, round: int, last_taken: int, global_state: State) -> int:
-        return serialized_size(self.adapter.encode_global(global_state))
+    def download_bytes(self, round: int, last_taken: int, global_state: State, client_id: int) -> int:
+        return serialized_size(self.adapter.encode_global(self.adapter.client_download(global_state, client_id)))
 
     def state(self) -> State:
         return {}
