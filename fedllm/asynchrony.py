@@ -10,8 +10,9 @@ and the server updates as updates arrive.
   x_new = x_τ + Δ, so the mixed step is α_t·(Δ + x_τ − x_{t−1}), fed to the strategy as its
   mean update (fedavg with server_lr 1 applies it as is). Arrivals at one instant are one event.
 - buffered (FedBuff, Nguyen et al. 2022, Algorithm 1): arrivals add s(τ)·Δ to a buffer; every
-  K of them the buffer's weighted mean goes to the strategy (server_lr is FedBuff's η_g). K
-  is independent of the logged round: a buffer may fill across two of them.
+  K of them the buffer's weighted mean goes to the strategy (server_lr is FedBuff's η_g); a
+  robust rule (median, Krum, ...) gets the buffer's K weighted updates instead. K is
+  independent of the logged round: a buffer may fill across two of them.
 
 At most `max_concurrency` clients train at once; a freed slot takes the next online client of
 the uniform sampler's draws (busy and offline ones skipped); with no client online, the slot
@@ -185,9 +186,9 @@ class AsyncRounds:
         self.mixing = fed_cfg.async_mixing if self.mode == "async" else 1.0
         self.participation, self.devices, self.strategy = participation, devices, strategy
         self.channel, self.reducer, self.device = channel, reducer, device
-        if strategy.needs == ALL:
-            raise RecipeError(f"federation.mode={self.mode} aggregates a running mean; a strategy that needs every "
-                              "update (robust rules) runs in federation.mode=sync")
+        if strategy.needs == ALL and self.mode == "async":
+            raise RecipeError("federation.mode=async applies each arrival alone; a strategy that needs every update "
+                              "(robust rules) runs in federation.mode=buffered (over each buffer of K) or sync")
         self.now = 0.0
         self.version = self.arrivals = self.seq = self.wave = self.pos = 0
         self.flights: list[Flight] = []  # a heap

@@ -10,11 +10,11 @@ import torch
 from fedllm.adapters.base import Adapter
 from fedllm.asynchrony import AsyncRounds, SyncClock
 from fedllm.channel import Channel
-from fedllm.collectors import StreamedMean, message_template
+from fedllm.collectors import default_collector, message_template
 from fedllm.devices import Availability, Devices
 from fedllm.distributed import Reducer
 from fedllm.recipe import ClientConfig, DeviceConfig, FederationConfig
-from fedllm.registry import STRATEGIES
+from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.samplers import Participation, Uniform
 from fedllm.strategies.base import Update
 
@@ -92,8 +92,8 @@ class FakeServer:
     def __init__(self, strategy, template):
         self.strategy, self.template, self.rounds, self.seen = strategy, template, None, []
 
-    def collector(self, version):
-        return StreamedMean(lambda: message_template(self.strategy, self.template))
+    def collector(self, version):  # the engine's choice: a running mean, or every message for a robust rule
+        return default_collector(self.strategy, lambda: message_template(self.strategy, self.template), version)
 
     def client_round(self, t, cid, down, collect, lr, progress=None):
         self.seen.append({"client": cid, "at": self.rounds.now, "x": down.x_t["w"].clone(),
@@ -168,3 +168,16 @@ def test_a_client_gets_the_broadcast_of_the_version_it_started_from():
         assert d["broadcast"].keys() == held.keys()
         assert all(torch.equal(d["broadcast"][k], held[k]) for k in held)
     assert len({float(c.sum()) for _, state in strategy.history for c in state.values()}) > 3  # c really moves
+
+
+def test_a_robust_rule_runs_over_each_fedbuff_buffer():
+    rounds, server, _, g, s = event_loop("median", max_concurrency=3, buffer_size=3,
+                                         devices=DeviceConfig(profile="equal", tokens_per_second=10.0))
+    g, _, rows = run(rounds, server, g, s, 0, 3)
+    assert [r["server_version"] for r in rows] == [0, 1, 2]
+    # every buffer: three fresh clients, uploads Δ = c + 1; the median of each buffer is applied
+    firsts = [d["client"] for d in server.seen]
+    medians = [sorted(c + 1.0 for c in firsts[i:i + 3])[1] for i in (0, 3)]
+    assert torch.allclose(g["w"], torch.full((2,), sum(medians)))
+    with pytest.raises(RecipeError, match="runs in federation.mode=buffered"):
+        event_loop("median", mode="async", devices=DeviceConfig(profile="equal"))
