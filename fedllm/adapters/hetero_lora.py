@@ -11,8 +11,9 @@ Aggregation (`aggregation:`):
   part rescaled by r/r_c into global units, and the strategy averages them as usual.
 - flexlora (Bai et al. 2024, Eq. 2–4): the server forms each client's full product
   ΔW_c = (α/r_c)·B_c·A_c, averages W̄ = Σ p_c ΔW_c, and stores its truncated SVD at rank r
-  (A = V_rᵀ, B = U_r·S_r·r/α); a client of rank r_c then receives the best rank-r_c
-  approximation of W̄ (Eckart–Young), at its own scale. Averaging the products loses, every
+  (A = V_rᵀ, B = U_r·S_r·r/α; `flexlora_split: balanced`: A = S_r^½·V_rᵀ, B = U_r·S_r^½·r/α);
+  a client of rank r_c then receives the best rank-r_c approximation of W̄ (Eckart–Young),
+  at its own scale. Averaging the products loses, every
   round, the global's components a client could not hold: component j of the global survives
   with the weight share of the clients of rank >= j. `flexlora_mean: changes` averages each
   client's change from the truncation it started from instead, added to the whole global
@@ -38,7 +39,7 @@ log = logging.getLogger("fedllm")
 
 @ADAPTERS.register("hetero_lora")
 class HeteroLoRA(LoRA):
-    """LoRA of a rank per client (rank_by_tier: one rank per device tier, slowest first; or ranks: client i gets ranks[i % len]); zero_pad or flexlora aggregation; flexlora_mean: products (the paper's) or changes (each client's change from its own truncated start, added to the whole global)."""
+    """LoRA of a rank per client (rank_by_tier: one rank per device tier, slowest first; or ranks: client i gets ranks[i % len]); zero_pad or flexlora aggregation; flexlora_mean: products (the paper's) or changes (each client's change from its own truncated start, added to the whole global); flexlora_split: b (B = U·S, A = Vᵀ) or balanced (S^½ on each side)."""
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class HeteroLoRA(LoRA):
         ranks: list[int] | None = None,
         aggregation: Literal["zero_pad", "flexlora"] = "flexlora",
         flexlora_mean: Literal["products", "changes"] = "products",
+        flexlora_split: Literal["b", "balanced"] = "b",
     ):
         super().__init__(r, alpha, dropout, target_modules, "none")
         if (rank_by_tier is None) == (ranks is None):
@@ -59,7 +61,7 @@ class HeteroLoRA(LoRA):
         if not listed or any(not 1 <= k <= r for k in listed):
             raise RecipeError(f"hetero_lora ranks must lie in 1..adapter.r={r} (got {listed})")
         self.rank_by_tier, self.ranks, self.aggregation_name = rank_by_tier, ranks, aggregation
-        self.flexlora_mean = flexlora_mean
+        self.flexlora_mean, self.flexlora_split = flexlora_mean, flexlora_split
         self.client_ranks: list[int] = []
         self.layers: list[LoraLayer] = []
         self.shapes: dict[str, torch.Size] = {}  # the global tensors' shapes: what a message may carry
@@ -161,7 +163,9 @@ class HeteroLoRA(LoRA):
         """(A, B) of the rank-r global adapter whose (α/r)·B·A is the truncated SVD of W̄, and
         the energy the truncation drops (Σ of the dropped squared singular values)."""
         u, s, vh = torch.linalg.svd(mean_product, full_matrices=False)
-        return vh[: self.r].contiguous(), (u[:, : self.r] * s[: self.r]) * (self.r / self.alpha), s[self.r:].square().sum()
+        left, right = (s[: self.r], torch.ones_like(s[: self.r])) if self.flexlora_split == "b" else (s[: self.r].sqrt(),) * 2
+        a = vh[: self.r] * right[:, None]
+        return a.contiguous(), (u[:, : self.r] * left) * (self.r / self.alpha), s[self.r:].square().sum()
 
 
 def report_energy(round: int, global_energy: float, started: float, dropped: float) -> None:

@@ -63,8 +63,10 @@ def info(weight):
     return RoundInfo(0, [0, 1, 2], weight, 3)
 
 
-def test_flexlora_gives_each_rank_the_best_approximation_at_its_scale():
+@pytest.mark.parametrize("split", ["b", "balanced"])
+def test_flexlora_gives_each_rank_the_best_approximation_at_its_scale(split):
     model, adapter, params = hetero("flexlora")
+    adapter.flexlora_split = split
     gen = torch.Generator().manual_seed(0)
     start = {k: torch.randn(t.shape, generator=gen) * 0.3 for k, t in adapter.state(model).items()}
     deltas = client_deltas(start, gen)
