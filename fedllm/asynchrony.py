@@ -14,10 +14,12 @@ and the server updates as updates arrive.
   robust rule (median, Krum, ...) gets the buffer's K weighted updates instead. K is
   independent of the logged round: a buffer may fill across two of them.
 
-At most `max_concurrency` clients train at once; a freed slot takes the next online client of
-the uniform sampler's draws (busy and offline ones skipped); with no client online, the slot
-waits until one comes online. A client receives the global state and the strategy's
-broadcast (e.g. SCAFFOLD's c) of the version it starts from, and trains at dispatch: its
+Availability decides who can start a round; a client that goes offline during its round
+still delivers (mid-round dropouts are not simulated). At most `max_concurrency` clients
+train at once; a freed slot takes the next online client of the uniform sampler's draws
+(busy and offline ones skipped); with no client online, the slot waits until one comes
+online. A client receives the global state and the strategy's broadcast (e.g. SCAFFOLD's c)
+of the version it starts from, and trains at dispatch: its
 decoded upload is held until its simulated arrival (download + training + upload later,
 the bytes being the channel's real ones). τ = server versions since its start. A logged
 round is `clients_per_round` arrivals, so rounds, eval and checkpoints mean the same client
@@ -204,6 +206,8 @@ class AsyncRounds:
             self.fill(t, global_state, server_state, server, progress)
             wake = self.wake_time()
             if not self.flights or wake < self.flights[0].finish:
+                if math.isinf(wake):
+                    raise RuntimeError("no client is training and none will come online")
                 self.now = wake  # a slot is free and the next client comes online before any arrival
                 continue
             for flight in self.next_event():
