@@ -176,3 +176,20 @@ def test_sync_rounds_with_churn_and_links_sample_the_online_and_resume_exactly(r
     resume_run(str(run_dir))
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert same(reference, final_adapter(run_dir)) and drop(rows) == drop(metrics(run_dir))
+
+
+@pytest.mark.slow
+def test_a_buffered_run_with_churn_resumes_exactly_with_a_half_full_buffer_and_held_uploads(recipe_file):
+    import shutil
+
+    path = recipe_file(federation={**FED, "mode": "buffered", "buffer_size": 3, "max_concurrency": 3, "devices": {
+        "profile": "lognormal", "online_fraction": 0.6, "mean_online_s": 1.0, "uplink_bytes_per_s": 20000.0}},
+        strategy={"name": "scaffold"})
+    run_dir = run_recipe(str(path))
+    rows = metrics(run_dir)
+    assert [(r["server_version"], r["buffered"]) for r in rows] == [(0, 2), (1, 1), (2, 0)]
+    reference = final_adapter(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "round_3"), shutil.rmtree(run_dir / "final")
+    resume_run(str(run_dir))  # from round 2: uploads in flight, one waiting in the buffer
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert same(reference, final_adapter(run_dir)) and drop(rows) == drop(metrics(run_dir))
