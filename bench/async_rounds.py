@@ -82,15 +82,30 @@ def run(name: str, recipe: str, overrides: list[str], scratch: Path) -> list[dic
 
 def read_rows(out: Path) -> list[dict]:
     """The run's metrics rows; FlexLoRA's energy log lines (fedllm.adapters.hetero_lora) go
-    into the rows of their rounds as `kept` and `dropped`."""
+    into the rows of their rounds as `energy_kept` and `svd_dropped`."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     log = out / "stderr.log"
     for match in re.finditer(r"flexlora round (\d+): truncated starts kept ([\d.]+).*?SVD dropped ([\d.]+)",
                              log.read_text() if log.exists() else ""):
         t, kept, dropped = int(match[1]), float(match[2]), float(match[3])
         if t <= len(rows):
-            rows[t - 1].update(kept=kept, dropped=dropped)
+            rows[t - 1].update(energy_kept=kept, svd_dropped=dropped)
+    if (out / "final" / "adapter_model.safetensors").exists() and rows:
+        rows[-1]["top4_energy"] = top_energy(out / "final" / "adapter_model.safetensors", 4)
     return rows
+
+
+def top_energy(path: Path, k: int) -> float:
+    """The share of the final global ΔW's energy (Σ σ²) in each module's top k singular values."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors, top, total = load_file(str(path)), 0.0, 0.0
+    for key, a in tensors.items():
+        if "lora_A" in key:
+            s = torch.linalg.svdvals(tensors[key.replace("lora_A", "lora_B")].double() @ a.double()).square()
+            top, total = top + float(s[:k].sum()), total + float(s.sum())
+    return top / total if total else 1.0
 
 
 def run_all(parts: dict[str, dict], scratch: Path, workers: int) -> dict[str, dict[str, list[dict]]]:
@@ -159,14 +174,15 @@ def main() -> int:
     if "b" in args.only:
         results = everything["b"]
         print("\n(b) mixed-rank FlexLoRA vs uniform-rank LoRA, same rounds and clients")
-        print("| run | uplink bytes | downlink bytes | final eval loss | global energy kept per round | dropped by the SVD |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("| run | uplink bytes | downlink bytes | final eval loss | global energy kept per round | dropped by the SVD "
+              "| final global's energy in its top 4 |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for name, rows in results.items():
-            kept = [r["kept"] for r in rows[1:] if "kept" in r]  # round 1 starts from B = 0
-            dropped = [r["dropped"] for r in rows[1:] if "dropped" in r]
+            kept = [r["energy_kept"] for r in rows[1:] if "energy_kept" in r]  # round 1 starts from B = 0
+            dropped = [r["svd_dropped"] for r in rows[1:] if "svd_dropped" in r]
             mean = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "—"  # noqa: E731
             print(f"| {name} | {sum(r['bytes_up'] for r in rows):,} | {sum(r['bytes_down'] for r in rows):,} | "
-                  f"{rows[-1]['eval_loss']:.4f} | {mean(kept)} | {mean(dropped)} |")
+                  f"{rows[-1]['eval_loss']:.4f} | {mean(kept)} | {mean(dropped)} | {rows[-1].get('top4_energy', 0):.3f} |")
     if "c" in args.only:
         results = everything["c"]
         print("\n(c) Wang & Gao's intertwined setting: 30% of devices 10× slower hold creative_writing + brainstorming")
