@@ -16,7 +16,9 @@ from fedllm.adapters.base import Adapter
 from fedllm.loops.zo import SeededDelta, Shapes, decode_seeded, is_seeded
 from fedllm.state import State
 from fedllm.strategies.base import Update
-from fedllm.wire import MalformedMessage, Message, WireContext, deserialize, serialize, split_extras, with_extras
+from fedllm.wire import (
+    MalformedMessage, Message, WireContext, deserialize, serialize, serialized_size, split_extras, with_extras,
+)
 
 
 @dataclass
@@ -80,10 +82,20 @@ class Channel:
         client decodes them; every client downloads the same message. `ctx` (round, receiving
         client or -1 for the round's broadcast, seed) seeds what a codec's link does to it."""
         wire = self.down_wire(global_state, broadcast)
-        x_t, broadcast = self.open_down(wire, ctx)
+        x_t, broadcast_t = self.open_down(wire, ctx)
         size = len(wire)
         on_device = lambda state: {k: t.to(device) for k, t in state.items()}  # noqa: E731
-        return Downlink(on_device(x_t), on_device(broadcast), lambda client_id: size)
+        return Downlink(on_device(x_t), on_device(broadcast_t), lambda client_id: self.download_size(
+            global_state, broadcast, client_id, size))
+
+    def download_size(self, global_state: State, broadcast: State, client_id: int, shared: int) -> int:
+        """Bytes `client_id` downloads: the shared message, or the part the adapter sends it."""
+        own = self.adapter.client_download(global_state, client_id)
+        if own is None:
+            return shared
+        message = self.adapter.encode_global(own)
+        message.tensors = with_extras(message.tensors, broadcast)
+        return serialized_size(message)
 
     def down_wire(self, global_state: State, broadcast: State) -> bytes:
         """The server's half of the download: the bytes every sampled client receives."""

@@ -157,7 +157,8 @@ class Federation:
         if devices is None:
             return None, None, None
         if fed.mode == "sync":
-            return devices, SyncClock(devices, self.participation), None
+            clock = self.participation = SyncClock(devices, self.participation, self.recipe.seed)  # draws among the online
+            return devices, clock, None
         if self.world_size > 1 or self.own_aggregation is not None or self.attack is not None:
             raise RecipeError(f"federation.mode={fed.mode} runs in one process, with a strategy's plain collector and no "
                               "simulated attack (use federation.mode=sync for those)")
@@ -213,14 +214,15 @@ class Federation:
         if not accepted and not self.strategy.releases_when_empty:
             log.warning("round %d: no client update was accepted; the global model is unchanged", t + 1)
             collect.unchanged()
-            return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start, self.clock_metrics(t))
+            return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start,
+                               self.clock_metrics(t, stats))
         info = lambda weight: RoundInfo(t, accepted, weight, self.recipe.federation.num_clients, lr=lr,  # noqa: E731
                                         local_steps=self.recipe.client.max_steps or 0)
         new_global, server_state = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
         for s in stats:  # a forged message is filtered where it arrives: after the gather
             if s["client"] in getattr(collect, "forged_non_finite", ()):
                 s["accepted"], s["rejected"] = False, rejection_code("non_finite")
-        return RoundResult(new_global, server_state, stats, time.perf_counter() - start, self.clock_metrics(t))
+        return RoundResult(new_global, server_state, stats, time.perf_counter() - start, self.clock_metrics(t, stats))
 
     def client_round(self, t: int, cid: int, down: Downlink, collect, lr: float, progress=None) -> list | None:
         """One client's round, from x^t to the collector: its stat row (STAT_COLUMNS); None on a
@@ -235,8 +237,8 @@ class Federation:
         self.keep_record(cid, upload.record, rejection is None)
         return stat_row(cid, upload, size, down.bytes_for(cid), rejection)
 
-    def clock_metrics(self, t: int) -> dict:
-        return self.clock.metrics(t) if self.clock is not None else {}
+    def clock_metrics(self, t: int, stats: list[dict]) -> dict:
+        return self.clock.metrics(t, stats) if self.clock is not None else {}
 
     def downlink(self, t: int) -> Downlink:
         """x^t and the broadcast as clients hold them: one real message, or the adapter's own
@@ -246,7 +248,7 @@ class Federation:
                                      WireContext(t, -1, self.recipe.seed))
         last = self.participation.last_round
         return Downlink(self.global_state, {},
-                        lambda cid: self.own_aggregation.download_bytes(t, last(cid, t), self.global_state))
+                        lambda cid: self.own_aggregation.download_bytes(t, last(cid, t), self.global_state, cid))
 
     def collector(self, t: int):
         """Round t's collector; also fixes what a decoded upload must look like this round."""
@@ -343,6 +345,8 @@ class Federation:
         torch.set_rng_state(parts["rng"]["torch"])
         if self.asynchrony is not None:
             self.asynchrony.load_state(parts["asynchrony"], self.global_state)
+        if self.clock is not None:
+            self.clock.load_state(parts["clock"])
         self.start_round = meta["round"]
         if self.is_main:
             self.store.restore(path / "clients", read_manifest(path, under="clients/"))
@@ -378,6 +382,8 @@ class Federation:
             return "its RNG state or round number is missing"
         if self.asynchrony is not None and "asynchrony" not in parts:
             return "it lacks the asynchronous clock and in-flight clients (written by a federation.mode=sync run?)"
+        if self.clock is not None and "clock" not in parts:
+            return "it lacks the simulated clock (written without federation.devices, or by an older fedllm)"
         if self.server_state and not parts.get("server_state"):
             return f"it lacks the server state strategy '{self.recipe.strategy['name']}' keeps"
         return None
@@ -391,6 +397,8 @@ class Federation:
                 parts["aggregation"] = self.own_aggregation.state()
             if self.asynchrony is not None:
                 parts["asynchrony"] = self.asynchrony.state()
+            if self.clock is not None:
+                parts["clock"] = self.clock.state()
             meta = {"round": rounds_done, "saved_at": time.time()}
             try:
                 cost = write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)

@@ -53,7 +53,10 @@ FEDERATION_MODES = ("sync", "async", "buffered")  # fedllm.asynchrony
 
 class DeviceConfig(Section):
     """Simulated client devices (fedllm.devices): each client's speed, drawn once from the
-    recipe seed, turns a local round's tokens into simulated seconds."""
+    recipe seed, turns a local round's tokens into simulated seconds; its links turn its
+    messages' bytes into seconds; its online periods decide when it can be sampled. A CSV
+    (`profile: csv`) may give any of speed, online_fraction, downlink_bytes_per_s and
+    uplink_bytes_per_s per client."""
 
     profile: Literal["equal", "uniform", "lognormal", "csv"] = "lognormal"
     sigma: float = Field(1.0, ge=0.0)  # lognormal: spread of log-speed
@@ -63,6 +66,14 @@ class DeviceConfig(Section):
     tokens_per_second: float = Field(1000.0, gt=0.0)  # of a speed-1 device
     slow_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # the last ⌈f·N⌉ clients are slow (Wang & Gao's setting)
     slow_factor: float = Field(10.0, ge=1.0)  # ... this many times slower
+    # availability: each client alternates online and offline periods (exponential lengths,
+    # online on average mean_online_s); online_fraction is the long-run share of time online
+    online_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    mean_online_s: float = Field(600.0, gt=0.0)
+    # links: a client-round lasts download bytes / downlink + compute + upload bytes / uplink
+    # (the channel's real message bytes); None: transfers take no simulated time
+    downlink_bytes_per_s: Optional[float] = Field(None, gt=0.0)
+    uplink_bytes_per_s: Optional[float] = Field(None, gt=0.0)
 
 
 class FederationConfig(Section):
@@ -221,9 +232,6 @@ class Recipe(Section):
                               "the simulated clock orders the arrivals")
         if (f.max_concurrency or k) > f.num_clients:
             raise RecipeError(f"federation.max_concurrency is {f.max_concurrency} but there are only {f.num_clients} clients")
-        if mode == "buffered" and k % (f.buffer_size or k):
-            raise RecipeError(f"federation.buffer_size ({f.buffer_size}) must divide clients_per_round ({k}): a logged "
-                              "round of that many arrivals then ends with an empty buffer")
         if self.federation.sampler["name"] != "uniform":
             raise RecipeError(f"federation.mode={mode} draws clients from the uniform sampler; set federation.sampler.name=uniform")
 

@@ -65,6 +65,11 @@ class Adapter:
     def decode_global(self, message: Message) -> State:
         return message.tensors
 
+    def client_download(self, state: State, client_id: int) -> State | None:
+        """What `client_id` really receives of the global state where that is less than the
+        shared message (a lower-rank client's factors), for the byte ledger; None: all of it."""
+        return None
+
     def local_loop(self):
         """A local loop of the adapter's own (fedllm.training.LocalLoop) for methods whose
         local training is not a plain loop (SFPrompt's split steps); None: the recipe's."""
@@ -74,7 +79,7 @@ class Adapter:
         """The adapter's own side of aggregation and download for this strategy, or None (the
         default: every update is decoded and the strategy's collector is used). An object with
         `collector(round)` (add / finish / unchanged, as fedllm.collectors), `download_bytes(
-        round, last_taken, global_state)`, and `state()` / `load_state(state)` for checkpoints
+        round, last_taken, global_state, client_id)`, and `state()` / `load_state(state)` for checkpoints
         (Ferret: the coordinate sum and the compact download)."""
         return None
 

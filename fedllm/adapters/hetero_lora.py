@@ -11,10 +11,16 @@ Aggregation (`aggregation:`):
   part rescaled by r/r_c into global units, and the strategy averages them as usual.
 - flexlora (Bai et al. 2024, Eq. 2–4): the server forms each client's full product
   ΔW_c = (α/r_c)·B_c·A_c, averages W̄ = Σ p_c ΔW_c, and stores its truncated SVD at rank r
-  (A = V_rᵀ, B = U_r·S_r·r/α); a client of rank r_c then receives the best rank-r_c
-  approximation of W̄ (Eckart–Young), at its own scale."""
+  (A = V_rᵀ, B = U_r·S_r·r/α; `flexlora_split: balanced`: A = S_r^½·V_rᵀ, B = U_r·S_r^½·r/α);
+  a client of rank r_c then receives the best rank-r_c approximation of W̄ (Eckart–Young),
+  at its own scale. Averaging the products loses, every
+  round, the global's components a client could not hold: component j of the global survives
+  with the weight share of the clients of rank >= j. `flexlora_mean: changes` averages each
+  client's change from the truncation it started from instead, added to the whole global
+  (not the paper's rule; it keeps what low-rank clients never saw)."""
 from __future__ import annotations
 
+import logging
 from typing import Callable, Literal
 
 import torch
@@ -28,11 +34,12 @@ from fedllm.strategies.base import PLAIN_MEAN, RoundInfo, Strategy
 from fedllm.wire import MalformedMessage, Message, WireContext, serialized_size
 
 A_KEY, B_KEY = ".lora_A.", ".lora_B."
+log = logging.getLogger("fedllm")
 
 
 @ADAPTERS.register("hetero_lora")
 class HeteroLoRA(LoRA):
-    """LoRA of a rank per client (rank_by_tier: one rank per device tier, slowest first; or ranks: client i gets ranks[i % len]); zero_pad or flexlora aggregation."""
+    """LoRA of a rank per client (rank_by_tier: one rank per device tier, slowest first; or ranks: client i gets ranks[i % len]); zero_pad or flexlora aggregation; flexlora_mean: products (the paper's) or changes (each client's change from its own truncated start, added to the whole global); flexlora_split: b (B = U·S, A = Vᵀ) or balanced (S^½ on each side)."""
 
     def __init__(
         self,
@@ -43,6 +50,8 @@ class HeteroLoRA(LoRA):
         rank_by_tier: list[int] | None = None,
         ranks: list[int] | None = None,
         aggregation: Literal["zero_pad", "flexlora"] = "flexlora",
+        flexlora_mean: Literal["products", "changes"] = "products",
+        flexlora_split: Literal["b", "balanced"] = "b",
     ):
         super().__init__(r, alpha, dropout, target_modules, "none")
         if (rank_by_tier is None) == (ranks is None):
@@ -52,6 +61,7 @@ class HeteroLoRA(LoRA):
         if not listed or any(not 1 <= k <= r for k in listed):
             raise RecipeError(f"hetero_lora ranks must lie in 1..adapter.r={r} (got {listed})")
         self.rank_by_tier, self.ranks, self.aggregation_name = rank_by_tier, ranks, aggregation
+        self.flexlora_mean, self.flexlora_split = flexlora_mean, flexlora_split
         self.client_ranks: list[int] = []
         self.layers: list[LoraLayer] = []
         self.shapes: dict[str, torch.Size] = {}  # the global tensors' shapes: what a message may carry
@@ -106,6 +116,12 @@ class HeteroLoRA(LoRA):
             out[key] = t
         return out
 
+    def client_download(self, state: State, client_id: int) -> State:
+        """A rank-r_c client receives only its factors: A[:r_c] and (r_c/r)·B[:, :r_c]."""
+        rank = self.rank_of(client_id)
+        return {k: t[:rank] if A_KEY in k else t[:, :rank] * (rank / self.r) if B_KEY in k else t
+                for k, t in state.items()}
+
     # ---- the wire -----------------------------------------------------------------------
     def encode(self, update, ctx: WireContext) -> Message:
         rank = self.rank_of(ctx.client_id)
@@ -143,10 +159,20 @@ class HeteroLoRA(LoRA):
         rank = self.rank_of(client_id)
         return (rank, cols) if A_KEY in key else (rows, rank)
 
-    def best_approximation(self, mean_product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of the rank-r global adapter whose (α/r)·B·A is the truncated SVD of W̄."""
+    def best_approximation(self, mean_product: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B) of the rank-r global adapter whose (α/r)·B·A is the truncated SVD of W̄, and
+        the energy the truncation drops (Σ of the dropped squared singular values)."""
         u, s, vh = torch.linalg.svd(mean_product, full_matrices=False)
-        return vh[: self.r].contiguous(), (u[:, : self.r] * s[: self.r]) * (self.r / self.alpha)
+        left, right = (s[: self.r], torch.ones_like(s[: self.r])) if self.flexlora_split == "b" else (s[: self.r].sqrt(),) * 2
+        a = vh[: self.r] * right[:, None]
+        return a.contiguous(), (u[:, : self.r] * left) * (self.r / self.alpha), s[self.r:].square().sum()
+
+
+def report_energy(round: int, global_energy: float, started: float, dropped: float) -> None:
+    """Where FlexLoRA loses the global ΔW (bench/async_rounds.py reads this line): the share of
+    its energy the clients' truncated starts kept, and the share of W̄'s the SVD dropped."""
+    log.info("flexlora round %d: truncated starts kept %.4f of the global's energy; the SVD dropped %.4f",
+             round, started / global_energy if global_energy else 1.0, dropped / global_energy if global_energy else 0.0)
 
 
 def check_rank(key: str, got: int, rank: int) -> None:
@@ -158,8 +184,9 @@ class FlexCollector:
     """A round of FlexLoRA: keeps the (small) low-rank messages; at the end forms W̄ module by
     module from the clients' full factors (their start, known to the server, plus Δ)."""
 
-    def __init__(self, adapter: HeteroLoRA):
-        self.adapter, self.kept = adapter, []
+    def __init__(self, adapter: HeteroLoRA, round: int = 0):
+        self.adapter, self.kept, self.round = adapter, [], round
+        self.energy: list[float] = []
 
     def add(self, client_id: int, message: State, weight: float) -> bool:
         if message.keys() != self.adapter.shapes.keys() or not all(
@@ -175,19 +202,27 @@ class FlexCollector:
         a, r = self.adapter, self.adapter.r
         weight = reducer.sum_(torch.tensor([sum(w for _, _, w in self.kept)], dtype=torch.float64))[0]
         new = dict(global_state)
+        energy = torch.zeros(3, dtype=torch.float64)  # ‖global‖², ‖its part the clients started from‖², dropped by the SVD
         for key in (k for k in global_state if A_KEY in k):
             b_key = key.replace(A_KEY, B_KEY)
             A, B = global_state[key].double().cpu(), global_state[b_key].double().cpu()
             total = torch.zeros(B.shape[0], A.shape[1], dtype=torch.float64)
+            started = torch.zeros_like(total)
             for client_id, message, w in self.kept:
                 k = a.rank_of(client_id)
                 a_c = A[:k] + message[key].double()
                 b_c = B[:, :k] * (k / r) + message[b_key].double()
                 total += (w * a.alpha / k) * (b_c @ a_c)  # ΔW_c at the client's own scale α/r_c
+                started += (w * a.alpha / r) * (B[:, :k] @ A[:k])  # the truncation it started from
+            if a.flexlora_mean == "changes":  # each client's change from its own start, added to the whole global
+                total += weight * (a.alpha / r) * (B @ A) - started
             mean = reducer.sum_(total.reshape(-1)).reshape(total.shape) / weight
-            new_a, new_b = a.best_approximation(mean)
+            new_a, new_b, dropped = a.best_approximation(mean)
+            energy += torch.stack([((a.alpha / r) * (B @ A)).square().sum(), (started / weight).square().sum(), dropped])
             new[key] = new_a.to(global_state[key].dtype).to(global_state[key].device)
             new[b_key] = new_b.to(global_state[b_key].dtype).to(global_state[b_key].device)
+        self.energy = energy.tolist()
+        report_energy(self.round + 1, *self.energy)
         return new, server_state
 
     def unchanged(self) -> None:
@@ -201,10 +236,10 @@ class FlexRounds:
         self.adapter = adapter
 
     def collector(self, round: int) -> FlexCollector:
-        return FlexCollector(self.adapter)
+        return FlexCollector(self.adapter, round)
 
-    def download_bytes(self, round: int, last_taken: int, global_state: State) -> int:
-        return serialized_size(self.adapter.encode_global(global_state))
+    def download_bytes(self, round: int, last_taken: int, global_state: State, client_id: int) -> int:
+        return serialized_size(self.adapter.encode_global(self.adapter.client_download(global_state, client_id)))
 
     def state(self) -> State:
         return {}

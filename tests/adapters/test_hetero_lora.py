@@ -63,8 +63,10 @@ def info(weight):
     return RoundInfo(0, [0, 1, 2], weight, 3)
 
 
-def test_flexlora_gives_each_rank_the_best_approximation_at_its_scale():
+@pytest.mark.parametrize("split", ["b", "balanced"])
+def test_flexlora_gives_each_rank_the_best_approximation_at_its_scale(split):
     model, adapter, params = hetero("flexlora")
+    adapter.flexlora_split = split
     gen = torch.Generator().manual_seed(0)
     start = {k: torch.randn(t.shape, generator=gen) * 0.3 for k, t in adapter.state(model).items()}
     deltas = client_deltas(start, gen)
@@ -97,6 +99,32 @@ def test_flexlora_gives_each_rank_the_best_approximation_at_its_scale():
             assert torch.linalg.norm(mean[name] - got) == pytest.approx(float(s[k:].square().sum().sqrt()), abs=1e-5)
     adapter.load(model, new_global, params)  # the global view: rank r at α/r
     assert all(layer.scaling["default"] == ALPHA / R for _, layer in layers(model))
+
+
+@pytest.mark.parametrize("mean", ["products", "changes"])
+def test_flexlora_products_forget_what_low_ranks_cannot_hold_and_changes_keep_it(mean):
+    model, adapter, params = hetero("flexlora")
+    adapter.flexlora_mean = mean
+    gen = torch.Generator().manual_seed(2)
+    start = {k: torch.randn(t.shape, generator=gen) * 0.3 for k, t in adapter.state(model).items()}
+    svd = adapter.aggregation(STRATEGIES.build({"name": "fedavg"}), 0).collector(0)
+    for c in range(3):  # the global in SVD form first
+        svd.add(c, {k: torch.zeros(adapter.client_shape(k, c)) for k in start}, WEIGHTS[c])
+    start, _ = svd.finish(None, start, {}, info, Reducer(torch.device("cpu")))
+    collect = adapter.aggregation(STRATEGIES.build({"name": "fedavg"}), 0).collector(1)
+    for c in range(3):  # nobody learns anything
+        collect.add(c, {k: torch.zeros(adapter.client_shape(k, c)) for k in start}, WEIGHTS[c])
+    after, _ = collect.finish(None, start, {}, info, Reducer(torch.device("cpu")))
+    # component j of the global survives with the weight share of the clients of rank >= j
+    share = torch.tensor([sum(w for w, k in zip(WEIGHTS, RANKS) if k > j) / sum(WEIGHTS) for j in range(R)]).double()
+    for key in (k for k in start if A_KEY in k):
+        b_key = key.replace(A_KEY, B_KEY)
+        s_before = torch.linalg.svdvals(start[b_key].double() @ start[key].double())[:R]
+        s_after = torch.linalg.svdvals(after[b_key].double() @ after[key].double())[:R]
+        expected = s_before if mean == "changes" else (s_before * share).sort(descending=True).values
+        assert torch.allclose(s_after, expected, rtol=1e-4, atol=1e-6), key
+    kept = collect.energy[1] / collect.energy[0]  # the logged share the truncated starts kept
+    assert 0.0 < kept < 1.0
 
 
 def test_zero_padding_of_mixed_ranks_is_the_hand_computed_mean_in_global_units():
@@ -133,6 +161,27 @@ def test_zero_padding_of_mixed_ranks_is_the_hand_computed_mean_in_global_units()
         assert torch.allclose(client, server, atol=1e-5)
 
 
+def test_a_client_downloads_only_the_factors_of_its_rank():
+    from safetensors.torch import save
+
+    model, adapter, _ = hetero("zero_pad")
+    _, flex_adapter, _ = hetero("flexlora")
+    state = adapter.state(model)
+    down = Channel(adapter, []).down(state, {}, torch.device("cpu"))
+    flex = flex_adapter.aggregation(STRATEGIES.build({"name": "fedavg"}), 0)
+    sizes = []
+    for c, k in enumerate(RANKS):
+        # by hand: the safetensors file of A[:k] and B[:, :k], what a rank-k client holds
+        own = {key: (t[:k] if A_KEY in key else t[:, :k]).contiguous() for key, t in state.items()}
+        assert down.bytes_for(c) == len(save(own)) == flex.download_bytes(0, 0, state, c)
+        sizes.append(down.bytes_for(c))
+    # a rank-8 client receives 6 more components than a rank-2 one: 6·(in + out) floats per module
+    per_rank = sum(t.shape[1] * 4 for key, t in state.items() if A_KEY in key) + \
+        sum(t.shape[0] * 4 for key, t in state.items() if B_KEY in key)
+    assert abs(sizes[2] - sizes[0] - 6 * per_rank) < 8 * len(state)  # the header differs only in its digits
+    assert sizes[0] < len(save(state)) == sizes[2]
+
+
 def test_rank_by_tier_needs_devices_and_ranks_must_fit():
     with pytest.raises(RecipeError, match="1..adapter.r=8"):
         ADAPTERS.build({"name": "hetero_lora", "r": 8, "ranks": [4, 16]})
@@ -156,3 +205,6 @@ def test_a_mixed_rank_federation_trains_and_sends_less_from_low_ranks(recipe_fil
     assert rows[1]["eval_loss"] < rows[0]["eval_loss"]
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert len({r["bytes_up"] for r in ledger}) == 2  # two ranks, two message sizes
+    # each client downloads only its own rank: the rank-1 clients, who upload less, download less
+    assert {(r["bytes_up"] < max(x["bytes_up"] for x in ledger), r["bytes_down"]) for r in ledger} == {
+        (True, min(x["bytes_down"] for x in ledger)), (False, max(x["bytes_down"] for x in ledger))}

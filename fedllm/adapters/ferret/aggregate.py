@@ -128,7 +128,7 @@ class CompactRounds:
     def collector(self, round: int) -> CoordinateMean:
         return CoordinateMean(self, round)
 
-    def download_bytes(self, round: int, last_taken: int, global_state: State) -> int:
+    def download_bytes(self, round: int, last_taken: int, global_state: State, client_id: int) -> int:
         """`last_taken`: the last round < `round` in which the client was sampled (0: none)."""
         missed = sum(self.sizes[last_taken:round])
         return min(missed, self.full_state_bytes(global_state)) if missed else 0
