@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from fedllm import placement
 from fedllm.registry import ADAPTERS, RecipeError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,19 +149,33 @@ def load_model(cfg, tokenizer, seed: int, device=None):
             torch.manual_seed(seed)
             model = PRESETS[cfg.name](len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
         model = model.to(DTYPES[cfg.dtype])
+        if cfg.device_map is not None:
+            model = placement.dispatch(model, cfg)
     else:
         quant = _quantization_config(cfg)
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.name, revision=cfg.revision, dtype=DTYPES[cfg.dtype], quantization_config=quant,
-            trust_remote_code=cfg.trust_remote_code, device_map={"": device} if quant is not None else None,
-        )
+        if cfg.device_map is not None:
+            place = placement.from_pretrained_options(cfg)
+        else:
+            place = {"device_map": {"": device} if quant is not None else None}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.name, revision=cfg.revision, dtype=DTYPES[cfg.dtype], quantization_config=quant,
+                trust_remote_code=cfg.trust_remote_code, **place,
+            )
+        except ValueError as err:  # transformers/accelerate refusing a device map or budget
+            if cfg.device_map is None:
+                raise
+            raise RecipeError(f"model.device_map={cfg.device_map}: {str(err).splitlines()[0]}") from None
+        if cfg.device_map is not None:
+            placement.check_placement(model.hf_device_map, cfg)
+            placement.without_tied_bookkeeping(model)
         if quant is not None:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for p in model.parameters():
         p.requires_grad_(False)
-    if device is not None and cfg.quantization == "none":
+    if device is not None and cfg.quantization == "none" and not placement.is_placed(model):
         model.to(device)
     return model
 
@@ -168,12 +183,21 @@ def load_model(cfg, tokenizer, seed: int, device=None):
 def build_model(recipe, device=None):
     """Tokenizer, base model and attached adapter: a pure function of the recipe."""
     check_quantization(recipe.model)
+    adapter = ADAPTERS.build(recipe.adapter, "adapter")
+    owner = recipe.adapter["name"]
+    if recipe.model.device_map is not None and not adapter.trains_through_offload:
+        raise RecipeError(f"adapter.name={owner} cannot train through a base placed by model.device_map (it reads or "
+                          "trains base weights outside their layers' forward): drop model.device_map or use lora")
     tokenizer = load_tokenizer(recipe.model)
     base = load_model(recipe.model, tokenizer, recipe.seed, device)
     if recipe.client.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    adapter = ADAPTERS.build(recipe.adapter, "adapter")
+    if placement.is_placed(base):
+        with placement.resident_adapter(base, owner):
+            model = adapter.attach(base, recipe.seed)
+        placement.check_resident(adapter.trainable(model), owner)
+        return tokenizer, model, adapter
     model = adapter.attach(base, recipe.seed)
     if device is not None:
         model.to(device)

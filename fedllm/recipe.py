@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import pydantic
 import yaml
@@ -33,6 +33,21 @@ class ModelConfig(Section):
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # None: dtype, bfloat16 for float32
     trust_remote_code: bool = False
+    # one base over several devices (fedllm.placement): auto | balanced | balanced_low_0 |
+    # sequential | {module: device}; max_memory caps each device ({0: 20GiB, cpu: 64GiB, disk: ...});
+    # disk-offloaded weights go to offload_folder (default: a temporary folder)
+    device_map: Optional[Union[Literal["auto", "balanced", "balanced_low_0", "sequential"], dict[str, Union[int, str]]]] = None
+    max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None
+    offload_folder: Optional[str] = None
+
+    @pydantic.model_validator(mode="after")
+    def _placement_needs_a_map(self):
+        if self.device_map is None and (self.max_memory is not None or self.offload_folder is not None):
+            raise ValueError("model.max_memory and model.offload_folder place the base over devices: "
+                             "set model.device_map too (e.g. auto)")
+        if isinstance(self.device_map, dict) and not self.device_map:
+            raise ValueError("model.device_map is an empty map: name a device for each module, or use auto")
+        return self
 
 
 class DataConfig(Section):

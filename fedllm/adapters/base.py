@@ -19,6 +19,10 @@ class Adapter:
     # so it may also travel as a zeroth-order client's (seed, scalar) pairs; False: the adapter
     # has a wire format of its own (Ferret's projections)
     plain_wire = True
+    # False: the adapter reads or trains base weights outside their layers' forward (an
+    # embedding read at attach, a full-parameter update), so it cannot run through a base
+    # whose weights model.device_map offloads (fedllm.placement)
+    trains_through_offload = True
 
     def attach(self, model: torch.nn.Module, seed: int) -> torch.nn.Module:
         """Injects the trainable parameters once; deterministic given `seed`."""

@@ -126,6 +126,7 @@ class Ferret(FullParameters):
     coordinates per block and is rebuilt from regenerated bases (arXiv 2409.06277)."""
 
     plain_wire = False  # its update travels as projections
+    trains_through_offload = False  # full-parameter, bases generated on the first weight's device
 
     def __init__(
         self,

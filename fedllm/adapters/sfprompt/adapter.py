@@ -92,6 +92,7 @@ class SFPrompt(Adapter):
     and gradients are counted on the wire. `split_steps: null` = client.max_steps."""
 
     export_formats = ("peft",)
+    trains_through_offload = False  # the prompt is drawn from the embedding weights at attach
 
     def __init__(
         self,
