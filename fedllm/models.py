@@ -150,11 +150,11 @@ def load_model(cfg, tokenizer, seed: int, device=None):
             model = PRESETS[cfg.name](len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
         model = model.to(DTYPES[cfg.dtype])
         if cfg.device_map is not None:
-            model = placement.dispatch(model, cfg)
+            model = placement.dispatch(model, cfg, device)
     else:
         quant = _quantization_config(cfg)
         if cfg.device_map is not None:
-            place = placement.from_pretrained_options(cfg)
+            place = placement.from_pretrained_options(cfg, device)
         else:
             place = {"device_map": {"": device} if quant is not None else None}
         try:

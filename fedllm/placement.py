@@ -58,6 +58,20 @@ def memory_budget(cfg) -> dict | None:
     return budget
 
 
+def rank_budget(budget: dict | None, device) -> dict | None:
+    """Under several ranks, a rank places its base on its own GPU (plus CPU and disk), not
+    on every GPU of the node, unless `model.max_memory` names GPUs itself."""
+    import torch.distributed as dist
+
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if device is None or device.type != "cuda" or not several or any(isinstance(k, int) for k in budget or {}):
+        return budget
+    from accelerate.utils import get_max_memory
+
+    free = get_max_memory()
+    return {device.index: free[device.index], "cpu": free["cpu"], **(budget or {})}
+
+
 def explicit_map(cfg) -> dict:
     return {module: _device_key(place, f"model.device_map.{module or '<whole model>'}")
             for module, place in cfg.device_map.items()}
@@ -66,9 +80,14 @@ def explicit_map(cfg) -> dict:
 def offload_folder(cfg) -> str:
     """Where disk-offloaded weights go: `model.offload_folder`, else a temporary folder
     removed when the process ends."""
+    import torch.distributed as dist
+
     if cfg.offload_folder:
-        Path(cfg.offload_folder).mkdir(parents=True, exist_ok=True)
-        return cfg.offload_folder
+        folder = Path(cfg.offload_folder)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            folder = folder / f"rank{dist.get_rank()}"  # each rank writes its own index and weights
+        folder.mkdir(parents=True, exist_ok=True)
+        return str(folder)
     folder = tempfile.mkdtemp(prefix="fedllm-offload-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
@@ -82,7 +101,7 @@ def check_placement(device_map: dict, cfg) -> None:
                           "off the disk: raise the cpu (or GPU) budget to hold at least the largest layer")
 
 
-def infer_map(model: torch.nn.Module, cfg) -> dict:
+def infer_map(model: torch.nn.Module, cfg, device=None) -> dict:
     """accelerate's device map for `model` under the recipe's strategy and budget."""
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory
@@ -90,7 +109,7 @@ def infer_map(model: torch.nn.Module, cfg) -> dict:
     if isinstance(cfg.device_map, dict):
         device_map = explicit_map(cfg)
     else:
-        budget, no_split = memory_budget(cfg), model._no_split_modules or []
+        budget, no_split = rank_budget(memory_budget(cfg), device), model._no_split_modules or []
         if cfg.device_map != "sequential" and torch.cuda.device_count() > 1:  # transformers' "auto" is "balanced"
             disk = {"disk": budget.pop("disk")} if budget and "disk" in budget else {}  # accelerate balances devices only
             budget = {**get_balanced_memory(model, budget, no_split_module_classes=no_split,
@@ -100,12 +119,12 @@ def infer_map(model: torch.nn.Module, cfg) -> dict:
     return dict(device_map)
 
 
-def dispatch(model: torch.nn.Module, cfg) -> torch.nn.Module:
+def dispatch(model: torch.nn.Module, cfg, device=None) -> torch.nn.Module:
     """Places a model built in CPU memory (a preset) as `model.device_map` says."""
     from accelerate import dispatch_model
     from accelerate.utils import check_device_map
 
-    device_map = infer_map(model, cfg)
+    device_map = infer_map(model, cfg, device)
     try:
         check_device_map(model, device_map)
     except ValueError as err:
@@ -127,10 +146,11 @@ def without_tied_bookkeeping(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def from_pretrained_options(cfg) -> dict:
+def from_pretrained_options(cfg, device=None) -> dict:
     """The placement keywords of `from_pretrained` (transformers calls accelerate itself)."""
     device_map = explicit_map(cfg) if isinstance(cfg.device_map, dict) else cfg.device_map
-    return {"device_map": device_map, "max_memory": memory_budget(cfg), "offload_folder": offload_folder(cfg)}
+    budget = rank_budget(memory_budget(cfg), device)
+    return {"device_map": device_map, "max_memory": budget, "offload_folder": offload_folder(cfg)}
 
 
 def offloading(module: torch.nn.Module):

@@ -36,9 +36,17 @@ class ModelConfig(Section):
     # one base over several devices (fedllm.placement): auto | balanced | balanced_low_0 |
     # sequential | {module: device}; max_memory caps each device ({0: 20GiB, cpu: 64GiB, disk: ...});
     # disk-offloaded weights go to offload_folder (default: a temporary folder)
-    device_map: Optional[Union[Literal["auto", "balanced", "balanced_low_0", "sequential"], dict[str, Union[int, str]]]] = None
+    device_map: Optional[Union[str, dict[str, Union[int, str]]]] = None
     max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None
     offload_folder: Optional[str] = None
+
+    @pydantic.field_validator("device_map")
+    @classmethod
+    def _known_strategy(cls, value):
+        strategies = ("auto", "balanced", "balanced_low_0", "sequential")
+        if isinstance(value, str) and value not in strategies:
+            raise ValueError(f"'{value}' is none of {', '.join(strategies)} and no {{module: device}} map")
+        return value
 
     @pydantic.model_validator(mode="after")
     def _placement_needs_a_map(self):

@@ -35,22 +35,29 @@ def train(model, params, steps=3):
     return losses
 
 
-def test_a_base_over_its_memory_budget_trains_with_layers_on_disk_and_matches_the_unsplit_adapter(tmp_path):
-    _, whole, adapter = build_model(recipe(tmp_path))
-    _, split, _ = build_model(recipe(tmp_path, offload_folder=str(tmp_path / "offload"), **BUDGET))
-    placed = split.get_base_model().hf_device_map
-    assert placed["model.embed_tokens"] == "cpu" and "disk" in placed.values()
-    offloaded = [n for n, m in split.named_modules() if offloading(m)]
-    assert any(".layers." in n for n in offloaded) and "base_model.model.lm_head" in offloaded
-    assert all(m.weight.device.type == "meta" for n, m in split.named_modules() if n.endswith("k_proj"))
+LLAMA = ("tiny-llama", "300KB", {"embed_tokens": "cpu", "layers.0.": "disk", "lm_head": "disk"})
+GPT2 = ("tiny-gpt2", "500KB", {"wte": "cpu", "lm_head": "cpu", "h.0.": "disk"})  # its head is tied to wte: kept together
+
+
+@pytest.mark.parametrize("preset, cpu, where", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_a_base_over_its_memory_budget_trains_with_layers_on_disk_and_matches_the_unsplit_adapter(tmp_path, preset, cpu, where):
+    target = {"target_modules": None} if preset == "tiny-gpt2" else {}
+    raw = lambda **model: recipe_from_dict(tiny_recipe(tmp_path, model={"name": preset, **model}, adapter=target))  # noqa: E731
+    _, whole, adapter = build_model(raw())
+    _, split, _ = build_model(raw(device_map="auto", max_memory={"cpu": cpu, "disk": "1GB"},
+                                  offload_folder=str(tmp_path / "offload")))
+    offloaded = {n for n, m in split.named_modules() if offloading(m)}
+    for part, place in where.items():  # a module is offloaded exactly when the map put it on disk
+        assert any(part in n for n in offloaded) == (place == "disk"), part
+    assert all(m.weight.device.type == "meta" for n, m in split.named_modules() if n in offloaded and hasattr(m, "weight"))
     assert (tmp_path / "offload" / "index.json").exists()
     # the adapter is created where its layer executes, with the unsplit model's initial values
     params, reference = adapter.trainable(split), adapter.trainable(whole)
     assert params.keys() == reference.keys() and all(p.device.type == "cpu" for p in params.values())
     assert all(torch.equal(params[k], reference[k]) for k in params)
     assert train(split, params) == train(whole, reference)
-    # layer 0's B (zero at init) moved: its gradient came back through the offloaded layer 1 and head
-    assert all(params[k].abs().sum() > 0 for k in params if "layers.0" in k and "lora_B" in k)
+    # every B (zero at init) moved: gradients came back through the offloaded layers and head
+    assert all(params[k].abs().sum() > 0 for k in params if "lora_B" in k)
     assert all(torch.equal(params[k], reference[k]) for k in params)  # bitwise the unsplit adapter
 
 
@@ -127,6 +134,21 @@ def test_dp_sgd_per_example_gradients_run_through_the_offloaded_base(tmp_path):
     vectorized, _, _ = vectorized_clipped_sum(params, inputs, loss_of, clip=0.1)
     assert all(torch.allclose(looped[k], vectorized[k], atol=1e-6) for k in params)
     assert any(looped[k].abs().sum() > 0 for k in params if ".layers.1." in k)
+
+
+def test_a_round_keeps_one_offloaded_base_for_every_client(tmp_path):
+    from fedllm.engine import Federation
+
+    folder = tmp_path / "offload"
+    fed = Federation(recipe_from_dict(tiny_recipe(tmp_path, model={**BUDGET, "offload_folder": str(folder)})), tmp_path / "run")
+    fed.start()
+    on_disk = {f.name: f.stat().st_size for f in folder.iterdir()}
+    offloaded = [m for m in fed.model.modules() if offloading(m)]
+    fed.run_round(0)
+    assert fed.client.model is fed.model and len(fed.participation.sampled(0)) == 2
+    # after two clients the offloaded weights are back on "meta", and the disk holds one copy
+    assert offloaded and all(p.device.type == "meta" for m in offloaded for p in m.parameters(recurse=False))
+    assert {f.name: f.stat().st_size for f in folder.iterdir()} == on_disk
 
 
 @pytest.mark.slow
