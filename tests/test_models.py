@@ -1,6 +1,7 @@
 """Model loading: presets are pure functions of the seed; local paths go through from_pretrained."""
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedllm.engine import run_recipe
 from fedllm.models import byte_tokenizer, load_model, load_tokenizer
@@ -36,12 +37,14 @@ def test_a_local_checkpoint_directory_trains_through_from_pretrained(recipe_file
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_4bit_base_trains_lora_on_gpu(recipe_file, tmp_path):
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_quantized_base_trains_lora_on_gpu(recipe_file, tmp_path, bits):
     pytest.importorskip("bitsandbytes")
     local = tmp_path / "my-model"
     tok = byte_tokenizer()
     load_model(ModelConfig(), tok, seed=0).save_pretrained(local)
     tok.save_pretrained(local)
-    run_dir = run_recipe(str(recipe_file(model={"name": str(local), "quantization": "4bit", "dtype": "bfloat16"},
+    run_dir = run_recipe(str(recipe_file(model={"name": str(local), "quantization": bits, "dtype": "bfloat16"},
                                          federation={"rounds": 1})))
-    assert (run_dir / "final" / "adapter_model.safetensors").exists()
+    final = load_file(run_dir / "final" / "adapter_model.safetensors")
+    assert final and all(torch.isfinite(t).all() for t in final.values())

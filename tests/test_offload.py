@@ -157,3 +157,22 @@ def test_a_federation_over_an_offloaded_base_ends_with_the_unsplit_adapter(recip
     split = run_recipe(str(recipe_file(model=BUDGET, federation={"rounds": 2}, output={"name": "split"})))
     a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (base, split))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_layers_past_its_budget_stay_in_cpu_ram_and_the_adapter_trains_on_the_gpu(tmp_path):
+    _, whole, adapter = build_model(recipe(tmp_path), torch.device("cuda", 0))
+    split_recipe = recipe(tmp_path, device_map="auto", max_memory={0: "300KB", "cpu": "1GB"})
+    _, split, _ = build_model(split_recipe, torch.device("cuda", 0))
+    assert "cpu" in split.get_base_model().hf_device_map.values() and any(offloading(m) for m in split.modules())
+    params, reference = adapter.trainable(split), adapter.trainable(whole)
+    assert all(p.device.type == "cuda" for p in params.values())
+    rows = torch.randint(3, 259, (2, 24), device="cuda")
+    for model, ps in ((split, params), (whole, reference)):
+        optimizer = torch.optim.AdamW(ps.values(), lr=0.02)
+        for _ in range(3):
+            model(input_ids=rows, labels=rows).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.allclose(params[k], reference[k], atol=1e-5) for k in params)
