@@ -61,11 +61,23 @@ def test_a_base_over_its_memory_budget_trains_with_layers_on_disk_and_matches_th
     assert all(torch.equal(params[k], reference[k]) for k in params)  # bitwise the unsplit adapter
 
 
-def test_gradient_checkpointing_recomputes_through_the_offload_hooks(tmp_path):
+def weights_held_for_backward(model) -> set:
+    """Shapes of the MLP weights (64×176, 176×64) among the tensors a forward saves for backward."""
+    shapes = []
+    rows = torch.randint(3, 259, (2, 24))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        model(input_ids=rows, labels=rows)
+    return {s for s in shapes if s in {(64, 176), (176, 64)}}
+
+
+def test_gradient_checkpointing_reloads_offloaded_layers_for_backward_instead_of_holding_them(tmp_path):
     checkpointing = {"gradient_checkpointing": True, "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01}
-    raw = tiny_recipe(tmp_path, model=BUDGET, client=checkpointing)
-    _, split, adapter = build_model(recipe_from_dict(raw))
+    _, split, adapter = build_model(recipe_from_dict(tiny_recipe(tmp_path, model=BUDGET, client=checkpointing)))
     _, whole, _ = build_model(recipe_from_dict(tiny_recipe(tmp_path, client=checkpointing)))
+    _, plain, _ = build_model(recipe(tmp_path, **BUDGET))
+    # without checkpointing autograd keeps every loaded layer weight until backward; with it,
+    # none: the recomputed forward in backward calls the offload hooks again
+    assert weights_held_for_backward(plain) and not weights_held_for_backward(split)
     assert train(split, adapter.trainable(split), 2) == pytest.approx(train(whole, adapter.trainable(whole), 2), abs=1e-6)
 
 
