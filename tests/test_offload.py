@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedllm.cli import main
 from fedllm.engine import run_recipe
 from fedllm.models import build_model, byte_tokenizer, load_model
 from fedllm.placement import offloading
@@ -168,6 +169,11 @@ def test_a_federation_over_an_offloaded_base_ends_with_the_unsplit_adapter(recip
     base = run_recipe(str(recipe_file(federation={"rounds": 2}, output={"name": "whole"})))
     split = run_recipe(str(recipe_file(model=BUDGET, federation={"rounds": 2}, output={"name": "split"})))
     a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (base, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # merging the adapter into an offloaded base (fedllm export --to merged) writes the same weights
+    for run in (base, split):
+        assert main(["export", str(run), "--round", "last", "--to", "merged", str(run / "merged")]) == 0
+    a, b = (load_file(d / "merged" / "model.safetensors") for d in (base, split))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
