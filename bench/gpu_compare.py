@@ -147,6 +147,17 @@ def dp_sgd_grads(model, params: dict, inputs: dict, clip: float, sigma: float) -
     return losses.detach().mean()
 
 
+def bare_adamw(params: list, lr: float, cfg) -> torch.optim.Optimizer:
+    """AdamW with the kernel fedllm's client picks: fused where `client.fused_optimizer` asks
+    and torch has one for the device and dtype."""
+    if getattr(cfg, "fused_optimizer", False):
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
 def bare_round(model, accelerator, fed, t: int, clients: list[int], x_t: dict, dp: dict | None) -> tuple[list[float], int]:
     """Each client's K local steps from x_t; per-client mean losses and real tokens trained on."""
     cfg, device = fed.recipe.client, accelerator.device
@@ -160,7 +171,7 @@ def bare_round(model, accelerator, fed, t: int, clients: list[int], x_t: dict, d
                 p.copy_(x_t[name])
         seed = client_seed(fed.recipe.seed, t, cid)
         torch.manual_seed(seed)
-        optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=cfg.weight_decay)
+        optimizer = bare_adamw(list(params.values()), lr, cfg)
         mine = []
         for batch in micro_batches(fed.data.clients[cid], cfg.per_device_train_batch_size, cfg.max_steps,
                                    np.random.default_rng(seed)):
