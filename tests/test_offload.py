@@ -71,6 +71,19 @@ def weights_held_for_backward(model) -> set:
     return {s for s in shapes if s in {(64, 176), (176, 64)}}
 
 
+@pytest.mark.parametrize("adapter", [
+    {"name": "ffa_lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+    {"name": "wara"},  # its own modules, not peft's
+    {"name": "full", "trainable": "embed"},  # full-parameter on a layer that stays resident
+], ids=lambda a: a["name"])
+def test_other_adapters_train_through_the_offloaded_base_to_the_unsplit_result(tmp_path, adapter):
+    build = lambda **model: build_model(recipe_from_dict({**tiny_recipe(tmp_path, model=model), "adapter": adapter}))  # noqa: E731
+    (_, whole, plugin), (_, split, _) = build(), build(**BUDGET)
+    params, reference = plugin.trainable(split), plugin.trainable(whole)
+    assert train(split, params) == train(whole, reference)
+    assert all(torch.equal(params[k], reference[k]) for k in params)
+
+
 def test_gradient_checkpointing_reloads_offloaded_layers_for_backward_instead_of_holding_them(tmp_path):
     checkpointing = {"gradient_checkpointing": True, "max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 0.01}
     _, split, adapter = build_model(recipe_from_dict(tiny_recipe(tmp_path, model=BUDGET, client=checkpointing)))
