@@ -124,6 +124,7 @@ def test_a_budget_without_a_map_is_refused_when_the_recipe_loads(tmp_path):
 
 @pytest.mark.parametrize("adapter, says", [
     ({"name": "sfprompt"}, "adapter.name=sfprompt cannot train through a base placed"),
+    ({"name": "ferret"}, "adapter.name=ferret cannot train through a base placed"),
     ({"name": "full", "trainable": "layers"}, "trains base weights that model.device_map offloads"),
 ])
 def test_an_adapter_that_needs_the_base_weights_is_refused_in_one_line(tmp_path, adapter, says):
