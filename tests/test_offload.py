@@ -208,3 +208,15 @@ def test_on_a_gpu_layers_past_its_budget_stay_in_cpu_ram_and_the_adapter_trains_
             optimizer.step()
             optimizer.zero_grad()
     assert all(torch.allclose(params[k], reference[k], atol=1e-5) for k in params)
+
+
+@pytest.mark.slow
+def test_two_ranks_each_with_an_offloaded_base_end_where_one_unsplit_process_ends(recipe_file, tmp_path):
+    from tests.engine.test_distributed import launch_two_processes
+
+    one = load_file(run_recipe(str(recipe_file(federation={"rounds": 2}, output={"name": "one"}))) / "final" / "adapter_model.safetensors")
+    folder = tmp_path / "offload"
+    launch_two_processes(recipe_file(model={**BUDGET, "offload_folder": str(folder)}, federation={"rounds": 2}), "two")
+    two = load_file(tmp_path / "runs" / "two" / "final" / "adapter_model.safetensors")
+    assert sorted(p.name for p in folder.iterdir()) == ["rank0", "rank1"]  # each rank its own offloaded copy
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-7) for k in one)
