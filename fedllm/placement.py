@@ -20,7 +20,6 @@ import torch
 
 from fedllm.registry import RecipeError
 
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 PLACES = ("cpu", "disk", "mps")
 
 

@@ -23,6 +23,9 @@ class Section(BaseModel):
 Plugin = dict[str, Any]  # {"name": ..., **that plugin's own options}, checked against the registry
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's (fedllm.placement)
+
+
 class ModelConfig(Section):
     name: str = "tiny-llama"  # hub id, local path, or a built-in preset (fedllm list)
     revision: Optional[str] = None
@@ -43,9 +46,8 @@ class ModelConfig(Section):
     @pydantic.field_validator("device_map")
     @classmethod
     def _known_strategy(cls, value):
-        strategies = ("auto", "balanced", "balanced_low_0", "sequential")
-        if isinstance(value, str) and value not in strategies:
-            raise ValueError(f"'{value}' is none of {', '.join(strategies)} and no {{module: device}} map")
+        if isinstance(value, str) and value not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(f"'{value}' is none of {', '.join(DEVICE_MAP_STRATEGIES)} and no {{module: device}} map")
         return value
 
     @pydantic.model_validator(mode="after")
