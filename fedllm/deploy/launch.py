@@ -30,6 +30,7 @@ from fedllm.rundir import refuse_planted_links
 
 log = logging.getLogger("fedllm")
 CONNECTION = "fedllm"  # the SuperLink connection's name in the server's Flower config
+PARTIES = "flower/parties.json"  # client id -> the public key bound to it, written by serve, read by the ServerApp
 
 APP_PYPROJECT = """\
 [build-system]
@@ -67,10 +68,17 @@ def flower_command(name: str) -> str:
     return found
 
 
+# Flower's settings for its processes, unless the environment sets them: no telemetry and no
+# update check (a party's machine talks to its SuperLink only), and its SuperExecs look for a
+# ClientApp/ServerApp to start every 0.2 s instead of every 1 s (a round starts one per party).
+FLOWER_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                   "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+
+
 def flower_env(home: Path) -> dict:
     """The environment of Flower's processes: their own FLWR_HOME, this Python's executables first
     (the SuperLink starts `flower-superexec` by name)."""
-    env = dict(os.environ, FLWR_HOME=str(home))
+    env = dict(FLOWER_DEFAULTS) | dict(os.environ, FLWR_HOME=str(home))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -90,7 +98,7 @@ def wait_for_port(host: str, port: int, seconds: float, process: subprocess.Pope
             with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     raise RecipeError(f"{what} did not listen on {host}:{port} within {seconds:g} s")
 
 
@@ -169,10 +177,49 @@ def write_app(run_dir: Path, address: str, ca: Path) -> tuple[Path, Path]:
     return app, home
 
 
-def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys: list[Path], host: str = "0.0.0.0",
+def parse_party_keys(specs: list[str]) -> dict[int, Path]:
+    """`KEY.pub=CLIENT_ID` flags -> {client id: public key file}: which key may act as which client."""
+    bound: dict[int, Path] = {}
+    for spec in specs:
+        key, sep, cid = spec.rpartition("=")
+        if not sep or not cid.strip().isdigit():
+            raise RecipeError(f"--party-key {spec}: give the key and the client id it may act as, KEY.pub=CLIENT_ID "
+                              "(e.g. --party-key certs/party_0.pub=0)")
+        if int(cid) in bound:
+            raise RecipeError(f"--party-key: client {int(cid)} is bound to two keys ({bound[int(cid)]} and {key}): "
+                              "one key per client id")
+        if Path(key) in bound.values():
+            raise RecipeError(f"--party-key: {key} is bound to two client ids: one client id per key")
+        bound[int(cid)] = Path(key)
+    return bound
+
+
+def public_key_pem(path: Path) -> str:
+    """A party's OpenSSH public key as the SuperLink stores it (PEM SubjectPublicKeyInfo)."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_ssh_public_key(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"--party-key {path}: not a readable OpenSSH public key ({err}): give the party's .pub file "
+                          "(fedllm certs makes them)") from None
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def bind_parties(run_dir: Path, party_keys: dict[int, Path], num_clients: int) -> None:
+    """run_dir/flower/parties.json: client id -> the public key allowed to act as it, for the ServerApp."""
+    if wrong := sorted(cid for cid in party_keys if cid >= num_clients):
+        raise RecipeError(f"--party-key binds client {wrong[0]}, but this federation has clients 0..{num_clients - 1}")
+    (run_dir / PARTIES).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(run_dir / PARTIES, json.dumps({str(c): public_key_pem(k) for c, k in sorted(party_keys.items())}))
+
+
+def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys: dict[int, Path], host: str = "0.0.0.0",
           port: int = 9092, resume: str | None = None) -> Path:
     """Runs the federation's server side to the end; returns the run directory."""
     certs = Path(certs)
+    if not party_keys:
+        raise RecipeError("no --party-key: register each party's public key with its client id, KEY.pub=CLIENT_ID")
     for name in ("ca.crt", "server.pem", "server.key"):
         if not (certs / name).exists():
             raise RecipeError(f"{certs / name} is missing: make the certificates with `fedllm certs {certs}`")
@@ -184,6 +231,7 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
         run_dir = prepare_run(recipe_path, overrides)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     app, home = write_app(run_dir, f"{local}:{port}", certs / "ca.crt")
+    bind_parties(run_dir, party_keys, load_recipe(run_dir / "recipe.yaml").federation.num_clients)
     env = flower_env(home)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperLink on the way out
     superlink = start([
@@ -195,8 +243,7 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
     ], env, run_dir / "superlink.log")
     try:
         wait_for_port(local, port, 120, superlink, "the SuperLink")
-        for key in party_keys:
-            register(key, env)
+        register(party_keys, env)
         print(f"SuperLink on {host}:{port} (TLS, {len(party_keys)} registered parties); run directory {run_dir}")
         outcome = run_dir / "flower" / "outcome.json"  # written by the ServerApp when it ends
         outcome.unlink(missing_ok=True)
@@ -210,12 +257,16 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
     return run_dir
 
 
-def register(key: Path, env: dict) -> None:
-    """Registers a party's public key with the SuperLink: only registered SuperNodes may connect."""
-    done = subprocess.run([flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
-        raise RecipeError(f"registering {key} failed: {(done.stdout + done.stderr).strip()[-300:]}")
+def register(party_keys: dict[int, Path], env: dict) -> None:
+    """Registers the parties' public keys with the SuperLink (only registered SuperNodes may
+    connect), all at once: each `flwr` call is a Python start-up."""
+    calls = {key: subprocess.Popen([flower_command("flwr"), "supernode", "register", str(key), CONNECTION, "--name",
+                                    f"fedllm-client-{cid}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True) for cid, key in sorted(party_keys.items())}
+    for key, call in calls.items():
+        said = call.communicate()[0]
+        if call.returncode != 0 and "already" not in said.lower():
+            raise RecipeError(f"registering {key} failed: {said.strip()[-300:]}")
 
 
 # ---- a party's side ----------------------------------------------------------------------
@@ -261,7 +312,7 @@ class SuperNode:
     """The party's SuperNode, started again whenever it exits (it gives up when the SuperLink
     is unreachable for a while): the party rejoins by itself once the server is back."""
 
-    RESTART_AFTER_S = 5.0
+    RESTART_AFTER_S = 1.0
 
     def __init__(self, command: list[str], env: dict, log_file: Path):
         self.command, self.env, self.log_file = command, env, log_file

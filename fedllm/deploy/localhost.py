@@ -30,7 +30,7 @@ class LocalFederation:
                                     env=self.env, start_new_session=True)
 
     def serve(self, resume: Path | None = None) -> None:
-        keys = [a for i in range(self.parties) for a in ("--party-key", str(self.certs / f"party_{i}.pub"))]
+        keys = [a for i in range(self.parties) for a in ("--party-key", f"{self.certs / f'party_{i}.pub'}={i}")]
         what = ["--resume", str(resume)] if resume else [self.recipe, *self.overrides]
         self.server = self.fedllm(["serve", *what, "--certs", str(self.certs), *keys, "--host", "127.0.0.1",
                                    "--port", str(self.port)], self.root / "serve.log")

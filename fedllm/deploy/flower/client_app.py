@@ -25,12 +25,6 @@ def worker(context: Context, header: dict, payload: bytes = b"") -> tuple[dict, 
     return answer, out
 
 
-@app.query()
-def identify(msg: Message, context: Context) -> Message:
-    answer, _ = worker(context, {"kind": "identify"})
-    return Message(RecordDict({"party": ConfigRecord({"info": json.dumps(answer)})}), reply_to=msg)
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     job = json.loads(str(msg.content["job"]["job"]))
