@@ -272,18 +272,23 @@ def register(party_keys: dict[int, Path], env: dict) -> None:
 # ---- a party's side ----------------------------------------------------------------------
 def join(recipe_path: str, overrides: list[str], data: str, client_id: int, superlink: str, ca: Path, key: Path,
          state_dir: Path, port: int | None = None) -> None:
-    """Builds this party's worker (its one base-model load), then connects to the SuperLink until stopped."""
-    from fedllm.deploy.party import Party
-    from fedllm.deploy.relay import worker_key
+    """Starts this party's worker (its one base-model load), then a SuperNode that connects to
+    the SuperLink; keeps both running (each is started again if it dies) until stopped."""
+    from fedllm.deploy.relay import SOCKET, worker_key
 
     for path in (ca, key):
         if not Path(path).exists():
             raise RecipeError(f"{path} does not exist: the server's operator gives each party ca.crt and its key pair")
+    if not Path(data).exists():
+        raise RecipeError(f"--data {data} does not exist: give your training rows in the recipe's format")
+    recipe = load_recipe(recipe_path, overrides)
+    check_pairings(recipe)
     state_dir = Path(state_dir).resolve()
-    party = Party(load_recipe(recipe_path, overrides), data, client_id, state_dir)
-    sock = state_dir / "worker.sock"
+    sock = state_dir / SOCKET
     if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~108 bytes
         raise RecipeError(f"--state-dir {state_dir} is too long a path for the worker's socket: use a shorter one")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(state_dir / "recipe.yaml", dump_recipe(recipe))  # what the worker trains with
     worker_key(state_dir)
     home = state_dir / "flower"
     home.mkdir(parents=True, exist_ok=True)
@@ -293,18 +298,79 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
         "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}'",
         "--port", str(port or free_port()),  # the SuperNode's local API for its ClientApps
     ]
+    worker = Worker(state_dir, str(Path(data).resolve()), client_id)
     supernode = SuperNode(command, flower_env(home), state_dir / "supernode.log")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperNode on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both on the way out
     try:
-        party.serve(str(sock), on_ready=supernode.start)
+        worker.start()
+        print(f"party {client_id} ready ({worker.log_file}); connecting to {superlink}", flush=True)
+        supernode.start()
+        worker.stopped.wait()  # until SIGTERM / Ctrl-C, or the worker cannot start again
+        raise RecipeError(worker.failure)
     finally:
         supernode.stop()
+        worker.stop()
+
+
+class Worker:
+    """The party's worker process (fedllm.deploy.party): started, checked ready through its
+    socket, and started again if it dies (the OOM killer, a crash) — the relay meanwhile fails
+    its messages, so the server records the party missing instead of waiting on a dead one."""
+
+    READY_TIMEOUT_S = 600.0  # building the model (download, quantisation) and the data
+    CHECK_EVERY_S = 1.0
+
+    def __init__(self, state_dir: Path, data: str, client_id: int):
+        self.state_dir, self.data, self.client_id = Path(state_dir), data, client_id
+        self.log_file = self.state_dir / "worker.log"
+        self.process, self.stopped, self.failure = None, threading.Event(), ""
+
+    def start(self) -> None:
+        """Starts the worker and returns once it answers; RecipeError (its own error) if it cannot."""
+        self.launch()
+        threading.Thread(target=self.watch, daemon=True).start()
+
+    def launch(self) -> None:
+        from fedllm.deploy.relay import SOCKET, WorkerDown, ask_worker
+
+        self.process = start([sys.executable, "-m", "fedllm.deploy.party", str(self.state_dir), self.data,
+                              str(self.client_id)], dict(os.environ), self.log_file)
+        deadline = time.time() + self.READY_TIMEOUT_S
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RecipeError(f"the party's worker exited: {last_error(self.log_file)}")
+            try:
+                ask_worker(str(self.state_dir / SOCKET), str(self.state_dir / "worker.key"), {"kind": "identify"},
+                           timeout_s=5.0)
+                return
+            except WorkerDown:
+                time.sleep(0.2)
+        raise RecipeError(f"the party's worker did not start within {self.READY_TIMEOUT_S:g} s: see {self.log_file}")
+
+    def watch(self) -> None:
+        while not self.stopped.wait(self.CHECK_EVERY_S):
+            if self.process.poll() is None:
+                continue
+            log.warning("the party's worker exited (code %s: %s); starting it again", self.process.returncode,
+                        last_error(self.log_file))
+            stop(self.process)
+            try:
+                self.launch()
+            except RecipeError as err:
+                self.failure = f"{err}"
+                self.stopped.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.process is not None:
+            stop(self.process)
 
 
 def last_error(log_file: Path) -> str:
-    """The SuperNode's last complaint (an unreachable SuperLink, an unregistered key), for the party's console."""
+    """A process's last complaint in its log (the SuperNode: an unreachable SuperLink, an
+    unregistered key; the worker: its one-line error), for the party's console."""
     lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
-    found = [line for line in lines if "ERROR" in line or "Failed" in line or "could not" in line]
+    found = [line for line in lines if any(word in line for word in ("ERROR", "error:", "Failed", "could not"))]
     return re.sub(r"\x1b\[[0-9;]*m", "", found[-1]).strip()[:200] if found else f"see {log_file}"
 
 

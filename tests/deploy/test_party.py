@@ -79,3 +79,71 @@ def test_a_party_whose_recipe_differs_from_the_servers_is_told_which_section(par
     changed = party.recipe.model_copy(deep=True)
     changed.data.path = "elsewhere.jsonl"  # the data path is the party's own business
     assert recipe_digests(changed) == party.digests
+
+
+# ---- the relay and the supervised worker: a worker that dies alone ------------------------
+def test_the_relay_fails_at_once_when_the_worker_is_gone_and_in_time_when_it_hangs(tmp_path):
+    import socket as sockets
+    import time
+
+    from fedllm.deploy.relay import WorkerDown, ask_worker, worker_key
+
+    worker_key(tmp_path)
+    key = str(tmp_path / "worker.key")
+    began = time.time()
+    with pytest.raises(WorkerDown, match="not running .*FileNotFoundError"):  # never started: no socket
+        ask_worker(str(tmp_path / "none.sock"), key, {"kind": "identify"}, timeout_s=30)
+    dead = sockets.socket(sockets.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.sock"))
+    dead.close()  # killed: its socket file is left behind, nobody listens
+    with pytest.raises(WorkerDown, match="not running .*ConnectionRefusedError"):
+        ask_worker(str(tmp_path / "dead.sock"), key, {"kind": "identify"}, timeout_s=30)
+    assert time.time() - began < 5  # neither waited for the timeout
+    with sockets.socket(sockets.AF_UNIX) as stuck:  # listening, never answering (a frozen worker)
+        stuck.bind(str(tmp_path / "stuck.sock"))
+        stuck.listen()
+        began = time.time()
+        with pytest.raises(WorkerDown, match="did not answer within 1 s"):
+            ask_worker(str(tmp_path / "stuck.sock"), key, {"kind": "identify"}, timeout_s=1)
+        assert 1 <= time.time() - began < 5
+
+
+@pytest.mark.slow
+def test_a_worker_killed_alone_is_started_again_and_answers(tmp_path):
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    from fedllm.deploy.launch import Worker
+    from fedllm.deploy.relay import SOCKET, ask_worker
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join((BUNDLED_DIR / "quickstart.jsonl").read_text().splitlines(keepends=True)[:8]))
+    state = tmp_path / "party"
+    state.mkdir()
+    (state / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
+    worker = Worker(state, str(rows), 1)
+    worker.CHECK_EVERY_S = 0.2
+    ask = lambda: ask_worker(str(state / SOCKET), str(state / "worker.key"), {"kind": "identify"}, timeout_s=10)[0]  # noqa: E731
+    try:
+        worker.start()
+        assert ask()["client_id"] == 1
+        first = worker.process.pid
+        os.kill(first, signal.SIGKILL)  # the OOM killer takes the worker, nothing else
+        deadline = time.time() + 120
+        while (worker.process.pid == first or worker.process.poll() is not None) and time.time() < deadline:
+            time.sleep(0.2)
+        answer = None
+        while answer is None and time.time() < deadline:
+            try:
+                answer = ask()
+            except Exception:
+                time.sleep(0.2)
+        assert answer and answer["client_id"] == 1 and worker.process.pid != first
+        assert json.loads((state / "party.json").read_text())["base_model_loads"] == 2  # honest: a second load
+    finally:
+        worker.stop()
+    assert worker.process.poll() is not None  # stopped by its process id
+

@@ -157,7 +157,7 @@ class DeployedFederation(Federation):
 
     def train_message(self, t: int, cid: int, lr: float, wire: bytes, run_info: dict) -> Message:
         job = {"round": t, "lr": lr, "state_round": self.state_round(cid), "run_info": run_info,
-               "digests": self.digests, "client_id": cid}
+               "digests": self.digests, "client_id": cid, "timeout_s": self.recipe.federation.round_timeout_s}
         content = RecordDict({"down": wire_record(wire), "job": ConfigRecord({"job": json.dumps(job)})})
         return Message(content, dst_node_id=self.nodes[cid], message_type="train", group_id=str(t))
 
