@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -162,8 +163,11 @@ class Party:
             if header["kind"] == "identify":
                 send_frame(conn, {"ok": True, **self.identify()})
             else:
+                began = time.perf_counter()
                 stats, out = self.train(header, payload)
                 send_frame(conn, {"ok": True, **stats}, out)
+                log.info("round %d: trained %d steps in %.1f s", header["round"], stats["steps"],
+                         time.perf_counter() - began)
         except (MalformedMessage, RecipeError, KeyError, ValueError) as err:
             log.warning("refused the server's %s message: %s", header.get("kind"), err)
             send_frame(conn, {"ok": False, "error": f"{type(err).__name__}: {err}"})
