@@ -196,11 +196,12 @@ def parse_party_keys(specs: list[str]) -> dict[int, Path]:
 
 def public_key_pem(path: Path) -> str:
     """A party's OpenSSH public key as the SuperLink stores it (PEM SubjectPublicKeyInfo)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     try:
         key = serialization.load_ssh_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, UnsupportedAlgorithm) as err:
         raise RecipeError(f"--party-key {path}: not a readable OpenSSH public key ({err}): give the party's .pub file "
                           "(fedllm certs makes them)") from None
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
@@ -349,7 +350,7 @@ class Worker:
 
     def watch(self) -> None:
         while not self.stopped.wait(self.CHECK_EVERY_S):
-            if self.process.poll() is None:
+            if self.process.poll() is None or self.stopped.is_set():
                 continue
             log.warning("the party's worker exited (code %s: %s); starting it again", self.process.returncode,
                         last_error(self.log_file))
@@ -359,6 +360,8 @@ class Worker:
             except RecipeError as err:
                 self.failure = f"{err}"
                 self.stopped.set()
+            if self.stopped.is_set():  # stopped while it was starting again
+                stop(self.process)
 
     def stop(self) -> None:
         self.stopped.set()

@@ -1,6 +1,7 @@
 """A party of a deployed federation, without any network: what it refuses to load, where
 its state lives, and how it learns that its recipe is not the server's."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,30 @@ def test_a_worker_killed_alone_is_started_again_and_answers(tmp_path):
         worker.stop()
     assert worker.process.poll() is not None  # stopped by its process id
 
+
+
+def test_serve_binds_each_party_key_to_one_client_id_and_says_the_form_when_it_is_wrong(tmp_path):
+    from fedllm.deploy.launch import bind_parties, parse_party_keys
+
+    assert parse_party_keys(["certs/party_0.pub=0", "certs/p=1.pub=1"]) == {0: Path("certs/party_0.pub"),
+                                                                           1: Path("certs/p=1.pub")}
+    for flags, why in [(["certs/party_0.pub"], "KEY.pub=CLIENT_ID"), (["k.pub=zero"], "KEY.pub=CLIENT_ID"),
+                       (["a.pub=0", "b.pub=0"], "client 0 is bound to two keys"),
+                       (["a.pub=0", "a.pub=1"], "bound to two client ids")]:
+        with pytest.raises(RecipeError, match=why):
+            parse_party_keys(flags)
+    with pytest.raises(RecipeError, match="binds client 2, but this federation has clients 0..1"):
+        bind_parties(tmp_path, {2: tmp_path / "k.pub"}, num_clients=2)
+
+
+def test_a_bound_key_is_read_as_the_superlink_stores_it_and_a_bad_one_is_named(tmp_path):
+    pytest.importorskip("cryptography", reason="keys are read with the Flower extra's cryptography")
+    from fedllm.deploy.certs import make_certificates
+    from fedllm.deploy.launch import PARTIES, bind_parties
+
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"], 1)
+    bind_parties(tmp_path / "run", {0: certs / "party_0.pub"}, num_clients=2)
+    assert json.loads((tmp_path / "run" / PARTIES).read_text())["0"].startswith("-----BEGIN PUBLIC KEY-----")
+    (tmp_path / "k.pub").write_text("not a key")
+    with pytest.raises(RecipeError, match="k.pub: not a readable OpenSSH public key"):
+        bind_parties(tmp_path / "run", {0: tmp_path / "k.pub"}, num_clients=2)
