@@ -13,6 +13,7 @@ from safetensors.torch import save
 pytest.importorskip("flwr", reason="the Flower deployment tests need the extra: pip install 'fedllm[flower]'")
 
 from flwr.app import ConfigRecord, Error, Message, RecordDict  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
 
 from fedllm.deploy.certs import make_certificates  # noqa: E402
 from fedllm.deploy.flower.records import read_bytes, wire_record  # noqa: E402
@@ -37,6 +38,10 @@ def tampered(wire: bytes, how: str) -> bytes:
     elif how == "not a message":
         return b"\x00" * 64
     return save(tensors, metadata={"fedllm": json.dumps(message.meta)} if message.meta else None)
+
+
+FAILURES = {"fails once": (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "WorkerDown: the party's worker is not running"),
+            "unavailable once": (ErrorCode.NODE_UNAVAILABLE, "Node Unavailable")}
 
 
 class NodeInfo:  # what Grid.get_nodes() tells the ServerApp about a node (Flower's NodeInfo fields we read)
@@ -71,10 +76,10 @@ class StandInGrid:
                 continue
             if node == 11 and self.how == "silent":
                 continue  # it never answers
-            if node == 11 and self.how == "fails once":  # its worker was down; it is back for the next message
+            if node == 11 and self.how in FAILURES:  # its worker was down, or its node; back for the next message
+                code, reason = FAILURES[self.how]
                 self.how = "none"
-                self.replies[m.metadata.message_id] = (due, Message(Error(0, "the party's worker is not running"),
-                                                                    reply_to=m))
+                self.replies[m.metadata.message_id] = (due, Message(Error(code, reason), reply_to=m))
                 continue
             if node == 11 and self.how == "late":
                 due += 1.5
@@ -169,6 +174,13 @@ def test_a_round_short_of_min_clients_is_retried_and_takes_a_late_or_failed_part
     result = fed.run_round(1)
     assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
     assert fed.grid.pushed[11] == 3 and fed.state_round(1) == 1
+    fed.global_state, fed.server_state = result.global_state, result.server_state
+    fed.recipe.federation.min_clients, fed.recipe.federation.round_timeout_s = 1, 30.0
+    fed.grid.how = "unavailable once"  # Flower could not deliver it: sent again within the round, no retry needed
+    began = time.time()
+    result = fed.run_round(2)
+    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+    assert fed.grid.pushed[11] == 5 and time.time() - began < 30
 
 
 @pytest.mark.slow

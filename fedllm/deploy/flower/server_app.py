@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.capabilities import check_pairings
@@ -131,8 +132,15 @@ class DeployedFederation(Federation):
                 pending.update({m.metadata.message_id: cid for m, cid in zip(messages, new)})
                 sent.update(new)
             for reply in self.grid.pull_messages(sorted(pending)) if pending else []:
-                if (cid := pending.pop(reply.metadata.reply_to_message_id, None)) is not None:
-                    replies[cid] = reply
+                if (cid := pending.pop(reply.metadata.reply_to_message_id, None)) is None:
+                    continue
+                if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    # Flower could not deliver it (the node missed its heartbeats, e.g. a party that
+                    # crashed and is restarting): sent again once the node is back, within the round
+                    log.info("round %d: client %d's node is unavailable; it gets the round when it is back", t, cid)
+                    self.nodes.pop(cid, None)
+                    continue
+                replies[cid] = reply
             if len(replies) == len(sampled) or time.time() >= deadline:
                 answered = sum(not r.has_error() for r in replies.values())
                 if answered >= f.min_clients or retries == 0:
