@@ -83,18 +83,20 @@ def test_two_parties_over_tls_train_what_the_simulation_trains_through_a_server_
 def test_a_party_that_crashes_mid_round_is_recorded_missing_and_rejoins(parties, tmp_path):
     fed, run_dir = parties, tmp_path / "runs" / "crash"
     received = fed.log_of("party_1/supernode.log").count("Receiving: train message")
-    fed.serve(overrides=options(tmp_path, "crash", 3, **{"federation.round_timeout_s": 45}))
+    fed.serve(overrides=options(tmp_path, "crash", 4, **{"federation.round_timeout_s": 45}))
     # party 1 dies once its round-1 download has arrived (round 0 was its first train message of this run)
     fed.until(lambda: fed.log_of("party_1/supernode.log").count("Receiving: train message") >= received + 2,
               RUN_TIMEOUT_S, "party 1 receiving round 1")
     fed.crash(1)
-    fed.join(1)  # the party comes back at once, with its state directory; round 1 is lost to it
+    fed.until(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 2, RUN_TIMEOUT_S, "round 1 ending")
+    fed.join(1)  # the party comes back with its state directory
     assert fed.wait(RUN_TIMEOUT_S) == 0, fed.log_of("serve.log")[-3000:]
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert len(rows) == 3 and rows[1]["missing_clients"] == [1] and rows[1]["dropped"] == 1
+    assert len(rows) == 4 and rows[1]["missing_clients"] == [1] and rows[1]["dropped"] == 1
     assert rows[1]["train_loss"] is not None  # round 1 aggregated party 0's update
     entries = read_jsonl(run_dir / "ledger.jsonl")
     assert [e["client"] for e in entries if e["round"] == 2 and "missing" in e] == [1]  # rows count from 1
-    back = [e for e in entries if e["client"] == 1 and e["round"] == 3]
-    assert back and "missing" not in back[0] and back[0]["bytes_up"] > 0  # it rejoined for the next round
+    # back for a later round (the next one if it restarted within round_timeout_s; a loaded machine may need two)
+    back = [e for e in entries if e["client"] == 1 and e["round"] >= 3 and "missing" not in e]
+    assert back and all(e["bytes_up"] > 0 for e in back) and back[-1]["round"] == 4
     assert "client 1 dropped out" in (run_dir / "server.log").read_text()
