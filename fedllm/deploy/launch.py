@@ -21,8 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-from fedllm.capabilities import check_pairings
-from fedllm.engine import new_run_dir
 from fedllm.metrics import write_atomically
 from fedllm.recipe import dump_recipe, load_recipe
 from fedllm.registry import RecipeError
@@ -151,6 +149,10 @@ def alive(pid: int) -> bool:
 
 # ---- the server's side ------------------------------------------------------------------
 def prepare_run(recipe_path: str, overrides: list[str]) -> Path:
+    # imported here: they bring torch, which serve and join (supervisors) need nowhere else
+    from fedllm.capabilities import check_pairings
+    from fedllm.engine import new_run_dir
+
     recipe = load_recipe(recipe_path, overrides)
     check_pairings(recipe)
     run_dir = new_run_dir(recipe, Path(recipe_path).stem, None)
@@ -282,8 +284,7 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
             raise RecipeError(f"{path} does not exist: the server's operator gives each party ca.crt and its key pair")
     if not Path(data).exists():
         raise RecipeError(f"--data {data} does not exist: give your training rows in the recipe's format")
-    recipe = load_recipe(recipe_path, overrides)
-    check_pairings(recipe)
+    recipe = load_recipe(recipe_path, overrides)  # the worker checks its pairings (and says what is wrong)
     state_dir = Path(state_dir).resolve()
     sock = state_dir / SOCKET
     if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~108 bytes
@@ -339,7 +340,7 @@ class Worker:
         deadline = time.time() + self.READY_TIMEOUT_S
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RecipeError(f"the party's worker exited: {last_error(self.log_file)}")
+                raise RecipeError(f"the party's worker exited: {last_error(self.log_file).removeprefix('fedllm: error: ')}")
             try:
                 ask_worker(str(self.state_dir / SOCKET), str(self.state_dir / "worker.key"), {"kind": "identify"},
                            timeout_s=5.0)
