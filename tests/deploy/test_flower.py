@@ -19,6 +19,7 @@ from fedllm.metrics import read_jsonl  # noqa: E402
 
 QUICKSTART = str(Path(__file__).parents[2] / "recipes" / "quickstart.yaml")
 RUN_TIMEOUT_S = 900
+CRASH_ROUNDS = 5  # the crash in round 1, then room for the party's restart (a model load) before the last round
 # recipes/quickstart.yaml as 2 parties, both sampled each round, with per-client optimizer state
 SHARED = {"federation.num_clients": 2, "federation.clients_per_round": 2, "client.max_steps": 2,
           "client.keep_optimizer_state": True, "eval.max_batches": 2}
@@ -83,7 +84,7 @@ def test_two_parties_over_tls_train_what_the_simulation_trains_through_a_server_
 def test_a_party_that_crashes_mid_round_is_recorded_missing_and_rejoins(parties, tmp_path):
     fed, run_dir = parties, tmp_path / "runs" / "crash"
     received = fed.log_of("party_1/supernode.log").count("Receiving: train message")
-    fed.serve(overrides=options(tmp_path, "crash", 4, **{"federation.round_timeout_s": 45}))
+    fed.serve(overrides=options(tmp_path, "crash", CRASH_ROUNDS, **{"federation.round_timeout_s": 45}))
     # party 1 dies once its round-1 download has arrived (round 0 was its first train message of this run)
     fed.until(lambda: fed.log_of("party_1/supernode.log").count("Receiving: train message") >= received + 2,
               RUN_TIMEOUT_S, "party 1 receiving round 1")
@@ -92,11 +93,12 @@ def test_a_party_that_crashes_mid_round_is_recorded_missing_and_rejoins(parties,
     fed.join(1)  # the party comes back with its state directory
     assert fed.wait(RUN_TIMEOUT_S) == 0, fed.log_of("serve.log")[-3000:]
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert len(rows) == 4 and rows[1]["missing_clients"] == [1] and rows[1]["dropped"] == 1
+    assert len(rows) == CRASH_ROUNDS and rows[1]["missing_clients"] == [1] and rows[1]["dropped"] == 1
     assert rows[1]["train_loss"] is not None  # round 1 aggregated party 0's update
     entries = read_jsonl(run_dir / "ledger.jsonl")
     assert [e["client"] for e in entries if e["round"] == 2 and "missing" in e] == [1]  # rows count from 1
-    # back for a later round (the next one if it restarted within round_timeout_s; a loaded machine may need two)
+    # back for a later round: the next one if its restart (a worker's model load, a SuperNode) fits in
+    # round_timeout_s; on a loaded machine (load 10 on 2 cores: 85 s) a few rounds later
     back = [e for e in entries if e["client"] == 1 and e["round"] >= 3 and "missing" not in e]
-    assert back and all(e["bytes_up"] > 0 for e in back) and back[-1]["round"] == 4
+    assert back and all(e["bytes_up"] > 0 for e in back) and back[-1]["round"] == CRASH_ROUNDS
     assert "client 1 dropped out" in (run_dir / "server.log").read_text()
