@@ -55,7 +55,8 @@ def add_deploy_verbs(sub) -> None:
     serve.add_argument("recipe", nargs="?")
     serve.add_argument("overrides", nargs="*", metavar="key.path=value")
     serve.add_argument("--certs", required=True, help="folder with ca.crt, server.pem, server.key (fedllm certs)")
-    serve.add_argument("--party-key", action="append", default=[], help="a party's public key (repeat per party)")
+    serve.add_argument("--party-key", action="append", default=[], metavar="KEY.pub=CLIENT_ID",
+                       help="a party's public key and the one client id it may act as (repeat per party)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=9092)
     serve.add_argument("--resume", metavar="RUN_DIR", help="continue a served run from its last checkpoint")
@@ -88,7 +89,8 @@ def run_deploy_verb(args) -> None:
     if args.command == "serve":
         if not args.recipe and not args.resume:
             raise RecipeError("give a recipe, or --resume RUN_DIR")
-        run_dir = launch.serve(args.recipe, args.overrides, args.certs, args.party_key, args.host, args.port, args.resume)
+        run_dir = launch.serve(args.recipe, args.overrides, args.certs, launch.parse_party_keys(args.party_key), args.host,
+                               args.port, args.resume)
         print(f"run directory: {run_dir}")
     elif args.command == "join":
         launch.join(args.recipe, args.overrides, args.data, args.client_id, args.superlink, args.ca, args.key, args.state_dir)

@@ -111,10 +111,12 @@ class FederationConfig(Section):
     # ranks wait at most this long in a collective: a frozen or dead rank ends the job (torch's default is 30 min)
     collective_timeout_s: float = Field(300.0, gt=0.0)
     # a federation deployed on Flower (`fedllm serve`): a sampled party that has not answered
-    # within round_timeout_s dropped out; fewer than min_clients answers stop the run (resume
-    # it when the parties are back); the first round waits join_timeout_s for every party
+    # within round_timeout_s dropped out; a round with fewer than min_clients answers waits
+    # round_timeout_s again for the missing ones, up to round_retries times, then the run stops
+    # (resume it when the parties are back); the first round waits join_timeout_s for every party
     round_timeout_s: float = Field(600.0, gt=0.0)
     min_clients: int = Field(1, gt=0)
+    round_retries: int = Field(2, ge=0)
     join_timeout_s: float = Field(600.0, gt=0.0)
     # asynchrony (fedllm.asynchrony): a logged round is clients_per_round arrivals in every mode
     mode: Literal[FEDERATION_MODES] = "sync"

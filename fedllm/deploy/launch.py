@@ -21,8 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-from fedllm.capabilities import check_pairings
-from fedllm.engine import new_run_dir
 from fedllm.metrics import write_atomically
 from fedllm.recipe import dump_recipe, load_recipe
 from fedllm.registry import RecipeError
@@ -30,6 +28,7 @@ from fedllm.rundir import refuse_planted_links
 
 log = logging.getLogger("fedllm")
 CONNECTION = "fedllm"  # the SuperLink connection's name in the server's Flower config
+PARTIES = "flower/parties.json"  # client id -> the public key bound to it, written by serve, read by the ServerApp
 
 APP_PYPROJECT = """\
 [build-system]
@@ -67,10 +66,17 @@ def flower_command(name: str) -> str:
     return found
 
 
+# Flower's settings for its processes, unless the environment sets them: no telemetry and no
+# update check (a party's machine talks to its SuperLink only), and its SuperExecs look for a
+# ClientApp/ServerApp to start every 0.2 s instead of every 1 s (a round starts one per party).
+FLOWER_DEFAULTS = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                   "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+
+
 def flower_env(home: Path) -> dict:
     """The environment of Flower's processes: their own FLWR_HOME, this Python's executables first
     (the SuperLink starts `flower-superexec` by name)."""
-    env = dict(os.environ, FLWR_HOME=str(home))
+    env = dict(FLOWER_DEFAULTS) | dict(os.environ, FLWR_HOME=str(home))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -90,7 +96,7 @@ def wait_for_port(host: str, port: int, seconds: float, process: subprocess.Pope
             with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     raise RecipeError(f"{what} did not listen on {host}:{port} within {seconds:g} s")
 
 
@@ -143,6 +149,10 @@ def alive(pid: int) -> bool:
 
 # ---- the server's side ------------------------------------------------------------------
 def prepare_run(recipe_path: str, overrides: list[str]) -> Path:
+    # imported here: they bring torch, which serve and join (supervisors) need nowhere else
+    from fedllm.capabilities import check_pairings
+    from fedllm.engine import new_run_dir
+
     recipe = load_recipe(recipe_path, overrides)
     check_pairings(recipe)
     run_dir = new_run_dir(recipe, Path(recipe_path).stem, None)
@@ -169,10 +179,50 @@ def write_app(run_dir: Path, address: str, ca: Path) -> tuple[Path, Path]:
     return app, home
 
 
-def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys: list[Path], host: str = "0.0.0.0",
+def parse_party_keys(specs: list[str]) -> dict[int, Path]:
+    """`KEY.pub=CLIENT_ID` flags -> {client id: public key file}: which key may act as which client."""
+    bound: dict[int, Path] = {}
+    for spec in specs:
+        key, sep, cid = spec.rpartition("=")
+        if not sep or not cid.strip().isdigit():
+            raise RecipeError(f"--party-key {spec}: give the key and the client id it may act as, KEY.pub=CLIENT_ID "
+                              "(e.g. --party-key certs/party_0.pub=0)")
+        if int(cid) in bound:
+            raise RecipeError(f"--party-key: client {int(cid)} is bound to two keys ({bound[int(cid)]} and {key}): "
+                              "one key per client id")
+        if Path(key) in bound.values():
+            raise RecipeError(f"--party-key: {key} is bound to two client ids: one client id per key")
+        bound[int(cid)] = Path(key)
+    return bound
+
+
+def public_key_pem(path: Path) -> str:
+    """A party's OpenSSH public key as the SuperLink stores it (PEM SubjectPublicKeyInfo)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_ssh_public_key(Path(path).read_bytes())
+    except (OSError, ValueError, UnsupportedAlgorithm) as err:
+        raise RecipeError(f"--party-key {path}: not a readable OpenSSH public key ({err}): give the party's .pub file "
+                          "(fedllm certs makes them)") from None
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def bind_parties(run_dir: Path, party_keys: dict[int, Path], num_clients: int) -> None:
+    """run_dir/flower/parties.json: client id -> the public key allowed to act as it, for the ServerApp."""
+    if wrong := sorted(cid for cid in party_keys if cid >= num_clients):
+        raise RecipeError(f"--party-key binds client {wrong[0]}, but this federation has clients 0..{num_clients - 1}")
+    (run_dir / PARTIES).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(run_dir / PARTIES, json.dumps({str(c): public_key_pem(k) for c, k in sorted(party_keys.items())}))
+
+
+def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys: dict[int, Path], host: str = "0.0.0.0",
           port: int = 9092, resume: str | None = None) -> Path:
     """Runs the federation's server side to the end; returns the run directory."""
     certs = Path(certs)
+    if not party_keys:
+        raise RecipeError("no --party-key: register each party's public key with its client id, KEY.pub=CLIENT_ID")
     for name in ("ca.crt", "server.pem", "server.key"):
         if not (certs / name).exists():
             raise RecipeError(f"{certs / name} is missing: make the certificates with `fedllm certs {certs}`")
@@ -184,6 +234,7 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
         run_dir = prepare_run(recipe_path, overrides)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     app, home = write_app(run_dir, f"{local}:{port}", certs / "ca.crt")
+    bind_parties(run_dir, party_keys, load_recipe(run_dir / "recipe.yaml").federation.num_clients)
     env = flower_env(home)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperLink on the way out
     superlink = start([
@@ -195,8 +246,7 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
     ], env, run_dir / "superlink.log")
     try:
         wait_for_port(local, port, 120, superlink, "the SuperLink")
-        for key in party_keys:
-            register(key, env)
+        register(party_keys, env)
         print(f"SuperLink on {host}:{port} (TLS, {len(party_keys)} registered parties); run directory {run_dir}")
         outcome = run_dir / "flower" / "outcome.json"  # written by the ServerApp when it ends
         outcome.unlink(missing_ok=True)
@@ -210,29 +260,37 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
     return run_dir
 
 
-def register(key: Path, env: dict) -> None:
-    """Registers a party's public key with the SuperLink: only registered SuperNodes may connect."""
-    done = subprocess.run([flower_command("flwr"), "supernode", "register", str(key), CONNECTION],
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
-        raise RecipeError(f"registering {key} failed: {(done.stdout + done.stderr).strip()[-300:]}")
+def register(party_keys: dict[int, Path], env: dict) -> None:
+    """Registers the parties' public keys with the SuperLink (only registered SuperNodes may
+    connect), all at once: each `flwr` call is a Python start-up."""
+    calls = {key: subprocess.Popen([flower_command("flwr"), "supernode", "register", str(key), CONNECTION, "--name",
+                                    f"fedllm-client-{cid}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True) for cid, key in sorted(party_keys.items())}
+    for key, call in calls.items():
+        said = call.communicate()[0]
+        if call.returncode != 0 and "already" not in said.lower():
+            raise RecipeError(f"registering {key} failed: {said.strip()[-300:]}")
 
 
 # ---- a party's side ----------------------------------------------------------------------
 def join(recipe_path: str, overrides: list[str], data: str, client_id: int, superlink: str, ca: Path, key: Path,
          state_dir: Path, port: int | None = None) -> None:
-    """Builds this party's worker (its one base-model load), then connects to the SuperLink until stopped."""
-    from fedllm.deploy.party import Party
-    from fedllm.deploy.relay import worker_key
+    """Starts this party's worker (its one base-model load), then a SuperNode that connects to
+    the SuperLink; keeps both running (each is started again if it dies) until stopped."""
+    from fedllm.deploy.relay import SOCKET, worker_key
 
     for path in (ca, key):
         if not Path(path).exists():
             raise RecipeError(f"{path} does not exist: the server's operator gives each party ca.crt and its key pair")
+    if not Path(data).exists():
+        raise RecipeError(f"--data {data} does not exist: give your training rows in the recipe's format")
+    recipe = load_recipe(recipe_path, overrides)  # the worker checks its pairings (and says what is wrong)
     state_dir = Path(state_dir).resolve()
-    party = Party(load_recipe(recipe_path, overrides), data, client_id, state_dir)
-    sock = state_dir / "worker.sock"
+    sock = state_dir / SOCKET
     if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~108 bytes
         raise RecipeError(f"--state-dir {state_dir} is too long a path for the worker's socket: use a shorter one")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(state_dir / "recipe.yaml", dump_recipe(recipe))  # what the worker trains with
     worker_key(state_dir)
     home = state_dir / "flower"
     home.mkdir(parents=True, exist_ok=True)
@@ -242,18 +300,81 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
         "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}'",
         "--port", str(port or free_port()),  # the SuperNode's local API for its ClientApps
     ]
+    worker = Worker(state_dir, str(Path(data).resolve()), client_id)
     supernode = SuperNode(command, flower_env(home), state_dir / "supernode.log")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperNode on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both on the way out
     try:
-        party.serve(str(sock), on_ready=supernode.start)
+        worker.start()
+        print(f"party {client_id} ready ({worker.log_file}); connecting to {superlink}", flush=True)
+        supernode.start()
+        worker.stopped.wait()  # until SIGTERM / Ctrl-C, or the worker cannot start again
+        raise RecipeError(worker.failure)
     finally:
         supernode.stop()
+        worker.stop()
+
+
+class Worker:
+    """The party's worker process (fedllm.deploy.party): started, checked ready through its
+    socket, and started again if it dies (the OOM killer, a crash) — the relay meanwhile fails
+    its messages, so the server records the party missing instead of waiting on a dead one."""
+
+    READY_TIMEOUT_S = 600.0  # building the model (download, quantisation) and the data
+    CHECK_EVERY_S = 1.0
+
+    def __init__(self, state_dir: Path, data: str, client_id: int):
+        self.state_dir, self.data, self.client_id = Path(state_dir), data, client_id
+        self.log_file = self.state_dir / "worker.log"
+        self.process, self.stopped, self.failure = None, threading.Event(), ""
+
+    def start(self) -> None:
+        """Starts the worker and returns once it answers; RecipeError (its own error) if it cannot."""
+        self.launch()
+        threading.Thread(target=self.watch, daemon=True).start()
+
+    def launch(self) -> None:
+        from fedllm.deploy.relay import SOCKET, WorkerDown, ask_worker
+
+        self.process = start([sys.executable, "-m", "fedllm.deploy.party", str(self.state_dir), self.data,
+                              str(self.client_id)], dict(os.environ), self.log_file)
+        deadline = time.time() + self.READY_TIMEOUT_S
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RecipeError(f"the party's worker exited: {last_error(self.log_file).removeprefix('fedllm: error: ')}")
+            try:
+                ask_worker(str(self.state_dir / SOCKET), str(self.state_dir / "worker.key"), {"kind": "identify"},
+                           timeout_s=5.0)
+                return
+            except WorkerDown:
+                time.sleep(0.2)
+        raise RecipeError(f"the party's worker did not start within {self.READY_TIMEOUT_S:g} s: see {self.log_file}")
+
+    def watch(self) -> None:
+        while not self.stopped.wait(self.CHECK_EVERY_S):
+            if self.process.poll() is None or self.stopped.is_set():
+                continue
+            log.warning("the party's worker exited (code %s: %s); starting it again", self.process.returncode,
+                        last_error(self.log_file))
+            stop(self.process)
+            try:
+                self.launch()
+            except RecipeError as err:
+                self.failure = f"{err}"
+                self.stopped.set()
+            if self.stopped.is_set():  # stopped while it was starting again
+                stop(self.process)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.process is not None:
+            stop(self.process)
 
 
 def last_error(log_file: Path) -> str:
-    """The SuperNode's last complaint (an unreachable SuperLink, an unregistered key), for the party's console."""
+    """A process's last complaint in its log (the SuperNode: an unreachable SuperLink, an
+    unregistered key; the worker: its one-line error), for the party's console."""
     lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
-    found = [line for line in lines if "ERROR" in line or "Failed" in line or "could not" in line]
+    found = [line for line in lines if any(word in line for word in ("ERROR", "error:", "Failed", "could not"))]
     return re.sub(r"\x1b\[[0-9;]*m", "", found[-1]).strip()[:200] if found else f"see {log_file}"
 
 
@@ -261,7 +382,7 @@ class SuperNode:
     """The party's SuperNode, started again whenever it exits (it gives up when the SuperLink
     is unreachable for a while): the party rejoins by itself once the server is back."""
 
-    RESTART_AFTER_S = 5.0
+    RESTART_AFTER_S = 1.0
 
     def __init__(self, command: list[str], env: dict, log_file: Path):
         self.command, self.env, self.log_file = command, env, log_file

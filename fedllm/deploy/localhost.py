@@ -29,9 +29,11 @@ class LocalFederation:
             return subprocess.Popen([sys.executable, "-m", "fedllm", *args], stdout=out, stderr=subprocess.STDOUT,
                                     env=self.env, start_new_session=True)
 
-    def serve(self, resume: Path | None = None) -> None:
-        keys = [a for i in range(self.parties) for a in ("--party-key", str(self.certs / f"party_{i}.pub"))]
-        what = ["--resume", str(resume)] if resume else [self.recipe, *self.overrides]
+    def serve(self, resume: Path | None = None, overrides: list[str] = ()) -> None:
+        """A run of the server side (the recipe with the parties' overrides, then `overrides`: a
+        server may run several in turn with the same parties), or the continuation of one."""
+        keys = [a for i in range(self.parties) for a in ("--party-key", f"{self.certs / f'party_{i}.pub'}={i}")]
+        what = ["--resume", str(resume)] if resume else [self.recipe, *self.overrides, *overrides]
         self.server = self.fedllm(["serve", *what, "--certs", str(self.certs), *keys, "--host", "127.0.0.1",
                                    "--port", str(self.port)], self.root / "serve.log")
 
@@ -64,7 +66,9 @@ class LocalFederation:
     def wait(self, seconds: float) -> int:
         """The server's exit code once the run is over (it stops its SuperLink itself)."""
         try:
-            return self.server.wait(seconds)
+            code = self.server.wait(seconds)
+            stop(self.server)  # what the SuperLink left behind, so the next run's SuperLink gets the port
+            return code
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"the deployed run did not finish within {seconds:g} s: see {self.root}/*.log") from None
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -141,14 +142,12 @@ class Party:
                  "split_bytes_up": r.split_bytes_up, "split_bytes_down": r.split_bytes_down}
         return stats, out
 
-    def serve(self, socket: str, on_ready=None) -> None:
+    def serve(self, socket: str) -> None:
         """Answers the relay's requests until killed: one at a time, on the one resident model."""
         Path(socket).unlink(missing_ok=True)
         with Listener(socket, family="AF_UNIX", authkey=worker_key(self.state_dir)) as listener:
             os.chmod(socket, 0o600)
             log.info("party %d ready on %s (%d examples)", self.client_id, socket, len(self.examples))
-            if on_ready is not None:
-                on_ready()
             while True:
                 try:
                     conn = listener.accept()
@@ -164,9 +163,36 @@ class Party:
             if header["kind"] == "identify":
                 send_frame(conn, {"ok": True, **self.identify()})
             else:
+                began = time.perf_counter()
                 stats, out = self.train(header, payload)
                 send_frame(conn, {"ok": True, **stats}, out)
+                log.info("round %d: trained %d steps in %.1f s", header["round"], stats["steps"],
+                         time.perf_counter() - began)
         except (MalformedMessage, RecipeError, KeyError, ValueError) as err:
             log.warning("refused the server's %s message: %s", header.get("kind"), err)
             send_frame(conn, {"ok": False, "error": f"{type(err).__name__}: {err}"})
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fedllm.deploy.party STATE_DIR DATA CLIENT_ID`: the worker `fedllm join` starts
+    (and starts again if it dies), on the recipe join wrote to STATE_DIR/recipe.yaml."""
+    import sys
+
+    from fedllm.cli import USER_ERRORS, describe
+    from fedllm.deploy.relay import SOCKET
+    from fedllm.recipe import load_recipe
+
+    state_dir, data, client_id = argv if argv is not None else sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        party = Party(load_recipe(Path(state_dir) / "recipe.yaml"), data, int(client_id), Path(state_dir))
+        party.serve(str(Path(state_dir) / SOCKET))
+    except USER_ERRORS as err:
+        print(f"fedllm: error: {describe(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,8 +7,12 @@ import json
 import os
 import secrets
 import struct
+import threading
 from multiprocessing.connection import Client as Connect
 from pathlib import Path
+
+
+SOCKET = "worker.sock"  # the worker's socket, in the party's state directory
 
 
 def send_frame(conn, header: dict, payload: bytes = b"") -> None:
@@ -33,10 +37,32 @@ def worker_key(state_dir: Path) -> bytes:
     return path.read_bytes()
 
 
-def ask_worker(socket: str, key_file: str, header: dict, payload: bytes = b"") -> tuple[dict, bytes]:
-    """The relay's side: one request, one answer."""
-    with Connect(socket, family="AF_UNIX", authkey=Path(key_file).read_bytes()) as conn:
-        send_frame(conn, header, payload)
-        return recv_frame(conn)
+class WorkerDown(RuntimeError):
+    """The party's worker did not answer: not running, or stuck past the time the round allows."""
+
+
+def ask_worker(socket: str, key_file: str, header: dict, payload: bytes = b"", timeout_s: float = 600.0
+               ) -> tuple[dict, bytes]:
+    """The relay's side: one request, one answer within timeout_s, or WorkerDown saying why not.
+    A relay that waited forever would hold its SuperNode, which runs one message at a time."""
+    answer: list = []
+
+    def ask():
+        try:
+            with Connect(socket, family="AF_UNIX", authkey=Path(key_file).read_bytes()) as conn:
+                send_frame(conn, header, payload)
+                answer.append(recv_frame(conn))
+        except (OSError, EOFError) as err:  # no socket, connection refused or reset: the worker is gone
+            answer.append(err)
+
+    asking = threading.Thread(target=ask, daemon=True)  # the handshake and the answer can both hang
+    asking.start()
+    asking.join(timeout_s)
+    if not answer:
+        raise WorkerDown(f"the party's worker did not answer within {timeout_s:g} s (stuck?): restart `fedllm join`")
+    if isinstance(answer[0], Exception):
+        raise WorkerDown(f"the party's worker is not running ({type(answer[0]).__name__}: {answer[0]}): "
+                         "`fedllm join` restarts it")
+    return answer[0]
 
 

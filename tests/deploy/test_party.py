@@ -1,6 +1,7 @@
 """A party of a deployed federation, without any network: what it refuses to load, where
 its state lives, and how it learns that its recipe is not the server's."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +80,98 @@ def test_a_party_whose_recipe_differs_from_the_servers_is_told_which_section(par
     changed = party.recipe.model_copy(deep=True)
     changed.data.path = "elsewhere.jsonl"  # the data path is the party's own business
     assert recipe_digests(changed) == party.digests
+
+
+# ---- the relay and the supervised worker: a worker that dies alone ------------------------
+def test_the_relay_fails_at_once_when_the_worker_is_gone_and_in_time_when_it_hangs(tmp_path):
+    import socket as sockets
+    import time
+
+    from fedllm.deploy.relay import WorkerDown, ask_worker, worker_key
+
+    worker_key(tmp_path)
+    key = str(tmp_path / "worker.key")
+    began = time.time()
+    with pytest.raises(WorkerDown, match="not running .*FileNotFoundError"):  # never started: no socket
+        ask_worker(str(tmp_path / "none.sock"), key, {"kind": "identify"}, timeout_s=30)
+    dead = sockets.socket(sockets.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.sock"))
+    dead.close()  # killed: its socket file is left behind, nobody listens
+    with pytest.raises(WorkerDown, match="not running .*ConnectionRefusedError"):
+        ask_worker(str(tmp_path / "dead.sock"), key, {"kind": "identify"}, timeout_s=30)
+    assert time.time() - began < 5  # neither waited for the timeout
+    with sockets.socket(sockets.AF_UNIX) as stuck:  # listening, never answering (a frozen worker)
+        stuck.bind(str(tmp_path / "stuck.sock"))
+        stuck.listen()
+        began = time.time()
+        with pytest.raises(WorkerDown, match="did not answer within 1 s"):
+            ask_worker(str(tmp_path / "stuck.sock"), key, {"kind": "identify"}, timeout_s=1)
+        assert 1 <= time.time() - began < 5
+
+
+@pytest.mark.slow
+def test_a_worker_killed_alone_is_started_again_and_answers(tmp_path):
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    from fedllm.deploy.launch import Worker
+    from fedllm.deploy.relay import SOCKET, ask_worker
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join((BUNDLED_DIR / "quickstart.jsonl").read_text().splitlines(keepends=True)[:8]))
+    state = tmp_path / "party"
+    state.mkdir()
+    (state / "recipe.yaml").write_text(yaml.safe_dump(tiny_recipe(tmp_path)))
+    worker = Worker(state, str(rows), 1)
+    worker.CHECK_EVERY_S = 0.2
+    ask = lambda: ask_worker(str(state / SOCKET), str(state / "worker.key"), {"kind": "identify"}, timeout_s=10)[0]  # noqa: E731
+    try:
+        worker.start()
+        assert ask()["client_id"] == 1
+        first = worker.process.pid
+        os.kill(first, signal.SIGKILL)  # the OOM killer takes the worker, nothing else
+        deadline = time.time() + 120
+        while (worker.process.pid == first or worker.process.poll() is not None) and time.time() < deadline:
+            time.sleep(0.2)
+        answer = None
+        while answer is None and time.time() < deadline:
+            try:
+                answer = ask()
+            except Exception:
+                time.sleep(0.2)
+        assert answer and answer["client_id"] == 1 and worker.process.pid != first
+        assert json.loads((state / "party.json").read_text())["base_model_loads"] == 2  # honest: a second load
+    finally:
+        worker.stop()
+    assert worker.process.poll() is not None  # stopped by its process id
+
+
+
+def test_serve_binds_each_party_key_to_one_client_id_and_says_the_form_when_it_is_wrong(tmp_path):
+    from fedllm.deploy.launch import bind_parties, parse_party_keys
+
+    assert parse_party_keys(["certs/party_0.pub=0", "certs/p=1.pub=1"]) == {0: Path("certs/party_0.pub"),
+                                                                           1: Path("certs/p=1.pub")}
+    for flags, why in [(["certs/party_0.pub"], "KEY.pub=CLIENT_ID"), (["k.pub=zero"], "KEY.pub=CLIENT_ID"),
+                       (["a.pub=0", "b.pub=0"], "client 0 is bound to two keys"),
+                       (["a.pub=0", "a.pub=1"], "bound to two client ids")]:
+        with pytest.raises(RecipeError, match=why):
+            parse_party_keys(flags)
+    with pytest.raises(RecipeError, match="binds client 2, but this federation has clients 0..1"):
+        bind_parties(tmp_path, {2: tmp_path / "k.pub"}, num_clients=2)
+
+
+def test_a_bound_key_is_read_as_the_superlink_stores_it_and_a_bad_one_is_named(tmp_path):
+    pytest.importorskip("cryptography", reason="keys are read with the Flower extra's cryptography")
+    from fedllm.deploy.certs import make_certificates
+    from fedllm.deploy.launch import PARTIES, bind_parties
+
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"], 1)
+    bind_parties(tmp_path / "run", {0: certs / "party_0.pub"}, num_clients=2)
+    assert json.loads((tmp_path / "run" / PARTIES).read_text())["0"].startswith("-----BEGIN PUBLIC KEY-----")
+    (tmp_path / "k.pub").write_text("not a key")
+    with pytest.raises(RecipeError, match="k.pub: not a readable OpenSSH public key"):
+        bind_parties(tmp_path / "run", {0: tmp_path / "k.pub"}, num_clients=2)

@@ -19,16 +19,12 @@ def worker(context: Context, header: dict, payload: bytes = b"") -> tuple[dict, 
     config = context.node_config
     if "worker-socket" not in config:
         raise RuntimeError("this SuperNode has no fedllm party worker: start the party with `fedllm join`")
-    answer, out = ask_worker(str(config["worker-socket"]), str(config["worker-key"]), header, payload)
+    # the worker has the round's time to answer: past it the server has counted this party missing
+    timeout_s = float(header.get("timeout_s", 600.0))
+    answer, out = ask_worker(str(config["worker-socket"]), str(config["worker-key"]), header, payload, timeout_s)
     if not answer.get("ok"):
         raise RuntimeError(answer.get("error", "the party's worker refused the message"))  # Flower replies with an error
     return answer, out
-
-
-@app.query()
-def identify(msg: Message, context: Context) -> Message:
-    answer, _ = worker(context, {"kind": "identify"})
-    return Message(RecordDict({"party": ConfigRecord({"info": json.dumps(answer)})}), reply_to=msg)
 
 
 @app.train()

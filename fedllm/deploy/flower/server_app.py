@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.capabilities import check_pairings
 from fedllm.deploy.flower.records import read_bytes, wire_record
-from fedllm.deploy.party import mismatch, recipe_digests
+from fedllm.deploy.launch import PARTIES
+from fedllm.deploy.party import recipe_digests
 from fedllm.engine import Federation, RoundResult
 from fedllm.metrics import rejection_code
 from fedllm.recipe import load_recipe
@@ -27,8 +29,7 @@ from fedllm.wire import MalformedMessage, WireContext, deserialize
 
 log = logging.getLogger("fedllm")
 STATE_ROUND = "state_round"  # the server's record of a party: the last round whose upload it accepted
-POLL_S = 1.0  # how often the server asks the SuperLink for replies
-IDENTIFY_S = 30.0  # how long one round of "which client are you?" waits
+POLL_S = 0.2  # how often the server asks the SuperLink for replies (a local call)
 OUTCOME = "flower/outcome.json"  # how the ServerApp ended, for `fedllm serve`
 
 
@@ -42,59 +43,36 @@ class DeployedFederation(Federation):
                               "deployment does not carry yet: use `fedllm run` (simulation)")
         self.grid = grid
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
+        self.party_keys = bound_keys(run_dir)  # client id -> the public key that may act as it
+        self.unbound: set[int] = set()  # nodes whose key no client id is bound to (warned once)
         self.digests = recipe_digests(recipe)
         # an upload is at most its decoded elements in float64 plus a header; past that it is refused unread
         self.max_upload_bytes = 8 * self.max_elements + 2**20
         self.waited = False
 
     # ---- who is who --------------------------------------------------------------------
-    def ask(self, messages: list[Message], deadline: float) -> dict[str, Message]:
-        """Sends the messages; sent message id -> reply, for the replies that came by `deadline`."""
-        if not list(self.grid.push_messages(messages)):  # Flower refused them (it logs why)
-            return {}
-        waiting, replies = {m.metadata.message_id for m in messages}, {}
-        while waiting:
-            for reply in self.grid.pull_messages(sorted(waiting)):
-                replies[reply.metadata.reply_to_message_id] = reply
-                waiting.discard(reply.metadata.reply_to_message_id)
-            if not waiting or time.time() >= deadline:
-                break
-            time.sleep(POLL_S)
-        return replies
-
-    def refresh_nodes(self, deadline: float) -> None:
-        """Maps the connected parties to client ids: each new node says which client it is."""
-        online = set(self.grid.get_node_ids())
-        self.nodes = {cid: node for cid, node in self.nodes.items() if node in online}
-        unknown = online - set(self.nodes.values())
-        if not unknown:
-            return
-        ask = RecordDict({"fedllm": ConfigRecord({"digests": json.dumps(self.digests)})})
-        messages = [Message(ask, dst_node_id=node, message_type="query") for node in sorted(unknown)]
-        for reply in self.ask(messages, deadline).values():
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %d did not identify itself: %s", node, reply.error.reason)
-                continue
-            try:
-                info = json.loads(reply.content["party"]["info"])
-                cid, digests = int(info["client_id"]), dict(info["digests"])
-            except (KeyError, TypeError, ValueError) as err:
-                log.warning("node %d sent an unreadable identity (%s)", node, err)
-                continue
-            if not 0 <= cid < self.recipe.federation.num_clients:
-                log.warning("node %d says it is client %d; this federation has clients 0..%d", node, cid,
-                            self.recipe.federation.num_clients - 1)
-            elif problem := mismatch(self.digests, digests):
-                log.warning("node %d (client %d) is not used: %s", node, cid, problem)
-            else:
-                self.nodes[cid] = node  # the newest node of a party that reconnected wins
-                log.info("client %d is node %d", cid, node)
+    def refresh_nodes(self) -> None:
+        """Maps the connected parties to client ids by the key each authenticated with: the
+        SuperLink admits only registered keys and tells the ServerApp each node's key; a key
+        acts as the one client id `fedllm serve --party-key KEY.pub=CLIENT_ID` bound it to."""
+        by_key = {key: cid for cid, key in self.party_keys.items()}
+        nodes = {}
+        for info in self.grid.get_nodes():  # the nodes online now
+            cid = by_key.get(normal_key(info.public_key))
+            if cid is not None:
+                nodes[cid] = info.node_id
+            elif info.node_id not in self.unbound:
+                self.unbound.add(info.node_id)
+                log.warning("node %d's key is bound to no client id (fedllm serve --party-key KEY.pub=CLIENT_ID): "
+                            "it gets no round", info.node_id)
+        for cid in sorted(nodes.keys() - self.nodes.keys()):
+            log.info("client %d is node %d", cid, nodes[cid])
+        self.nodes = nodes
 
     def connect(self, wanted: list[int], deadline: float) -> None:
-        """Waits until the wanted clients are connected and identified, or until `deadline`."""
+        """Waits until the wanted clients are connected, or until `deadline`."""
         while True:
-            self.refresh_nodes(deadline)
+            self.refresh_nodes()
             if all(cid in self.nodes for cid in wanted) or time.time() >= deadline:
                 return
             time.sleep(POLL_S)
@@ -131,40 +109,63 @@ class DeployedFederation(Federation):
         if answered < r.federation.min_clients:
             raise RecipeError(
                 f"round {t}: {answered} of the {len(sampled)} sampled parties answered within "
-                f"federation.round_timeout_s={r.federation.round_timeout_s:g}, fewer than federation.min_clients="
-                f"{r.federation.min_clients}; the run stopped at its last checkpoint: when the parties are back, "
-                f"continue it with `fedllm serve --resume {self.run_dir}`")
+                f"federation.round_timeout_s={r.federation.round_timeout_s:g} and {r.federation.round_retries} "
+                f"retries (federation.round_retries), fewer than federation.min_clients={r.federation.min_clients}; "
+                f"the run stopped at its last checkpoint: when the parties are back, continue it with "
+                f"`fedllm serve --resume {self.run_dir}`")
         return self.aggregate(t, collect, stats, lr, start)
 
     def exchange(self, t: int, sampled: list[int], lr: float, wire: bytes) -> tuple[dict, set]:
         """Round t's download to each sampled party as soon as it is connected (one that reconnects
-        mid-round still gets it) and its answer back, all within round_timeout_s: client id ->
-        (stats, upload bytes) or why none came; and the clients the download went to."""
-        timeout = self.recipe.federation.round_timeout_s
-        deadline, run_info = time.time() + timeout, asdict(self.run_info())
-        pending, replies = {}, {}  # sent message id -> client id; client id -> its reply
-        self.refresh_nodes(min(deadline, time.time() + IDENTIFY_S))
+        mid-round still gets it) and its answer back, within round_timeout_s; while fewer than
+        min_clients have answered, the round waits round_timeout_s again (up to round_retries
+        times), sending again to those whose party failed. Client id -> (stats, upload bytes) or
+        why none came; and the clients the download went to."""
+        f = self.recipe.federation
+        deadline, run_info, retries = time.time() + f.round_timeout_s, asdict(self.run_info()), f.round_retries
+        pending, replies, sent = {}, {}, set()  # sent message id -> client id; client id -> its reply
+        self.refresh_nodes()
         while True:
             new = [cid for cid in sampled if cid in self.nodes and cid not in replies and cid not in pending.values()]
             messages = [self.train_message(t, cid, lr, wire, run_info) for cid in new]
             if messages and list(self.grid.push_messages(messages)):
                 pending.update({m.metadata.message_id: cid for m, cid in zip(messages, new)})
+                sent.update(new)
             for reply in self.grid.pull_messages(sorted(pending)) if pending else []:
-                if (cid := pending.pop(reply.metadata.reply_to_message_id, None)) is not None:
-                    replies[cid] = reply
+                if (cid := pending.pop(reply.metadata.reply_to_message_id, None)) is None:
+                    continue
+                if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    # Flower could not deliver it (the node missed its heartbeats, e.g. a party that
+                    # crashed and is restarting): sent again once the node is back, within the round
+                    log.info("round %d: client %d's node is unavailable; it gets the round when it is back", t, cid)
+                    self.nodes.pop(cid, None)
+                    continue
+                replies[cid] = reply
             if len(replies) == len(sampled) or time.time() >= deadline:
-                break
+                answered = sum(not r.has_error() for r in replies.values())
+                if answered >= f.min_clients or retries == 0:
+                    break
+                if time.time() < deadline:  # everyone replied, too many with failures: the retry starts at the deadline
+                    time.sleep(POLL_S)
+                    continue
+                retries -= 1
+                failed = sorted(cid for cid, r in replies.items() if r.has_error())
+                log.warning("round %d: %d of the %d sampled parties answered, fewer than federation.min_clients=%d: "
+                            "waiting federation.round_timeout_s=%g again (%d retries left)", t, answered, len(sampled),
+                            f.min_clients, f.round_timeout_s, retries)
+                for cid in failed:  # their party failed this message: it gets the round again
+                    del replies[cid]
+                deadline = time.time() + f.round_timeout_s
             time.sleep(POLL_S)
             if any(cid not in self.nodes for cid in sampled):
-                self.refresh_nodes(min(deadline, time.time() + IDENTIFY_S))
-        sent = set(pending.values()) | set(replies)
+                self.refresh_nodes()
         return {cid: self.answer(replies[cid]) if cid in replies else
-                (f"no answer within federation.round_timeout_s={timeout:g}" if cid in sent else "not connected")
+                (f"no answer within federation.round_timeout_s={f.round_timeout_s:g}" if cid in sent else "not connected")
                 for cid in sampled}, sent
 
     def train_message(self, t: int, cid: int, lr: float, wire: bytes, run_info: dict) -> Message:
         job = {"round": t, "lr": lr, "state_round": self.state_round(cid), "run_info": run_info,
-               "digests": self.digests, "client_id": cid}
+               "digests": self.digests, "client_id": cid, "timeout_s": self.recipe.federation.round_timeout_s}
         content = RecordDict({"down": wire_record(wire), "job": ConfigRecord({"job": json.dumps(job)})})
         return Message(content, dst_node_id=self.nodes[cid], message_type="train", group_id=str(t))
 
@@ -193,6 +194,25 @@ class DeployedFederation(Federation):
             return self.channel.decode(deserialize(wire), ctx), size
         except Exception as err:  # any failure to parse untrusted bytes is the sender's: refuse them, go on
             return MalformedMessage(f"it does not decode ({type(err).__name__}: {err})"), size
+
+
+def normal_key(pem) -> bytes | None:
+    """A public key as DER bytes (None if there is none), so two encodings of one key compare equal."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_public_key(bytes(pem))
+    except (TypeError, ValueError):
+        return None
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def bound_keys(run_dir: Path) -> dict[int, bytes]:
+    """Which public key may act as which client id (`fedllm serve --party-key KEY.pub=CLIENT_ID`)."""
+    path = Path(run_dir) / PARTIES
+    if not path.exists():
+        raise RecipeError(f"{path} is missing: start the server with `fedllm serve ... --party-key KEY.pub=CLIENT_ID`")
+    return {int(cid): normal_key(pem.encode()) for cid, pem in json.loads(path.read_text()).items()}
 
 
 def missing_row(client_id: int, bytes_down: int, reason: str) -> dict:

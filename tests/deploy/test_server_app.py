@@ -1,0 +1,205 @@
+"""The deployed server's round (server_app.DeployedFederation) against a stand-in Grid whose
+nodes are real `Party` workers: tampered uploads, silent or failing parties, min_clients
+retries, and client ids bound to the parties' keys. Needs Flower's message types (the
+extra), not its network."""
+import json
+import logging
+import time
+
+import pytest
+import torch
+from safetensors.torch import save
+
+pytest.importorskip("flwr", reason="the Flower deployment tests need the extra: pip install 'fedllm[flower]'")
+
+from flwr.app import ConfigRecord, Error, Message, RecordDict  # noqa: E402
+from flwr.common.constant import ErrorCode  # noqa: E402
+
+from fedllm.deploy.certs import make_certificates  # noqa: E402
+from fedllm.deploy.flower.records import read_bytes, wire_record  # noqa: E402
+from fedllm.deploy.launch import bind_parties, public_key_pem  # noqa: E402
+from fedllm.registry import RecipeError  # noqa: E402
+from fedllm.wire import deserialize  # noqa: E402
+
+
+def tampered(wire: bytes, how: str) -> bytes:
+    message = deserialize(wire)
+    tensors = dict(message.tensors)
+    key = sorted(tensors)[0]
+    if how == "wrong shape":
+        tensors[key] = torch.zeros(tensors[key].shape[0] + 1, *tensors[key].shape[1:])
+    elif how == "extra key":
+        tensors["evil"] = torch.ones(3)
+    elif how == "nan":
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = float("nan")
+    elif how == "100x too large":
+        tensors["padding"] = torch.zeros(100 * sum(t.numel() for t in tensors.values()))
+    elif how == "not a message":
+        return b"\x00" * 64
+    return save(tensors, metadata={"fedllm": json.dumps(message.meta)} if message.meta else None)
+
+
+FAILURES = {"fails once": (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "WorkerDown: the party's worker is not running"),
+            "unavailable once": (ErrorCode.NODE_UNAVAILABLE, "Node Unavailable")}
+
+
+class NodeInfo:  # what Grid.get_nodes() tells the ServerApp about a node (Flower's NodeInfo fields we read)
+    def __init__(self, node_id: int, public_key: bytes):
+        self.node_id, self.public_key = node_id, public_key
+
+
+class StandInGrid:
+    """Nodes 10 and 11 whose parties are real `Party` workers, each authenticated by a key;
+    node 11 misbehaves as `how` says: a tampered upload, silence, a late answer, a failure."""
+
+    def __init__(self, parties: dict, keys: dict, how: str = "none"):
+        self.parties, self.keys, self.how = parties, keys, how
+        self.replies, self.pushed = {}, {node: 0 for node in parties}  # message id -> (due time, reply)
+
+    def get_node_ids(self):
+        return list(self.parties)
+
+    def get_nodes(self):
+        return [NodeInfo(node, self.keys[node]) for node in self.parties]
+
+    def push_messages(self, messages):
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = str(len(self.replies) + sum(self.pushed.values()))  # as Flower's push sets it
+            node, due = m.metadata.dst_node_id, time.time()
+            self.pushed[node] += 1
+            try:
+                stats, out = self.parties[node].train(json.loads(str(m.content["job"]["job"])),
+                                                      read_bytes(m.content["down"]))
+            except RecipeError as err:  # the party refused the job: Flower replies with its ClientApp's error
+                self.replies[m.metadata.message_id] = (due, Message(Error(0, str(err)), reply_to=m))
+                continue
+            if node == 11 and self.how == "silent":
+                continue  # it never answers
+            if node == 11 and self.how in FAILURES:  # its worker was down, or its node; back for the next message
+                code, reason = FAILURES[self.how]
+                self.how = "none"
+                self.replies[m.metadata.message_id] = (due, Message(Error(code, reason), reply_to=m))
+                continue
+            if node == 11 and self.how == "late":
+                due += 1.5
+            elif node == 11 and self.how != "none":
+                out = tampered(out, self.how)
+            content = RecordDict({"up": wire_record(out), "stats": ConfigRecord({"stats": json.dumps(stats)})})
+            self.replies[m.metadata.message_id] = (due, Message(content, reply_to=m))
+        return [m.metadata.message_id for m in messages]
+
+    def pull_messages(self, message_ids):
+        due = [i for i in message_ids if i in self.replies and self.replies[i][0] <= time.time()]
+        return [self.replies.pop(i)[1] for i in due]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certificates(tmp_path_factory.mktemp("certs"), ["127.0.0.1"], 3)
+
+
+def stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, node_keys=(0, 1), **federation):
+    """Clients 0 and 1 at nodes 10 and 11, bound to keys party_0 and party_1; node 10+i holds key node_keys[i]."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedllm.deploy.flower.server_app import DeployedFederation
+    from fedllm.deploy.launch import split_for_parties
+    from fedllm.deploy.party import Party
+    from fedllm.recipe import load_recipe
+
+    for name in ("_run_id", "_task_id", "_node_id"):  # Flower's identity of the process a Message is made in
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    path = recipe_file(federation={"rounds": 5, "num_clients": 2, "clients_per_round": 2, **federation},
+                       client={"max_steps": 1})
+    recipe = load_recipe(path)
+    files = split_for_parties(str(path), [], tmp_path / "data")
+    parties = {10 + i: Party(recipe, str(files[i]), i, tmp_path / f"party_{i}") for i in (0, 1)}
+    keys = {10 + i: public_key_pem(certs / f"party_{k}.pub").encode() for i, k in enumerate(node_keys)}
+    run_dir = tmp_path / "runs" / "run"
+    bind_parties(run_dir, {i: certs / f"party_{i}.pub" for i in (0, 1)}, recipe.federation.num_clients)
+    fed = DeployedFederation(recipe, run_dir, StandInGrid(parties, keys))
+    fed.start()
+    return fed
+
+
+@pytest.mark.slow
+def test_a_tampered_upload_is_rejected_and_the_round_goes_on(recipe_file, tmp_path, monkeypatch, certs, caplog):
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs)
+    kinds = ["wrong shape", "extra key", "nan", "100x too large", "not a message"]
+    for t, how in enumerate(kinds):
+        fed.grid.how = how
+        before = {k: v.clone() for k, v in fed.global_state.items()}
+        with caplog.at_level(logging.WARNING, logger="fedllm"):
+            result = fed.run_round(t)
+        assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, False)], how
+        assert "client 1 sent" in caplog.text  # logged, named
+        assert any(not torch.equal(before[k], result.global_state[k]) for k in before)  # party 0's update went in
+        assert all(torch.isfinite(v).all() for v in result.global_state.values())
+        fed.global_state, fed.server_state = result.global_state, result.server_state
+        caplog.clear()
+    assert fed.state_round(0) == len(kinds) - 1 and fed.state_round(1) == -1  # a rejected party's state did not advance
+
+
+@pytest.mark.slow
+def test_a_silent_party_is_recorded_missing_and_too_few_answers_stop_the_run_after_the_retries(
+        recipe_file, tmp_path, monkeypatch, certs):
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, round_timeout_s=0.5, join_timeout_s=1.0,
+                              round_retries=2)
+    fed.grid.how = "silent"
+    result = fed.run_round(0)  # min_clients=1: party 0's answer is enough, no retry
+    assert [(s["client"], s["accepted"], s.get("missing")) for s in result.stats] == [
+        (0, True, None), (1, False, "no answer within federation.round_timeout_s=0.5")]
+    fed.recipe.federation.min_clients = 2
+    began = time.time()
+    with pytest.raises(RecipeError, match="1 of the 2 sampled parties answered .* and 2 retries .* fewer than "
+                                          "federation.min_clients=2; the run stopped at its last checkpoint"):
+        fed.run_round(1)
+    assert time.time() - began >= 3 * 0.5  # the round waited round_timeout_s three times: once and 2 retries
+    assert fed.grid.pushed[11] == 2  # a silent party is not sent the round twice: its message is still out
+
+
+@pytest.mark.slow
+def test_a_round_short_of_min_clients_is_retried_and_takes_a_late_or_failed_party(recipe_file, tmp_path, monkeypatch,
+                                                                                  certs, caplog):
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, round_timeout_s=1.0, join_timeout_s=1.0,
+                              min_clients=2, round_retries=1)
+    fed.grid.how = "late"  # answers 1.5 s after its download: past round_timeout_s, within the retry
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        result = fed.run_round(0)
+    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+    assert "1 of the 2 sampled parties answered, fewer than federation.min_clients=2" in caplog.text
+    fed.global_state, fed.server_state = result.global_state, result.server_state
+    fed.grid.how = "fails once"  # its first answer is an error (worker down): the retry sends it the round again
+    result = fed.run_round(1)
+    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+    assert fed.grid.pushed[11] == 3 and fed.state_round(1) == 1
+    fed.global_state, fed.server_state = result.global_state, result.server_state
+    fed.recipe.federation.min_clients, fed.recipe.federation.round_timeout_s = 1, 30.0
+    fed.grid.how = "unavailable once"  # Flower could not deliver it: sent again within the round, no retry needed
+    began = time.time()
+    result = fed.run_round(2)
+    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+    assert fed.grid.pushed[11] == 5 and time.time() - began < 30
+
+
+@pytest.mark.slow
+def test_a_party_acts_only_as_the_client_id_its_key_is_bound_to(recipe_file, tmp_path, monkeypatch, certs, caplog):
+    # node 11 runs client 1's party but authenticated with party_2's key, which is bound to no client
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, node_keys=(0, 2), round_timeout_s=0.5,
+                              join_timeout_s=1.0)
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        result = fed.run_round(0)
+    assert [(s["client"], s["accepted"], s.get("missing")) for s in result.stats] == [
+        (0, True, None), (1, False, "not connected")]
+    assert "node 11's key is bound to no client id" in caplog.text
+    assert fed.nodes == {0: 10} and fed.grid.pushed[11] == 0  # it got no download
+    # the keys swapped: each node gets the round of the client its key is bound to, and its party
+    # (which is the other client) refuses it: both recorded missing, nothing aggregated
+    fed.grid.keys = {10: fed.grid.keys[10], 11: public_key_pem(certs / "party_0.pub").encode()}
+    fed.grid.keys[10] = public_key_pem(certs / "party_1.pub").encode()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedllm"), pytest.raises(RecipeError, match="0 of the 2 sampled"):
+        fed.run_round(1)
+    assert fed.nodes == {0: 11, 1: 10}
+    assert "client 1 dropped out: the server sent client 1's round to client 0" in caplog.text
