@@ -27,12 +27,11 @@ import math
 
 import numpy as np
 import torch
-from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 import fedllm.codecs.framing as framing
 from fedllm.codecs.base import Codec
 from fedllm.codecs.bitstream import bit_width, pack_uints, unpack_uints
-from fedllm.privacy.accountant import ORDERS
+from fedllm.privacy.accountant import ORDERS, rdp_lib
 from fedllm.registry import CODECS
 from fedllm.wire import Message
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 
-import datasets
 import numpy as np
 
 from fedllm.data.partition import _as_lists, _check_sizes, _column
+from fedllm.data.rows import Rows
 from fedllm.registry import PARTITIONERS, RecipeError
 
 
@@ -31,7 +31,7 @@ class Intertwined:
             raise RecipeError("data.partitioner intertwined needs slow_categories and 0 < slow_fraction < 1")
         self.slow_categories, self.slow_fraction, self.column = set(slow_categories), slow_fraction, column
 
-    def partition(self, dataset: datasets.Dataset, num_clients: int, seed: int) -> list[list[int]]:
+    def partition(self, dataset: Rows, num_clients: int, seed: int) -> list[list[int]]:
         values = _column(dataset, self.column)
         _check_sizes(len(dataset), num_clients)
         missing = self.slow_categories - set(values)

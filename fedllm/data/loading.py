@@ -1,14 +1,20 @@
 """Rows from wherever they live: a dataset bundled with fedllm (`bundled:<name>`), a local
-json/jsonl/csv/parquet file or folder, or a Hugging Face Hub dataset."""
+json/jsonl/csv/parquet file or folder, or a Hugging Face Hub dataset. `datasets` is imported
+only for the last two (fedllm.data.rows says why)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 
+from fedllm.data.rows import Rows
 from fedllm.registry import RecipeError
+
+if TYPE_CHECKING:
+    import datasets
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -18,7 +24,15 @@ def bundled_names() -> list[str]:
     return sorted(p.stem for p in BUNDLED_DIR.glob("*.jsonl"))
 
 
-def _load_bundled(name: str, split: str) -> datasets.Dataset:
+def _datasets():
+    import datasets
+
+    if not sys.stderr.isatty():  # a log file gets the data report, not a progress bar per Arrow conversion
+        datasets.disable_progress_bars()
+    return datasets
+
+
+def _load_bundled(name: str, split: str) -> Rows:
     file = BUNDLED_DIR / f"{name}.jsonl"
     if not file.is_file():
         raise RecipeError(f"no bundled dataset 'bundled:{name}'; bundled datasets: {', '.join(bundled_names())}")
@@ -26,12 +40,13 @@ def _load_bundled(name: str, split: str) -> datasets.Dataset:
         raise RecipeError(
             f"bundled:{name} has one split, 'train' (got '{split}'); hold out evaluation data with data.eval_fraction"
         )
-    # json + from_list: no Arrow cache on disk, and fast enough that a run starts at once
+    # plain json: no Arrow cache on disk, no `datasets` import, and a run starts at once
     with file.open() as f:
-        return datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
+        return Rows([json.loads(line) for line in f if line.strip()])
 
 
 def _load_local(path: Path, split: str) -> datasets.Dataset:
+    datasets = _datasets()
     if path.is_dir():
         # datasets infers the builder from the files and the splits from their names
         # (train.jsonl, test.jsonl, ...); files without a split name form 'train'
@@ -44,7 +59,7 @@ def _load_local(path: Path, split: str) -> datasets.Dataset:
     return datasets.load_dataset(builder, data_files=str(path), split=split)
 
 
-def load_rows(path: str, subset: str | None = None, split: str = "train") -> datasets.Dataset:
+def load_rows(path: str, subset: str | None = None, split: str = "train") -> Rows | datasets.Dataset:
     """`bundled:<name>`, a local file or folder, or else a Hub dataset name (`subset` is its
     configuration name)."""
     if path.startswith("bundled:"):
@@ -52,10 +67,10 @@ def load_rows(path: str, subset: str | None = None, split: str = "train") -> dat
     local = Path(path).expanduser()
     if local.exists() or local.suffix.lower() in BUILDERS:
         return _load_local(local, split)
-    return datasets.load_dataset(path, subset, split=split)
+    return _datasets().load_dataset(path, subset, split=split)
 
 
-def take_sample(rows: datasets.Dataset, max_samples: int | None, seed: int | np.random.SeedSequence) -> datasets.Dataset:
+def take_sample(rows: Rows | datasets.Dataset, max_samples: int | None, seed: int | np.random.SeedSequence):
     """The first `max_samples` rows after a shuffle seeded by `seed` (all rows if None)."""
     if max_samples is None or max_samples >= len(rows):
         return rows

@@ -1,15 +1,16 @@
 """Partitioners: how the training rows are dealt out to the clients.
 
 Every partitioner has `partition(dataset, num_clients, seed) -> list[list[int]]`: row indices
-per client, disjoint, covering every row, no client empty, the same for the same seed.
+per client, disjoint, covering every row, no client empty, the same for the same seed. The
+dataset is a `Rows` or a `datasets.Dataset`: both answer len, column_names and select_columns.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import datasets
 import numpy as np
 
+from fedllm.data.rows import Rows
 from fedllm.registry import PARTITIONERS, RecipeError
 
 MAX_DRAWS = 200  # dirichlet resamples before it gives up on min_size
@@ -30,7 +31,7 @@ def _check_positive(name: str, value: float) -> None:
         raise RecipeError(f"data.partitioner.{name} must be > 0 (got {value})")
 
 
-def _column(dataset: datasets.Dataset, column: str) -> list:
+def _column(dataset: Rows, column: str) -> list:
     if column not in dataset.column_names:
         raise RecipeError(
             f"the partitioner needs a '{column}' column, but the dataset has columns: "
@@ -64,7 +65,7 @@ def _split_by_proportions(rows: np.ndarray, proportions: np.ndarray) -> list[np.
 class IID:
     """Uniformly random, near-equal shares."""
 
-    def partition(self, dataset: datasets.Dataset, num_clients: int, seed: int) -> list[list[int]]:
+    def partition(self, dataset: Rows, num_clients: int, seed: int) -> list[list[int]]:
         _check_sizes(len(dataset), num_clients)
         order = np.random.default_rng(seed).permutation(len(dataset))
         return _as_lists(np.array_split(order, num_clients))
@@ -88,7 +89,7 @@ class Dirichlet:
                 pieces[client].append(piece)
         return [np.concatenate(p) for p in pieces]
 
-    def partition(self, dataset: datasets.Dataset, num_clients: int, seed: int) -> list[list[int]]:
+    def partition(self, dataset: Rows, num_clients: int, seed: int) -> list[list[int]]:
         values = _column(dataset, self.column)
         _check_sizes(len(dataset), num_clients, self.min_size)
         _, groups = _groups(values)
@@ -113,7 +114,7 @@ class ByColumn:
     def __init__(self, column: str = "category"):
         self.column = column
 
-    def partition(self, dataset: datasets.Dataset, num_clients: int, seed: int) -> list[list[int]]:
+    def partition(self, dataset: Rows, num_clients: int, seed: int) -> list[list[int]]:
         keys, groups = _groups(_column(dataset, self.column))
         if num_clients != len(keys):
             raise RecipeError(
@@ -133,7 +134,7 @@ class QuantitySkew:
         _check_positive("min_size", min_size)
         self.alpha, self.min_size = alpha, min_size
 
-    def partition(self, dataset: datasets.Dataset, num_clients: int, seed: int) -> list[list[int]]:
+    def partition(self, dataset: Rows, num_clients: int, seed: int) -> list[list[int]]:
         _check_sizes(len(dataset), num_clients, self.min_size)
         rng = np.random.default_rng(seed)
         # min_size rows each up front, the rest by the Dirichlet shares: no resampling needed
@@ -153,7 +154,7 @@ class IIDContiguous:
     def __init__(self, shuffle_seed: Optional[int] = 42):
         self.shuffle_seed = shuffle_seed
 
-    def partition(self, dataset: datasets.Dataset, num_clients: int, seed: int) -> list[list[int]]:
+    def partition(self, dataset: Rows, num_clients: int, seed: int) -> list[list[int]]:
         _check_sizes(len(dataset), num_clients)
         n = len(dataset)
         # datasets' shuffle(seed) is default_rng(seed).permutation(n)

@@ -27,14 +27,19 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-import dp_accounting
 import numpy as np
 import torch
-from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+
+from fedllm.lazy import LazyModule
+
+dp_accounting = LazyModule("dp_accounting")  # imported on first use (fedllm.lazy)
+rdp_lib = LazyModule("dp_accounting.rdp.rdp_privacy_accountant")
 
 Method = Literal["rdp", "pld"]
 KINDS = ("gaussian", "poisson", "without_replacement")
-ORDERS = tuple(rdp_lib.DEFAULT_RDP_ORDERS)  # 1.1..10.9 by 0.1, 11..63, 128..1024 (⊇ Opacus' grid)
+# dp_accounting's DEFAULT_RDP_ORDERS (⊇ Opacus' grid), written out so that importing this module
+# does not load the library; tests/test_imports.py checks that they are the same
+ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
 
 
 @dataclass(frozen=True)

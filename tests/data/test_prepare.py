@@ -8,7 +8,6 @@ import datasets
 import pytest
 import torch
 
-import fedllm.data.loading as loading
 from fedllm.data import collate, prepare_data
 from fedllm.data.formats import to_spans
 from fedllm.data.loading import load_rows, take_sample
@@ -148,7 +147,7 @@ def test_every_local_file_type_and_a_folder_load_the_same_rows(tmp_path):
 
 def test_other_names_go_to_the_hub_with_subset_and_split(monkeypatch):
     calls = []
-    monkeypatch.setattr(loading.datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or "rows")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append((a, kw)) or "rows")
     assert load_rows("someone/some-dataset", "en", "validation") == "rows"
     assert calls == [(("someone/some-dataset", "en"), {"split": "validation"})]
 
