@@ -42,9 +42,19 @@ def choose_threads(requested: int | None, num_parameters: int) -> tuple[int, str
                      f"{num_parameters / 1e6:.1f}M parameters: one thread per {PARAMS_PER_THREAD // 10**6}M")
 
 
+def share_tokenizer_threads() -> None:
+    """Ranks on one machine split its cores for the fast tokenizer too: its thread pool
+    (rayon) otherwise takes every core in every rank while each rank prepares the data.
+    Read when the pool starts, at the first batch tokenized, so this comes before."""
+    ranks = ranks_on_this_machine()
+    if ranks > 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, usable_cores() // ranks)))
+
+
 def set_threads(requested: int | None, model: torch.nn.Module) -> int:
     threads, why = choose_threads(requested, sum(p.numel() for p in model.parameters()))
     torch.set_num_threads(threads)
+    share_tokenizer_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     busy = f"; the machine is busy (load {load:.1f} on {os.cpu_count()} cores)" if load > (os.cpu_count() or 1) else ""
     log.info("torch threads: %d (%s%s; set client.threads or --threads to change)", threads, why, busy)

@@ -29,6 +29,18 @@ def test_ranks_on_one_machine_share_its_cores(eight_cores, monkeypatch):
     assert choose_threads(None, 1_000_000_000)[0] == 1
 
 
+def test_ranks_share_the_tokenizers_thread_pool_and_a_set_size_is_kept(eight_cores, monkeypatch):
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    threads.share_tokenizer_threads()
+    assert "RAYON_NUM_THREADS" not in threads.os.environ  # one rank: the tokenizer's own default
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    threads.share_tokenizer_threads()
+    assert threads.os.environ["RAYON_NUM_THREADS"] == "2"
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")
+    threads.share_tokenizer_threads()
+    assert threads.os.environ["RAYON_NUM_THREADS"] == "3"
+
+
 def test_an_explicit_number_wins_over_the_environment_and_the_environment_over_the_choice(eight_cores, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert choose_threads(None, 1_000_000_000) == (3, "OMP_NUM_THREADS")
