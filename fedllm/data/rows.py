@@ -1,10 +1,12 @@
 """Rows held in memory, for data that needs no Arrow: a bundled dataset. A `Rows` answers
 the part of `datasets.Dataset`'s API the data layer uses (len, column_names, select,
-select_columns, to_list, to_dict), so partitioners and formats take either; `datasets`
+select_columns, to_list, to_dict, to_json lines), so partitioners and formats take either; `datasets`
 (with pyarrow and pandas: +80 MiB and 1-3 s per process) is imported only to load a local
 file or a Hub dataset."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable
 
 
@@ -33,3 +35,11 @@ class Rows:
 
     def to_dict(self) -> dict[str, list]:
         return {c: [row.get(c) for row in self._rows] for c in self._columns}
+
+    def to_json(self, path: str | Path, lines: bool = True, force_ascii: bool = False) -> None:
+        """One JSON object per line (the only form fedllm writes: `fedllm split`)."""
+        if not lines:
+            raise ValueError("Rows.to_json writes JSON lines only")
+        with Path(path).open("w", encoding="utf-8") as f:
+            for row in self.to_list():
+                f.write(json.dumps(row, ensure_ascii=force_ascii, separators=(",", ":")) + "\n")
