@@ -60,3 +60,10 @@ def test_a_lazy_module_is_imported_by_its_first_attribute_read(tmp_path, monkeyp
     assert probe.VALUE == 42 and "fedllm_lazy_probe" in sys.modules
     with pytest.raises(AttributeError):
         probe.missing  # noqa: B018
+
+
+def test_each_plugin_package_imports_first_in_a_fresh_process():
+    # a package-level cycle shows only when that package is the first one imported
+    for package in ("fedllm.privacy", "fedllm.strategies", "fedllm.codecs", "fedllm.adapters", "fedllm.attacks"):
+        done = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True, text=True)
+        assert done.returncode == 0, f"{package}: {done.stderr.strip().splitlines()[-1]}"

@@ -32,7 +32,7 @@ import torch
 from fedllm.privacy.accountant import Ledger, Method
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.seeds import derive
-from fedllm.strategies.base import ALL, MEAN, ClientHooks, State, Strategy
+from fedllm.strategies.base import ALL, MEAN, ClientHooks, DelegatingHooks, State, Strategy  # noqa: F401  (DelegatingHooks: re-exported)
 
 PREFIX = "privacy/"
 NOISE = PREFIX + "noise_rng"  # the server's noise generator state (uint8), checkpointed with the server state
@@ -133,32 +133,6 @@ class Budget:
         """ε of the worst-off privacy unit, δ and the noise multiplier, for the round's metrics."""
         epsilon = max((ledger.epsilon(self.delta, self.method) for ledger in ledgers), default=0.0)
         return {"epsilon": epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier}
-
-
-class DelegatingHooks(ClientHooks):
-    """Client hooks that pass every call to the wrapped strategy's hooks."""
-
-    def __init__(self, inner: ClientHooks | None):
-        self.inner = inner or ClientHooks()
-
-    @property
-    def rewrites_update(self) -> bool:
-        return self.inner.rewrites_update
-
-    def num_steps(self, default):
-        return self.inner.num_steps(default)
-
-    def begin(self, params, ctx):
-        self.inner.begin(params, ctx)
-
-    def backward(self, inputs, loss_of, default):
-        return self.inner.backward(inputs, loss_of, default)
-
-    def before_step(self, params, regrad):
-        self.inner.before_step(params, regrad)
-
-    def finish(self, params, update):
-        return self.inner.finish(params, update)
 
 
 class PrivacyWrapper(Strategy):

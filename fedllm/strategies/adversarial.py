@@ -32,10 +32,9 @@ from typing import Literal, Optional
 
 import torch
 
-from fedllm.privacy.budget import DelegatingHooks
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.seeds import derive
-from fedllm.strategies.base import ClientContext, State, Strategy
+from fedllm.strategies.base import ClientContext, DelegatingHooks, State, Strategy
 
 
 def per_example_norm(t: torch.Tensor) -> torch.Tensor:

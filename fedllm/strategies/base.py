@@ -182,3 +182,29 @@ def strip_prefix(state: State, prefix: str) -> State:
 def split_prefix(state: State, prefix: str) -> tuple[State, State]:
     """(entries without the prefix, entries with it — prefix removed)."""
     return {k: t for k, t in state.items() if not k.startswith(prefix)}, strip_prefix(state, prefix)
+
+
+class DelegatingHooks(ClientHooks):
+    """Client hooks that pass every call to the wrapped strategy's hooks."""
+
+    def __init__(self, inner: ClientHooks | None):
+        self.inner = inner or ClientHooks()
+
+    @property
+    def rewrites_update(self) -> bool:
+        return self.inner.rewrites_update
+
+    def num_steps(self, default):
+        return self.inner.num_steps(default)
+
+    def begin(self, params, ctx):
+        self.inner.begin(params, ctx)
+
+    def backward(self, inputs, loss_of, default):
+        return self.inner.backward(inputs, loss_of, default)
+
+    def before_step(self, params, regrad):
+        self.inner.before_step(params, regrad)
+
+    def finish(self, params, update):
+        return self.inner.finish(params, update)
