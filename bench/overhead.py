@@ -64,7 +64,7 @@ def bare_round(fed, round: int, clients: list[int]) -> list[float]:
         seed = client_seed(fed.recipe.seed, round, client_id)
         torch.manual_seed(seed)  # LoRA dropout draws from it, as in local_round
         rng = np.random.default_rng(seed)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=cfg.fused_optimizer)  # the kernel the engine picks
         mine = []
         for batch in micro_batches(fed.data.clients[client_id], cfg.per_device_train_batch_size, cfg.max_steps, rng):
             loss = fed.model(**collate(batch, fed.pad_token_id)).loss
