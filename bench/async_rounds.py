@@ -135,6 +135,14 @@ def timed_table(results: dict[str, list[dict]], reference: str = "sync") -> list
     return lines
 
 
+
+def print_timed(title: str, results: dict[str, list[dict]], reference: str = "sync") -> None:
+    """A part's table against `reference`, then each run's eval-loss curve."""
+    print(f"\n{title}")
+    print("\n".join(timed_table(results, reference)))
+    for name, rows in results.items():
+        print(f"  {name}: {curve(rows)}")
+
 def curve(rows: list[dict]) -> str:
     return " ".join(f"{r['sim_time']:.0f}s:{r['eval_loss']:.3f}" for r in rows if r.get("eval_loss") is not None)
 
@@ -163,10 +171,7 @@ def main() -> int:
     everything, verdict = run_all(wanted, scratch, args.workers), 0
     if "a" in args.only:
         results = everything["a"]
-        print("\n(a) eval loss vs simulated time, quickstart, lognormal(σ=1) devices")
-        print("\n".join(timed_table(results)))
-        for name, rows in results.items():
-            print(f"  {name}: {curve(rows)}")
+        print_timed("(a) eval loss vs simulated time, quickstart, lognormal(σ=1) devices", results)
         reached = time_to(results["buffered"], results["sync"][-1]["eval_loss"])
         ok = reached is not None and reached <= 0.6 * results["sync"][-1]["sim_time"]
         verdict |= not ok
@@ -184,17 +189,10 @@ def main() -> int:
             print(f"| {name} | {sum(r['bytes_up'] for r in rows):,} | {sum(r['bytes_down'] for r in rows):,} | "
                   f"{rows[-1]['eval_loss']:.4f} | {mean(kept)} | {mean(dropped)} | {rows[-1].get('top4_energy', 0):.3f} |")
     if "c" in args.only:
-        results = everything["c"]
-        print("\n(c) Wang & Gao's intertwined setting: 30% of devices 10× slower hold creative_writing + brainstorming")
-        print("\n".join(timed_table(results, "sync fedavg")))
-        for name, rows in results.items():
-            print(f"  {name}: {curve(rows)}")
+        print_timed("(c) Wang & Gao's intertwined setting: 30% of devices 10× slower hold creative_writing + brainstorming",
+                    everything["c"], "sync fedavg")
     if "d" in args.only:
-        results = everything["d"]
-        print("\n(d) devices online 70% of the time, links 4 / 0.8 Mbit/s down / up")
-        print("\n".join(timed_table(results)))
-        for name, rows in results.items():
-            print(f"  {name}: {curve(rows)}")
+        print_timed("(d) devices online 70% of the time, links 4 / 0.8 Mbit/s down / up", everything["d"])
     if args.out:
         Path(args.out).write_text(json.dumps(everything, indent=1))
     if args.keep or args.reuse:

@@ -206,7 +206,7 @@ def make_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.op
         kind, options = torch.optim.SGD, {"lr": lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
     else:
         kind, options = torch.optim.AdamW, {"lr": lr, "weight_decay": cfg.weight_decay}
-    if getattr(cfg, "fused_optimizer", False):
+    if cfg.fused_optimizer:
         try:  # one kernel over all tensors; torch refuses at construction where the device or dtype has none
             return kind(params, fused=True, **options)
         except (RuntimeError, ValueError):
