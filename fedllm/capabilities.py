@@ -42,7 +42,7 @@ def check_pairings(recipe: Recipe) -> None:
 
 def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
     """federation.group_size > 1: a loop that can split a client's batch over a group, and no
-    per-example clipping (DP-SGD's noise is calibrated to one rank's batch)."""
+    per-micro-batch backward of a strategy's own unless it sums over the group (dp_sgd, dp_brem)."""
     fed = recipe.federation
     if fed.group_size == 1:
         if fed.group_parallel != "ddp":
@@ -53,10 +53,10 @@ def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
         raise RecipeError(f"federation.group_size={fed.group_size} needs a local loop that trains one client on a group of "
                           f"ranks; {loop.name} does not: use client.trainer=builtin (and an adapter without its own loop), "
                           "or federation.group_size=1")
-    if PER_EXAMPLE in strategy.client_needs:
-        raise RecipeError(f"strategy '{recipe.strategy['name']}' runs its own per-example backward (DP-SGD's clipping and "
-                          "noise are sized for one rank's batch), which a client group does not split: use "
-                          "federation.group_size=1")
+    if PER_EXAMPLE in strategy.client_needs and not strategy.per_example_in_groups:
+        raise RecipeError(f"strategy '{recipe.strategy['name']}' runs its own backward on each micro-batch with each rank's "
+                          "own loss, so a client group would not train as one rank with the group's batch (only dp_sgd and "
+                          "dp_brem sum theirs over the group): use federation.group_size=1")
 
 
 def check_zeroth_order(recipe: Recipe, strategy, adapter) -> None:

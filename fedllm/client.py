@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from fedllm.adapters.base import Adapter
-from fedllm.distributed import ClientGroup
+from fedllm.distributed import ClientGroup, group_sum_
 from fedllm.recipe import ClientConfig
 from fedllm.state import ClientRecord, State
 from fedllm.strategies.base import ClientContext, ClientHooks, Strategy
@@ -57,6 +57,12 @@ class Client:
         self.cfg, self.data, self.pad_token_id, self.device, self.seed = cfg, data, pad_token_id, device, seed
         self.max_grad_norm = post_step_clip(strategy, cfg.max_grad_norm)  # None under DP-SGD: see there
 
+    def group_sum(self) -> tuple[Callable[[list[torch.Tensor]], None] | None, bool]:
+        """(ClientContext.group_sum, group_leader) for this rank's client group."""
+        if self.group is None or self.group.size == 1:
+            return None, True
+        return (lambda tensors: group_sum_(tensors, self.group, self.device)), self.group.leader
+
     def run(self, client_id: int, round: int, x_t: State, broadcast: State, record: ClientRecord, lr: float,
             on_step: Callable[[], None] | None = None) -> Upload:
         self.adapter.load(self.model, x_t, self.params)
@@ -73,7 +79,7 @@ class Client:
         gradient = (lambda limit=None: self.loop.full_gradient(job, limit)) if FULL_GRADIENT in self.loop.supports else None
         embed = lambda ids: self.model.get_input_embeddings()(ids)  # noqa: E731  (a Hugging Face model's)
         hooks.begin(self.params, ClientContext(round, client_id, x_t, broadcast, record.strategy, lr, job.steps, gradient, embed,
-                                               self.cfg.gradient_accumulation_steps))
+                                               self.cfg.gradient_accumulation_steps, *self.group_sum()))
         result = self.loop.train(job, StepDriver(hooks, self.params, self.max_grad_norm, on_step))
         update = dict(result.update) if hooks.rewrites_update else result.update
         extras, client_state = hooks.finish(self.params, update)

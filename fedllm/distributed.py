@@ -95,6 +95,18 @@ def group_mean_(tensors: list[torch.Tensor], group: ClientGroup, device: torch.d
         offset += t.numel()
 
 
+def group_sum_(tensors: list[torch.Tensor], group: ClientGroup, device: torch.device) -> None:
+    """Each tensor, in place, becomes its sum over the ranks of `group` (one flat all-reduce)."""
+    if group.size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).to(device, torch.float32) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group.handle)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+        offset += t.numel()
+
+
 def all_gather_rows(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Concatenates every rank's [n_r, c] float64 rows (n_r may differ), in rank order."""
     if not is_distributed():

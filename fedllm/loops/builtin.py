@@ -75,7 +75,8 @@ class BuiltinLoop(LocalLoop):
 
             losses.append(driver.backward(inputs, loss_of, backward))
             if (i + 1) % accumulate == 0:
-                group.average_gradients()
+                if not driver.hooks.sums_in_group:  # per-example DP sums its clipped gradients over the group itself
+                    group.average_gradients()
                 if cfg.fp16 and all(p.grad is None for p in params.values()):
                     raise ValueError("the strategy's hooks compute their own gradients, without fp16 loss scaling: use client.bf16")
                 scaler.unscale_(optimizer)

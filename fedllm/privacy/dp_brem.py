@@ -25,6 +25,10 @@ Differences from the official code: a client updates its momentum only in the ro
 sampled (the official loop updates every honest client every round when β > 0), and the
 batch mean divides by the step's fixed b rather than the realised Poisson batch size.
 
+In a client group (`federation.group_size` G) each rank clips its b examples of the group's
+draw and the group adds the sums, so g_i is the mean over G·b examples and b above is the
+group's batch G·b (RunInfo.batch_size counts G).
+
 The budget and `noise_seed` come from the recipe's `privacy:` section; the server's noise is
 secret unless `noise_seed` is set, and its generator is server state (`fedllm.privacy.budget`)."""
 from __future__ import annotations
@@ -44,6 +48,7 @@ class ClientMomentum(ClientHooks):
     """One clipped-mean gradient at x^t, folded into the client's momentum, sent in place of Δ."""
 
     rewrites_update = True
+    sums_in_group = True  # a client group's ranks add their clipped sums: g_i over the group's G·b examples
 
     def __init__(self, clip: float, beta: float):
         self.clip, self.beta = clip, beta
@@ -52,7 +57,7 @@ class ClientMomentum(ClientHooks):
         return 1
 
     def begin(self, params, ctx):
-        self.clipped, self.gradient = ClippedSums(params, self.clip, "dp_brem"), None
+        self.clipped, self.gradient = ClippedSums(params, self.clip, "dp_brem", ctx=ctx), None
         self.previous = {k: ctx.client_state.get(MOMENTUM + k) for k in params}
 
     def backward(self, inputs, loss_of, default):
@@ -84,6 +89,7 @@ class DPBREM(Strategy):
     client_needs = frozenset({"per_example", "variable_steps"})  # per-example clipping; one step
     uniform_weights = True
     clips_client_gradients = True  # per example, with record_clip
+    per_example_in_groups = True  # no client noise: a client group only adds its clipped sums
     check_privacy = staticmethod(check_privacy)  # reads the recipe's privacy: section
 
     def __init__(

@@ -16,6 +16,13 @@ the fallback when vmap fails on a model). Both give the same clipped sums (teste
 vmap holds B per-example gradients at once (small for adapters). The optimiser then steps
 on g as usual.
 
+In a client group (`federation.group_size` G > 1: G ranks train one client on a shared draw
+of G·b examples, b each) every rank clips the per-example gradients of its own b examples;
+the group all-reduces the sums with the noise added once, by the group's leader to its own
+sum before the reduction (its draw, broadcast in the same collective), and every rank
+divides by G·b: the step one rank takes with batch G·b, and the noise of one mechanism, not
+G. The accountant's rate is that of the group's batch (RunInfo.batch_size counts G).
+
 The noise must be secret from the server too, so its generator lives on the client, for one
 local round: seeded from `secrets` when the round's hooks are made, never stored, never sent.
 Not in the client store: that store is kept by the simulation's server and checkpointed with
@@ -51,7 +58,7 @@ from fedllm.privacy.accountant import Event, Ledger, calibrate
 from fedllm.privacy.budget import PREFIX, Budget, DelegatingHooks, PrivacyWrapper, check_privacy, secret_seed, split_state
 from fedllm.registry import STRATEGIES, RecipeError
 from fedllm.seeds import derive
-from fedllm.strategies.base import RoundInfo, State
+from fedllm.strategies.base import ClientContext, RoundInfo, State
 
 LEDGERS = PREFIX + "ledger/"
 log = logging.getLogger("fedllm")
@@ -144,10 +151,16 @@ def require_per_example_pass(sums, owner: str) -> None:
 
 
 class ClippedSums:
-    """Σ of per-example clipped gradients over one optimizer step's micro-batches."""
+    """Σ of per-example clipped gradients over one optimizer step's micro-batches — over the
+    whole client group's batch when the client is trained by a group (`ctx.group_sum`): each
+    rank clips its own examples, and the group adds the sums, so every rank ends the step
+    with the sum one rank would have computed on the group's G·b examples."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], clip: float, owner: str, vectorized: bool = True):
+    def __init__(self, params: dict[str, torch.nn.Parameter], clip: float, owner: str, vectorized: bool = True,
+                 ctx: ClientContext | None = None):
         self.params, self.clip, self.owner, self.vectorized = params, clip, owner, vectorized
+        self.group_sum = ctx.group_sum if ctx is not None else None
+        self.leader = ctx.group_leader if ctx is not None else True
         self.sums, self.count = None, 0
 
     def add(self, inputs: dict, loss_of: Callable[[dict], torch.Tensor]) -> torch.Tensor:
@@ -156,12 +169,20 @@ class ClippedSums:
         self.count += count
         return loss
 
-    def take(self) -> tuple[State, int]:
-        """The step's sums and example count; starts the next step from zero."""
+    def take(self, noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[State, int]:
+        """The step's sums and example count, over the client's group; starts the next step from
+        zero. `noise(sum)`: a draw added to each sum once per step, whatever the group's size —
+        by its leader alone, before the group adds the sums (the leader's draw, broadcast)."""
         require_per_example_pass(self.sums, self.owner)
-        taken = self.sums, self.count
+        sums, count = self.sums, self.count
         self.sums, self.count = None, 0
-        return taken
+        if noise is not None and self.leader:
+            sums = {k: s + noise(s) for k, s in sums.items()}
+        if self.group_sum is not None:
+            counted = torch.tensor([float(count)], device=next(iter(sums.values())).device)
+            self.group_sum([*sums.values(), counted])
+            count = int(counted.item())
+        return sums, count
 
 
 def raw_gradients_refused(*args, **kwargs):
@@ -172,7 +193,10 @@ def raw_gradients_refused(*args, **kwargs):
 
 
 class PrivateGradient(DelegatingHooks):
-    """Replaces each step's gradient by the clipped, noised mean of per-example gradients."""
+    """Replaces each step's gradient by the clipped, noised mean of per-example gradients.
+    In a client group every rank steps on the same noisy mean of the group's G·b examples."""
+
+    sums_in_group = True
 
     def __init__(self, inner, clip: float, noise_multiplier: float, noise_seed: int, vectorized: bool = True):
         super().__init__(inner)
@@ -180,7 +204,7 @@ class PrivateGradient(DelegatingHooks):
         self.vectorized = vectorized
 
     def begin(self, params, ctx):
-        self.clipped = ClippedSums(params, self.clip, "dp_sgd", self.vectorized)
+        self.clipped = ClippedSums(params, self.clip, "dp_sgd", self.vectorized, ctx)
         device = next(iter(params.values())).device if params else torch.device("cpu")
         self.generator = torch.Generator(device=device).manual_seed(self.noise_seed)
         super().begin(params, replace(ctx, gradient=raw_gradients_refused))
@@ -190,13 +214,14 @@ class PrivateGradient(DelegatingHooks):
 
     @torch.no_grad()
     def before_step(self, params, regrad):
-        sums, count = self.clipped.take()
         std = self.noise_multiplier * self.clip
+        # one draw per step, N(0, σ²C²·I) on the sum of the whole (group) batch: per rank, a group
+        # of G would add G draws, √G times the calibrated noise on a sum of the same size
+        sums, count = self.clipped.take(lambda s: torch.randn(s.shape, device=s.device, generator=self.generator) * std)
         for k, p in params.items():
-            noise = torch.randn(p.shape, device=p.device, generator=self.generator) * std
             # count = examples per step, fixed (the local loop only draws full batches): the
             # normalisation by the expected batch size of the DP-SGD analysis
-            p.grad = ((sums[k] + noise) / count).to(p.dtype)
+            p.grad = (sums[k] / count).to(p.dtype)
         super().before_step(params, raw_gradients_refused)  # e.g. FedProx's term: data-free, after the noise
 
 
@@ -226,6 +251,7 @@ class LocalDPSGD(PrivacyWrapper):
         per_example: str = "vmap",  # "vmap": per-example gradients through torch.func; "loop": one backward each
     ):
         super().__init__(inner, "dp_sgd")
+        self.per_example_in_groups = True  # a group sums its clipped gradients, then adds the noise once
         if "per_example" in self.inner.client_needs:  # its hooks run their own backward, which ours would replace
             raise RecipeError(f"dp_sgd: inner strategy '{inner['name']}' computes its own per-micro-batch gradients "
                               "(e.g. adversarial), which per-example clipping would silently replace: pick another inner strategy")

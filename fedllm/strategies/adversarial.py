@@ -25,6 +25,10 @@ Deviations: ℓ2 (Frobenius) ball per example rather than FreeLB's optional ℓ�
 is over one micro-batch (one `backward` call of the loop), so it needs a loop that hands
 each micro-batch to the hooks (`per_example`: the built-in loop). Under gradient
 accumulation each micro-batch's gradients are scaled by 1/accumulation like the loop's own.
+Client groups (`federation.group_size` > 1) are refused: the ascent itself splits by example
+(each δ_b moves along its own normalised gradient), but each rank would train on its own
+share's token-mean loss instead of its weighted part of the group batch's, and δ₀ is drawn
+over each rank's padded micro-batch, so a group would not reproduce one rank's step.
 """
 from __future__ import annotations
 

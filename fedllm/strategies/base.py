@@ -76,12 +76,19 @@ class ClientContext:
     gradient: Callable[[int | None], State] | None = None  # ∇ of the mean loss on the first n local examples (all: None), at x^t
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # token ids -> the model's input embeddings (input perturbations)
     accumulation: int = 1  # micro-batches per optimizer step (a hook's own backward scales by 1/accumulation)
+    # the ranks training this client together (federation.group_size > 1): sums tensors in place over
+    # them, one all-reduce; None: this rank trains the client alone
+    group_sum: Callable[[list[torch.Tensor]], None] | None = None
+    group_leader: bool = True  # this rank adds what a group must add once (DP noise); True when alone
 
 
 class ClientHooks:
     """Client-side part of a strategy, driven by `fedllm.client.Client` around the local loop."""
 
     rewrites_update = False  # True: `finish` edits the update in place, so it gets a materialised dict
+    # True: in a client group its `before_step` sums what it computed over the group itself
+    # (ClientContext.group_sum), so the loop does not average `p.grad` there (per-example DP)
+    sums_in_group = False
 
     def num_steps(self, default: int) -> int:
         """Local optimizer steps this round (0: no training, e.g. FedAMD's anchors)."""
@@ -123,6 +130,9 @@ class Strategy:
     # True: its client hooks clip per example themselves (DP-SGD), so the step driver must not
     # clip the (noisy) step gradient again with client.max_grad_norm
     clips_client_gradients = False
+    # True: its per-example hooks sum their gradients over a client group themselves
+    # (ClientHooks.sums_in_group), so federation.group_size > 1 trains as one rank with the group's batch
+    per_example_in_groups = False
     # a DP strategy's reader of the recipe's privacy: section, check_privacy(options, privacy) -> budget;
     # the section is refused for a strategy without one
     check_privacy = None
@@ -193,6 +203,10 @@ class DelegatingHooks(ClientHooks):
     @property
     def rewrites_update(self) -> bool:
         return self.inner.rewrites_update
+
+    @property
+    def sums_in_group(self) -> bool:
+        return self.inner.sums_in_group
 
     def num_steps(self, default):
         return self.inner.num_steps(default)
