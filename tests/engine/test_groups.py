@@ -105,7 +105,7 @@ def test_a_group_size_that_does_not_divide_the_ranks_is_a_one_line_error(tmp_pat
 
 
 @pytest.mark.parametrize("sections, problem", [
-    ({"federation": {"group_size": 2}, "strategy": {"name": "dp_sgd"}}, "own per-example backward"),
+    ({"federation": {"group_size": 2}, "strategy": {"name": "adversarial"}}, "own backward on each micro-batch"),
     ({"federation": {"group_size": 2}, "client": {"trainer": "hf"}}, "client.trainer=hf does not"),
     ({"federation": {"group_parallel": "fsdp"}}, "set federation.group_size > 1"),
 ])
