@@ -19,9 +19,10 @@ from tests.engine.test_groups import launch
 B = 2  # per-rank batch in the group of 2; the one-rank reference trains with 2·B
 SIGMA = 0.5
 # Equal up to float rounding (shorter padding, two partial sums added in another order).
-# Measured max differences on the final adapter (entries up to 0.15): dp_sgd 7.5e-9 (vmap),
-# 1.5e-8 (loop); dp_brem 3.0e-8, its stored momenta 3.1e-9. Noise 2σ instead of σ (the same
-# draw added on both ranks) moves the adapter by 3.4e-2: test_the_tolerance_tells_one_noise_draw_from_two.
+# Measured max differences on the final adapter (entries up to 0.15): dp_sgd 7.5e-9 (vmap,
+# with ddp and with fsdp), 1.5e-8 (loop); dp_brem 3.0e-8, its stored momenta 3.1e-9. Noise 2σ
+# instead of σ (the same draw added on both ranks) moves the adapter by 3.4e-2
+# (test_the_tolerance_tells_one_noise_draw_from_two).
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
@@ -117,10 +118,12 @@ def dp_sgd_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["vmap", "loop"])
-def test_dp_sgd_in_a_group_of_two_trains_as_one_rank_with_twice_the_batch(dp_sgd_runs, how):
+@pytest.mark.parametrize("how, parallel", [("vmap", "ddp"), ("loop", "ddp"), ("vmap", "fsdp")])
+def test_dp_sgd_in_a_group_of_two_trains_as_one_rank_with_twice_the_batch(dp_sgd_runs, how, parallel):
+    # fsdp: torch.func's functional call runs through the sharded base's all-gathers
     path, one = dp_sgd_runs
-    group = launch(path, 2, f"group-{how}", "federation.group_size=2", f"strategy.per_example={how}")
+    group = launch(path, 2, f"group-{how}-{parallel}", "federation.group_size=2", f"federation.group_parallel={parallel}",
+                   f"strategy.per_example={how}")
     final, expected = adapter(group), adapter(one[how])
     assert final.keys() == expected.keys()
     for k in expected:
