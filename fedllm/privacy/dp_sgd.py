@@ -21,7 +21,9 @@ of G·b examples, b each) every rank clips the per-example gradients of its own 
 the group all-reduces the sums with the noise added once, by the group's leader to its own
 sum before the reduction (its draw, broadcast in the same collective), and every rank
 divides by G·b: the step one rank takes with batch G·b, and the noise of one mechanism, not
-G. The accountant's rate is that of the group's batch (RunInfo.batch_size counts G).
+G. The accountant's rate is that of the group's batch (RunInfo.batch_size counts G). A
+group's ranks are one party (the client's own devices): they may see each other's partial
+sums in the all-reduce; what leaves the group is noised.
 
 The noise must be secret from the server too, so its generator lives on the client, for one
 local round: seeded from `secrets` when the round's hooks are made, never stored, never sent.
@@ -215,8 +217,8 @@ class PrivateGradient(DelegatingHooks):
     @torch.no_grad()
     def before_step(self, params, regrad):
         std = self.noise_multiplier * self.clip
-        # one draw per step, N(0, σ²C²·I) on the sum of the whole (group) batch: per rank, a group
-        # of G would add G draws, √G times the calibrated noise on a sum of the same size
+        # one draw per step, N(0, σ²C²·I) on the sum of the whole (group) batch: drawn on every
+        # rank, a group of G would add G draws (G times the noise with the same seed)
         sums, count = self.clipped.take(lambda s: torch.randn(s.shape, device=s.device, generator=self.generator) * std)
         for k, p in params.items():
             # count = examples per step, fixed (the local loop only draws full batches): the
