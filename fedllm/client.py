@@ -72,7 +72,7 @@ class Client:
         hooks = self.strategy.client_hooks(round, client_id) or ClientHooks()
         job = LocalJob(
             self.model, self.params, x_t, examples, self.cfg, lr, client_seed(self.seed, round, client_id),
-            hooks.num_steps(default_steps(self.cfg, len(examples))),
+            hooks.num_steps(default_steps(self.cfg, len(examples), self.group.size if self.group is not None else 1)),
             record.optimizer if self.cfg.keep_optimizer_state else None, self.pad_token_id, self.device, round, client_id,
             self.group,
         )

@@ -180,7 +180,7 @@ class Federation:
         return RunInfo(
             rounds=r.federation.rounds, num_clients=r.federation.num_clients,
             clients_per_round=r.federation.sampled_per_round(), sampler=r.federation.sampler["name"],
-            client_sizes=sizes, local_steps=[default_steps(r.client, n) for n in sizes],
+            client_sizes=sizes, local_steps=[default_steps(r.client, n, r.federation.group_size) for n in sizes],
             batch_size=r.client.per_device_train_batch_size * r.client.gradient_accumulation_steps * r.federation.group_size,
             seed=r.seed,
             privacy=r.privacy.model_dump() if r.privacy else None,

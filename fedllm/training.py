@@ -178,17 +178,18 @@ def round_learning_rate(cfg, round: int, rounds: int) -> float:
     return cfg.min_learning_rate + 0.5 * (cfg.learning_rate - cfg.min_learning_rate) * (1 + math.cos(math.pi * progress))
 
 
-def num_micro_batches(cfg, num_examples: int) -> int:
+def num_micro_batches(cfg, num_examples: int, group_size: int = 1) -> int:
+    """Micro-batches of a local round; a client group's micro-batch is group_size × the per-device batch."""
     if cfg.max_steps is not None:
         return cfg.max_steps * cfg.gradient_accumulation_steps
-    per_epoch = math.ceil(num_examples / cfg.per_device_train_batch_size)
+    per_epoch = math.ceil(num_examples / (cfg.per_device_train_batch_size * group_size))
     steps = math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps)
     return steps * cfg.gradient_accumulation_steps
 
 
-def default_steps(cfg, num_examples: int) -> int:
+def default_steps(cfg, num_examples: int, group_size: int = 1) -> int:
     """Optimizer steps of a local round before the strategy's hooks adjust them."""
-    return num_micro_batches(cfg, num_examples) // cfg.gradient_accumulation_steps
+    return num_micro_batches(cfg, num_examples, group_size) // cfg.gradient_accumulation_steps
 
 
 def micro_batches(examples: list[dict], batch_size: int, count: int, rng: np.random.Generator):

@@ -1,0 +1,26 @@
+"""Local-round arithmetic (fedllm.training): how many steps an epoch is."""
+from types import SimpleNamespace
+
+from fedllm.training import default_steps, num_micro_batches
+
+
+def client(batch: int, epochs: float = 1.0, accumulate: int = 1, max_steps=None):
+    return SimpleNamespace(per_device_train_batch_size=batch, num_train_epochs=epochs,
+                           gradient_accumulation_steps=accumulate, max_steps=max_steps)
+
+
+def test_an_epoch_is_the_examples_over_the_batch_rounded_up():
+    assert default_steps(client(4), 10) == 3
+    assert default_steps(client(4, epochs=2.0), 10) == 6
+    assert num_micro_batches(client(2, accumulate=2), 10) == 6 and default_steps(client(2, accumulate=2), 10) == 3
+
+
+def test_a_client_group_counts_its_epoch_in_micro_batches_of_g_times_b():
+    """G ranks each train b examples of one G·b micro-batch: an epoch of 12 examples at b=2 in a
+    group of 2 is 3 steps, as for one rank at b=4, not 6 (which would train two epochs)."""
+    assert default_steps(client(2), 12, group_size=2) == default_steps(client(4), 12) == 3
+    assert default_steps(client(2, epochs=3.0), 13, group_size=4) == default_steps(client(8, epochs=3.0), 13) == 6
+
+
+def test_max_steps_is_steps_whatever_the_group():
+    assert default_steps(client(2, max_steps=5), 1000, group_size=4) == 5
