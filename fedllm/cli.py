@@ -60,6 +60,8 @@ def add_deploy_verbs(sub) -> None:
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=9092)
     serve.add_argument("--resume", metavar="RUN_DIR", help="continue a served run from its last checkpoint")
+    serve.add_argument("--eval-data", metavar="PATH", help="a held-out file the server owns: also evaluated on the "
+                       "server (server_eval_loss), besides the parties' federated eval")
     join = sub.add_parser("join", help="join a served federation as one party, with your own data")
     join.add_argument("recipe")
     join.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -69,6 +71,8 @@ def add_deploy_verbs(sub) -> None:
     join.add_argument("--ca", required=True, help="the CA certificate that signed the server's (ca.crt)")
     join.add_argument("--key", required=True, help="your private key (its .pub is registered with the server)")
     join.add_argument("--state-dir", default="fedllm-party", help="where your state between rounds lives")
+    join.add_argument("--eval-data", metavar="PATH", help="your held-out rows: the server's federated eval scores "
+                      "the global adapter on them (without them this party is left out of evaluation)")
     certs = sub.add_parser("certs", help="a local CA, the server's TLS certificate and party key pairs")
     certs.add_argument("out")
     certs.add_argument("--host", action="append", default=[], help="the server's name or IP (repeatable)")
@@ -90,10 +94,11 @@ def run_deploy_verb(args) -> None:
         if not args.recipe and not args.resume:
             raise RecipeError("give a recipe, or --resume RUN_DIR")
         run_dir = launch.serve(args.recipe, args.overrides, args.certs, launch.parse_party_keys(args.party_key), args.host,
-                               args.port, args.resume)
+                               args.port, args.resume, args.eval_data)
         print(f"run directory: {run_dir}")
     elif args.command == "join":
-        launch.join(args.recipe, args.overrides, args.data, args.client_id, args.superlink, args.ca, args.key, args.state_dir)
+        launch.join(args.recipe, args.overrides, args.data, args.client_id, args.superlink, args.ca, args.key, args.state_dir,
+                    eval_data=args.eval_data)
     elif args.command == "certs":
         from fedllm.deploy.certs import make_certificates
 

@@ -21,7 +21,7 @@ from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel, Downlink
 from fedllm.client import Client, Upload
 from fedllm.collectors import default_collector, message_template, misfit
-from fedllm.data import prepare_data
+from fedllm.data import PreparedData, prepare_data
 from fedllm.devices import Devices
 from fedllm.distributed import (
     Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state, shard_base,
@@ -116,8 +116,7 @@ class Federation:
         self.sharded = recipe.federation.group_parallel == "fsdp" and self.group.size > 1
         if self.sharded:
             shard_base(self.model, self.params, self.group, self.device)
-        self.data = prepare_data(recipe.data, self.tokenizer, recipe.federation.num_clients, recipe.seed,
-                                 per_client_eval=recipe.eval.per_client)
+        self.data = self.load_data()
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
         fed = recipe.federation
         self.participation = Participation(SAMPLERS.build(fed.sampler, "federation.sampler"), fed.num_clients,
@@ -148,6 +147,11 @@ class Federation:
         self.devices, self.clock, self.asynchrony = self._timeline()
         self.accelerator = self._trackers()
         self.metrics = MetricsLog(self.run_dir, self.is_main, self.accelerator)
+
+    def load_data(self) -> PreparedData:
+        """The clients' examples and the eval set (a deployed server's override holds no party's data)."""
+        r = self.recipe
+        return prepare_data(r.data, self.tokenizer, r.federation.num_clients, r.seed, per_client_eval=r.eval.per_client)
 
     def _timeline(self):
         """The simulated devices and clock (fedllm.asynchrony), where the recipe sets them."""
@@ -299,6 +303,14 @@ class Federation:
         return evaluate(self.model, self.adapter, self.global_state, examples, self.recipe.eval, self.pad_token_id,
                         reducer, rank, world)
 
+    def eval_due(self, rounds_done: int) -> bool:
+        every = self.recipe.eval.every
+        return bool(every and rounds_done % every == 0) or rounds_done == self.recipe.federation.rounds
+
+    def round_eval(self, rounds_done: int) -> dict:
+        """The eval metrics after `rounds_done` rounds where the recipe asks for them, else {}."""
+        return self.evaluate(self.data.eval) if self.data.eval and self.eval_due(rounds_done) else {}
+
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
         if self.is_main:
@@ -438,8 +450,7 @@ class Federation:
                 extra["attackers"] = sorted(set(self.participation.sampled(t)) & self.byzantine)
             for codec in self.codecs:
                 extra.update(codec.accounting(t + 1))  # e.g. RQM's ε after t + 1 rounds
-            if self.data.eval and ((r.eval.every and (t + 1) % r.eval.every == 0) or last):
-                extra.update(self.evaluate(self.data.eval))
+            extra.update(self.round_eval(t + 1))
             row = self.metrics.log_round(t + 1, result.stats, extra)  # round n: as checkpoints/round_n
             rows.append(row)
             bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "eval_loss") if row.get(k) is not None})

@@ -419,12 +419,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def recipe_from_dict(raw: dict) -> Recipe:
+def recipe_sections(raw: dict) -> Recipe:
+    """The recipe's sections validated, its plugin sections as written (no plugin imported)."""
     try:
-        recipe = Recipe(**(raw or {}))
+        return Recipe(**(raw or {}))
     except pydantic.ValidationError as err:
         raise RecipeError(explain_validation_error(err, "", _valid_keys(Recipe))) from None
-    return recipe.check_plugins()
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    return recipe_sections(raw).check_plugins()
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

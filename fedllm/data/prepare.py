@@ -147,11 +147,18 @@ def _split(cfg: DataConfig, num_clients: int, seed: int, per_client_eval: bool =
     return train, shards, eval_rows, None
 
 
-def client_rows(cfg: DataConfig, num_clients: int, seed: int, per_client_eval: bool = False) -> list[Rows]:
-    """Each simulated client's raw training rows, in the order its shard holds them: what a
-    party of a deployed federation would hold as its own local file to reproduce the simulation."""
-    train, shards, _, _ = _split(cfg, num_clients, seed, per_client_eval)
-    return [train.select([int(i) for i in shard]) for shard in shards]
+def client_rows(cfg: DataConfig, num_clients: int, seed: int, per_client_eval: bool = False
+                ) -> tuple[list[Rows], list[Rows]]:
+    """Each simulated client's raw training rows, in the order its shard holds them (what a party
+    of a deployed federation would hold as its own file to reproduce the simulation), and its
+    share of the held-out rows: its own slice under eval.per_client, else a contiguous
+    1/num_clients of the pooled eval set (the parties' evals add up to the pooled one)."""
+    train, shards, eval_rows, held_out = _split(cfg, num_clients, seed, per_client_eval)
+    sizes = [len(h) for h in held_out] if held_out is not None else [len(a) for a in np.array_split(
+        np.arange(len(eval_rows)), num_clients)]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return ([train.select([int(i) for i in shard]) for shard in shards],
+            [eval_rows.select(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def prepare_local_data(cfg: DataConfig, tokenizer, path: str) -> PackedExamples:

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 from fedllm.metrics import write_atomically
-from fedllm.recipe import dump_recipe, load_recipe
+from fedllm.recipe import Recipe, apply_overrides, dump_recipe, load_recipe
 from fedllm.registry import RecipeError
 from fedllm.rundir import refuse_planted_links
 
 log = logging.getLogger("fedllm")
 CONNECTION = "fedllm"  # the SuperLink connection's name in the server's Flower config
 PARTIES = "flower/parties.json"  # client id -> the public key bound to it, written by serve, read by the ServerApp
+SERVER_EVAL = "flower/server_eval.json"  # the held-out file the server owns (serve --eval-data), if any
 
 APP_PYPROJECT = """\
 [build-system]
@@ -218,7 +219,7 @@ def bind_parties(run_dir: Path, party_keys: dict[int, Path], num_clients: int) -
 
 
 def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys: dict[int, Path], host: str = "0.0.0.0",
-          port: int = 9092, resume: str | None = None) -> Path:
+          port: int = 9092, resume: str | None = None, eval_data: str | None = None) -> Path:
     """Runs the federation's server side to the end; returns the run directory."""
     certs = Path(certs)
     if not party_keys:
@@ -235,6 +236,10 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     app, home = write_app(run_dir, f"{local}:{port}", certs / "ca.crt")
     bind_parties(run_dir, party_keys, load_recipe(run_dir / "recipe.yaml").federation.num_clients)
+    if eval_data is not None:  # kept for a resumed run
+        if not Path(eval_data).exists():
+            raise RecipeError(f"--eval-data {eval_data} does not exist: give a held-out file in the recipe's format")
+        write_atomically(run_dir / SERVER_EVAL, json.dumps({"path": str(Path(eval_data).resolve())}))
     env = flower_env(home)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperLink on the way out
     superlink = start([
@@ -274,7 +279,7 @@ def register(party_keys: dict[int, Path], env: dict) -> None:
 
 # ---- a party's side ----------------------------------------------------------------------
 def join(recipe_path: str, overrides: list[str], data: str, client_id: int, superlink: str, ca: Path, key: Path,
-         state_dir: Path, port: int | None = None) -> None:
+         state_dir: Path, port: int | None = None, eval_data: str | None = None) -> None:
     """Starts this party's worker (its one base-model load), then a SuperNode that connects to
     the SuperLink; keeps both running (each is started again if it dies) until stopped."""
     from fedllm.deploy.relay import SOCKET, worker_key
@@ -282,9 +287,10 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
     for path in (ca, key):
         if not Path(path).exists():
             raise RecipeError(f"{path} does not exist: the server's operator gives each party ca.crt and its key pair")
-    if not Path(data).exists():
-        raise RecipeError(f"--data {data} does not exist: give your training rows in the recipe's format")
-    recipe = load_recipe(recipe_path, overrides)  # the worker checks its pairings (and says what is wrong)
+    for flag, path in (("--data", data), ("--eval-data", eval_data)):
+        if path is not None and not Path(path).exists():
+            raise RecipeError(f"{flag} {path} does not exist: give your rows in the recipe's format")
+    recipe = party_recipe(recipe_path, overrides)  # the worker checks its plugins and pairings (and says what is wrong)
     state_dir = Path(state_dir).resolve()
     sock = state_dir / SOCKET
     if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~108 bytes
@@ -300,7 +306,7 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
         "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}'",
         "--port", str(port or free_port()),  # the SuperNode's local API for its ClientApps
     ]
-    worker = Worker(state_dir, str(Path(data).resolve()), client_id)
+    worker = Worker(state_dir, str(Path(data).resolve()), client_id, str(Path(eval_data).resolve()) if eval_data else None)
     supernode = SuperNode(command, flower_env(home), state_dir / "supernode.log")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both on the way out
     try:
@@ -314,6 +320,22 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
         worker.stop()
 
 
+def party_recipe(path: str, overrides: list[str]) -> Recipe:
+    """The recipe's sections as written, without importing its plugins (and torch with them):
+    `join` only hands it to the worker, which checks it whole."""
+    import yaml
+
+    from fedllm.recipe import recipe_sections
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) if Path(path).exists() else None
+    except yaml.YAMLError:
+        raw = None
+    if not isinstance(raw, dict):
+        return load_recipe(path, overrides)  # its one-line error on a missing or broken file
+    return recipe_sections(apply_overrides(raw, list(overrides)))
+
+
 class Worker:
     """The party's worker process (fedllm.deploy.party): started, checked ready through its
     socket, and started again if it dies (the OOM killer, a crash) — the relay meanwhile fails
@@ -322,8 +344,8 @@ class Worker:
     READY_TIMEOUT_S = 600.0  # building the model (download, quantisation) and the data
     CHECK_EVERY_S = 1.0
 
-    def __init__(self, state_dir: Path, data: str, client_id: int):
-        self.state_dir, self.data, self.client_id = Path(state_dir), data, client_id
+    def __init__(self, state_dir: Path, data: str, client_id: int, eval_data: str | None = None):
+        self.state_dir, self.data, self.client_id, self.eval_data = Path(state_dir), data, client_id, eval_data
         self.log_file = self.state_dir / "worker.log"
         self.process, self.stopped, self.failure = None, threading.Event(), ""
 
@@ -336,7 +358,8 @@ class Worker:
         from fedllm.deploy.relay import SOCKET, WorkerDown, ask_worker
 
         self.process = start([sys.executable, "-m", "fedllm.deploy.party", str(self.state_dir), self.data,
-                              str(self.client_id)], dict(os.environ), self.log_file)
+                              str(self.client_id), *([self.eval_data] if self.eval_data else [])], dict(os.environ),
+                             self.log_file)
         deadline = time.time() + self.READY_TIMEOUT_S
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -408,14 +431,23 @@ class SuperNode:
 
 def split_for_parties(recipe_path: str, overrides: list[str], out: Path) -> list[Path]:
     """out/client_<i>.jsonl: the rows simulated client i trains on, to hand to party i of a
-    test federation (a real party brings its own file)."""
+    test federation (a real party brings its own file), and out/client_<i>.eval.jsonl, its
+    share of the held-out rows (`fedllm join --eval-data`)."""
     from fedllm.data.prepare import client_rows
 
     recipe = load_recipe(recipe_path, overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, rows in enumerate(client_rows(recipe.data, recipe.federation.num_clients, recipe.seed, recipe.eval.per_client)):
+    train, held_out = client_rows(recipe.data, recipe.federation.num_clients, recipe.seed, recipe.eval.per_client)
+    for i, (rows, eval_rows) in enumerate(zip(train, held_out)):
         rows.to_json(out / f"client_{i}.jsonl", lines=True, force_ascii=False)
+        if len(eval_rows):
+            eval_rows.to_json(eval_file(out / f"client_{i}.jsonl"), lines=True, force_ascii=False)
         paths.append(out / f"client_{i}.jsonl")
     return paths
+
+
+def eval_file(train_file: Path) -> Path:
+    """Where `split_for_parties` puts a party's held-out rows: client_<i>.eval.jsonl beside client_<i>.jsonl."""
+    return Path(train_file).with_name(f"{Path(train_file).stem}.eval.jsonl")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from fedllm.deploy.certs import make_certificates
-from fedllm.deploy.launch import descendants, free_port, split_for_parties, stop
+from fedllm.deploy.launch import descendants, eval_file, free_port, split_for_parties, stop
 
 
 class LocalFederation:
@@ -42,6 +42,7 @@ class LocalFederation:
             "join", self.recipe, *self.overrides, "--data", str(self.data[i]), "--client-id", str(i),
             "--superlink", f"127.0.0.1:{self.port}", "--ca", str(self.certs / "ca.crt"),
             "--key", str(self.certs / f"party_{i}"), "--state-dir", str(self.state_dir(i)),
+            *(["--eval-data", str(eval_file(self.data[i]))] if eval_file(self.data[i]).exists() else []),
         ], self.root / f"join_{i}.log")
 
     def state_dir(self, i: int) -> Path:

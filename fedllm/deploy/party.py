@@ -24,6 +24,7 @@ from fedllm.channel import Channel
 from fedllm.client import Client
 from fedllm.data.prepare import prepare_local_data
 from fedllm.deploy.relay import recv_frame, send_frame, worker_key
+from fedllm.evaluation.per_client import example_sums
 from fedllm.models import build_model
 from fedllm.recipe import Recipe
 from fedllm.registry import CODECS, STRATEGIES, RecipeError
@@ -57,7 +58,8 @@ def mismatch(ours: dict, theirs: dict) -> str | None:
 class Party:
     """Client `client_id` of `recipe` on the examples of `data_path`; state under `state_dir`."""
 
-    def __init__(self, recipe: Recipe, data_path: str, client_id: int, state_dir: Path, device=None):
+    def __init__(self, recipe: Recipe, data_path: str, client_id: int, state_dir: Path, device=None,
+                 eval_path: str | None = None):
         check_pairings(recipe)
         self.recipe, self.client_id, self.state_dir = recipe, client_id, Path(state_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,6 +68,8 @@ class Party:
         self.params = self.adapter.trainable(self.model)
         self.template = self.adapter.state(self.model)  # what a downloaded x^t must look like
         self.examples = prepare_local_data(recipe.data, self.tokenizer, data_path)
+        # the party's own held-out rows (`fedllm join --eval-data`): the server's federated eval
+        self.eval_examples = prepare_local_data(recipe.data, self.tokenizer, eval_path) if eval_path else []
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
         self.channel = Channel(self.adapter, [CODECS.build(c, f"codecs[{i}]") for i, c in enumerate(recipe.codecs)])
         self.client = Client(self.model, self.params, self.adapter, self.strategy, local_loop(recipe, self.adapter),
@@ -84,6 +88,36 @@ class Party:
 
     def identify(self) -> dict:
         return {"client_id": self.client_id, "num_samples": len(self.examples), "digests": self.digests}
+
+    def check_job(self, job: dict, what: str = "round") -> None:
+        """A message meant for this party, from a server running this party's recipe."""
+        if problem := mismatch(self.digests, job["digests"]):
+            raise RecipeError(problem)
+        if job["client_id"] != self.client_id:
+            raise RecipeError(f"the server sent client {job['client_id']}'s {what} to client {self.client_id}")
+
+    def sizes(self, job: dict) -> dict:
+        """What the server asks before round 0: how many training (and held-out) examples this party
+        has. It sets the run's client sizes (DP sampling rates, local steps), as a party's weight does."""
+        self.check_job(job, "size query")
+        return {"num_samples": len(self.examples), "eval_examples": len(self.eval_examples)}
+
+    def evaluate(self, job: dict, wire: bytes) -> dict:
+        """The downloaded global adapter on this party's held-out examples (the first max_batches
+        batches): summed response-token loss, tokens and correct predictions, for the server to pool."""
+        self.check_job(job, "eval")
+        x_t, _ = self.open_down(wire, self.max_down_bytes())
+        size, cap = int(job["batch_size"]), job.get("max_batches")
+        examples = self.eval_examples[: cap * size] if cap else self.eval_examples
+        if not len(examples):
+            return {"loss_sum": 0.0, "tokens": 0, "correct": 0, "examples": 0}
+        self.adapter.load(self.model, x_t)
+        loss_sum, tokens, correct = example_sums(self.model, examples, size, self.tokenizer.pad_token_id,
+                                                 self.device).sum(0).tolist()
+        return {"loss_sum": loss_sum, "tokens": int(tokens), "correct": int(correct), "examples": len(examples)}
+
+    def max_down_bytes(self) -> int:
+        return 4 * sum(t.numel() for t in self.template.values()) * 3 + 2**20  # x^t plus broadcast, fp32
 
     # The record a round starts from is the one the server says it accepted last (state_round):
     # a rejected upload's state does not advance, and a resumed server rolls the party back too.
@@ -123,15 +157,11 @@ class Party:
 
     def train(self, job: dict, wire: bytes) -> tuple[dict, bytes]:
         """One local round: job = {round, lr, state_round, run_info, digests}; the upload's bytes back."""
-        if problem := mismatch(self.digests, job["digests"]):
-            raise RecipeError(problem)
-        if job["client_id"] != self.client_id:
-            raise RecipeError(f"the server sent client {job['client_id']}'s round to client {self.client_id}")
+        self.check_job(job)
         if self.run_info != job["run_info"]:  # the server's run shape (client sizes, rounds), once per run
             self.strategy.setup(RunInfo(**job["run_info"]))
             self.run_info = job["run_info"]
-        max_bytes = 4 * sum(t.numel() for t in self.template.values()) * 3 + 2**20  # x^t plus broadcast, fp32
-        x_t, broadcast = self.open_down(wire, max_bytes)
+        x_t, broadcast = self.open_down(wire, self.max_down_bytes())
         t = job["round"]
         upload = self.client.run(self.client_id, t, x_t, broadcast, self.record(job["state_round"]), job["lr"])
         ctx = WireContext(t, self.client_id, self.recipe.seed)
@@ -147,7 +177,8 @@ class Party:
         Path(socket).unlink(missing_ok=True)
         with Listener(socket, family="AF_UNIX", authkey=worker_key(self.state_dir)) as listener:
             os.chmod(socket, 0o600)
-            log.info("party %d ready on %s (%d examples)", self.client_id, socket, len(self.examples))
+            log.info("party %d ready on %s (%d examples, %d held out)", self.client_id, socket, len(self.examples),
+                     len(self.eval_examples))
             while True:
                 try:
                     conn = listener.accept()
@@ -162,6 +193,10 @@ class Party:
         try:
             if header["kind"] == "identify":
                 send_frame(conn, {"ok": True, **self.identify()})
+            elif header["kind"] == "sizes":
+                send_frame(conn, {"ok": True, **self.sizes(header)})
+            elif header["kind"] == "evaluate":
+                send_frame(conn, {"ok": True, **self.evaluate(header, payload)})
             else:
                 began = time.perf_counter()
                 stats, out = self.train(header, payload)
@@ -175,18 +210,19 @@ class Party:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fedllm.deploy.party STATE_DIR DATA CLIENT_ID`: the worker `fedllm join` starts
-    (and starts again if it dies), on the recipe join wrote to STATE_DIR/recipe.yaml."""
+    """`python -m fedllm.deploy.party STATE_DIR DATA CLIENT_ID [EVAL_DATA]`: the worker `fedllm join`
+    starts (and starts again if it dies), on the recipe join wrote to STATE_DIR/recipe.yaml."""
     import sys
 
     from fedllm.cli import USER_ERRORS, describe
     from fedllm.deploy.relay import SOCKET
     from fedllm.recipe import load_recipe
 
-    state_dir, data, client_id = argv if argv is not None else sys.argv[1:]
+    state_dir, data, client_id, *eval_data = argv if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        party = Party(load_recipe(Path(state_dir) / "recipe.yaml"), data, int(client_id), Path(state_dir))
+        party = Party(load_recipe(Path(state_dir) / "recipe.yaml"), data, int(client_id), Path(state_dir),
+                      eval_path=eval_data[0] if eval_data else None)
         party.serve(str(Path(state_dir) / SOCKET))
     except USER_ERRORS as err:
         print(f"fedllm: error: {describe(err)}", file=sys.stderr)

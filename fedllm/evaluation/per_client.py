@@ -90,7 +90,12 @@ def evaluate_per_client(model: torch.nn.Module, adapter: Adapter, global_state: 
     adapter.load(model, {k: t.to(reducer.device) for k, t in global_state.items()})
     size = cfg.per_device_eval_batch_size
     cap = cfg.max_batches * size if cfg.max_batches else None
-    report = per_client_report(score_clients(model, client_eval, size, pad_token_id, reducer, cap, rank, world_size))
+    return per_client_row(score_clients(model, client_eval, size, pad_token_id, reducer, cap, rank, world_size))
+
+
+def per_client_row(client_sums: torch.Tensor) -> dict:
+    """From (clients, 3) sums: the pooled metrics, their spread over clients and every client's numbers."""
+    report = per_client_report(client_sums)
     row = {k: v for k, v in report["pooled"].items() if k != "tokens"}
     for name, stats in report["spread"].items():
         row.update({f"{name}_client_{k}": v for k, v in stats.items() if k != "best"})

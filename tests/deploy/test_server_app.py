@@ -1,7 +1,8 @@
 """The deployed server's round (server_app.DeployedFederation) against a stand-in Grid whose
 nodes are real `Party` workers: tampered uploads, silent or failing parties, min_clients
-retries, and client ids bound to the parties' keys. Needs Flower's message types (the
-extra), not its network."""
+retries, client ids bound to the parties' keys, the parties' size reports and federated
+evaluation. The server's recipe points at data that does not exist on the server. Needs
+Flower's message types (the extra), not its network."""
 import json
 import logging
 import time
@@ -56,6 +57,7 @@ class StandInGrid:
     def __init__(self, parties: dict, keys: dict, how: str = "none"):
         self.parties, self.keys, self.how = parties, keys, how
         self.replies, self.pushed = {}, {node: 0 for node in parties}  # message id -> (due time, reply)
+        self.asked, self.reports = [], {}  # (node, message type) of other messages; forged size reports
 
     def get_node_ids(self):
         return list(self.parties)
@@ -67,6 +69,21 @@ class StandInGrid:
         for m in messages:
             m.metadata.__dict__["_message_id"] = str(len(self.replies) + sum(self.pushed.values()))  # as Flower's push sets it
             node, due = m.metadata.dst_node_id, time.time()
+            if m.metadata.message_type != "train":  # a size query or an eval, as the ClientApp relays it
+                self.asked.append((node, m.metadata.message_type))
+                if node == 11 and self.how == f"silent {m.metadata.message_type}":
+                    continue
+                job = json.loads(str(m.content["job"]["job"]))
+                try:
+                    stats = (self.parties[node].sizes(job) if m.metadata.message_type == "query.sizes" else
+                             self.parties[node].evaluate(job, read_bytes(m.content["down"])))
+                except RecipeError as err:
+                    self.replies[m.metadata.message_id] = (due, Message(Error(0, str(err)), reply_to=m))
+                    continue
+                stats = self.reports.get(node, stats) if m.metadata.message_type == "query.sizes" else stats
+                content = RecordDict({"stats": ConfigRecord({"stats": json.dumps(stats)})})
+                self.replies[m.metadata.message_id] = (due, Message(content, reply_to=m))
+                continue
             self.pushed[node] += 1
             try:
                 stats, out = self.parties[node].train(json.loads(str(m.content["job"]["job"])),
@@ -99,26 +116,39 @@ def certs(tmp_path_factory):
     return make_certificates(tmp_path_factory.mktemp("certs"), ["127.0.0.1"], 3)
 
 
-def stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, node_keys=(0, 1), **federation):
-    """Clients 0 and 1 at nodes 10 and 11, bound to keys party_0 and party_1; node 10+i holds key node_keys[i]."""
+def stand_in_parties(recipe_file, tmp_path, monkeypatch, certs, **sections):
+    """The server's recipe (its data.path points nowhere), a stand-in Grid with the two parties
+    at nodes 10 and 11 (each holds its simulated client's rows and share of the held-out rows),
+    and the run directory with keys party_0 and party_1 bound to clients 0 and 1."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedllm.deploy.flower.server_app import DeployedFederation
-    from fedllm.deploy.launch import split_for_parties
+    from fedllm.deploy.launch import eval_file, split_for_parties
     from fedllm.deploy.party import Party
     from fedllm.recipe import load_recipe
 
     for name in ("_run_id", "_task_id", "_node_id"):  # Flower's identity of the process a Message is made in
         monkeypatch.setattr(TaskIdentity, name, 1)
-    path = recipe_file(federation={"rounds": 5, "num_clients": 2, "clients_per_round": 2, **federation},
-                       client={"max_steps": 1})
+    federation = {"rounds": 5, "num_clients": 2, "clients_per_round": 2, **sections.pop("federation", {})}
+    path = recipe_file(federation=federation, client={"max_steps": 1}, **sections)
     recipe = load_recipe(path)
     files = split_for_parties(str(path), [], tmp_path / "data")
-    parties = {10 + i: Party(recipe, str(files[i]), i, tmp_path / f"party_{i}") for i in (0, 1)}
-    keys = {10 + i: public_key_pem(certs / f"party_{k}.pub").encode() for i, k in enumerate(node_keys)}
+    parties = {10 + i: Party(recipe, str(files[i]), i, tmp_path / f"party_{i}", eval_path=str(eval_file(files[i])))
+               for i in (0, 1)}
+    recipe.data.path = str(tmp_path / "the-server-has-no-such-file.jsonl")
+    keys = {10 + i: public_key_pem(certs / f"party_{i}.pub").encode() for i in (0, 1)}
     run_dir = tmp_path / "runs" / "run"
     bind_parties(run_dir, {i: certs / f"party_{i}.pub" for i in (0, 1)}, recipe.federation.num_clients)
-    fed = DeployedFederation(recipe, run_dir, StandInGrid(parties, keys))
+    return recipe, StandInGrid(parties, keys), run_dir
+
+
+def stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, node_keys=(0, 1), **federation):
+    """Clients 0 and 1 at nodes 10 and 11, bound to keys party_0 and party_1; once the parties
+    reported their sizes, node 10+i holds key node_keys[i]."""
+    from fedllm.deploy.flower.server_app import DeployedFederation
+
+    recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs, federation=federation)
+    fed = DeployedFederation(recipe, run_dir, grid)
+    grid.keys = {10 + i: public_key_pem(certs / f"party_{k}.pub").encode() for i, k in enumerate(node_keys)}
     fed.start()
     return fed
 
@@ -203,3 +233,92 @@ def test_a_party_acts_only_as_the_client_id_its_key_is_bound_to(recipe_file, tmp
         fed.run_round(1)
     assert fed.nodes == {0: 11, 1: 10}
     assert "client 1 dropped out: the server sent client 1's round to client 0" in caplog.text
+
+
+def local_eval(party, global_state, cfg) -> tuple[float, int, float]:
+    """A party's eval by hand, with the simulation's pooled evaluate: (mean loss, tokens, accuracy)."""
+    from fedllm.data import collate
+    from fedllm.distributed import Reducer
+    from fedllm.evaluation import evaluate
+
+    examples = party.eval_examples[: cfg.max_batches * cfg.per_device_eval_batch_size]
+    out = evaluate(party.model, party.adapter, global_state, examples, cfg, party.tokenizer.pad_token_id,
+                   Reducer(torch.device("cpu")))
+    tokens = int((collate(list(examples), party.tokenizer.pad_token_id)["labels"][:, 1:] != -100).sum())
+    return out["eval_loss"], tokens, out["token_accuracy"]
+
+
+@pytest.mark.slow
+def test_the_server_holds_no_data_its_client_sizes_are_the_parties_reports_and_a_resume_keeps_them(
+        recipe_file, tmp_path, monkeypatch, certs, caplog):
+    from pathlib import Path
+
+    from fedllm.deploy.flower.server_app import DeployedFederation
+
+    recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs,
+                                             strategy={"name": "dp_sgd", "max_grad_norm": 1.0},
+                                             privacy={"noise_multiplier": 1.0}, federation={"join_timeout_s": 5.0})
+    assert not Path(recipe.data.path).exists()
+    fed = DeployedFederation(recipe, run_dir, grid)
+    sizes = [len(grid.parties[10 + i].examples) for i in (0, 1)]
+    assert sorted(grid.asked) == [(10, "query.sizes"), (11, "query.sizes")] and fed.data.clients == []
+    assert fed.run_info().client_sizes == sizes and sizes[0] != sizes[1]
+    assert fed.strategy.rates == [4 / n for n in sizes]  # DP-SGD's per-client sampling rate: batch 4 / its size
+    fed.start()
+    meta = json.loads((run_dir / "run_meta.json").read_text())
+    assert meta["client_sizes"] == sizes and meta["party_eval_examples"] == [len(grid.parties[10 + i].eval_examples)
+                                                                             for i in (0, 1)]
+    grid.reports[11] = {"num_samples": sizes[1] + 7, "eval_examples": 3}  # party 1's data changed since
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        resumed = DeployedFederation(recipe, run_dir, grid)
+    assert resumed.run_info().client_sizes == sizes and resumed.strategy.rates == fed.strategy.rates
+    assert f"client 1 now reports {sizes[1] + 7} training examples; the run started with {sizes[1]}" in caplog.text
+    assert resumed.eval_sizes[1] == 3  # what it holds out now is what it will evaluate on
+
+
+@pytest.mark.slow
+def test_a_size_report_that_is_not_a_count_or_none_at_all_stops_the_run_before_round_0(
+        recipe_file, tmp_path, monkeypatch, certs, caplog):
+    from fedllm.deploy.flower.server_app import DeployedFederation
+
+    recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs,
+                                             federation={"join_timeout_s": 0.5})
+    for bad in (0, 10**12, "many"):
+        grid.reports[11] = {"num_samples": bad, "eval_examples": 3}
+        with caplog.at_level(logging.WARNING, logger="fedllm"), pytest.raises(
+                RecipeError, match=r"client 1 did not report its data size \(its training example count .* is not a "
+                                   r"whole number from 1 to 1,000,000,000\): a run needs every party's size"):
+            DeployedFederation(recipe, run_dir, grid)
+        assert f"client 1's size report refused: its training example count {bad!r}" in caplog.text
+        caplog.clear()
+    grid.reports.clear()
+    grid.how = "silent query.sizes"
+    with pytest.raises(RecipeError, match=r"client 1 did not report its data size \(no answer within "
+                                          r"federation.join_timeout_s=0.5\).* or raise federation.join_timeout_s"):
+        DeployedFederation(recipe, run_dir, grid)
+    assert not (run_dir / "run_meta.json").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_federated_eval_is_the_token_weighted_mean_of_the_parties_own_evals(recipe_file, tmp_path, monkeypatch, certs,
+                                                                            caplog):
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, round_timeout_s=0.5)
+    result = fed.run_round(0)
+    fed.global_state, fed.server_state = result.global_state, result.server_state
+    row = fed.round_eval(1)
+    by_hand = [local_eval(fed.grid.parties[10 + i], fed.global_state, fed.recipe.eval) for i in (0, 1)]
+    assert all(tokens > 0 for _, tokens, _ in by_hand) and by_hand[0][0] != by_hand[1][0]
+    tokens = sum(t for _, t, _ in by_hand)
+    assert row["eval_loss"] == pytest.approx(sum(loss * t for loss, t, _ in by_hand) / tokens, rel=1e-5)
+    assert row["token_accuracy"] == pytest.approx(sum(acc * t for _, t, acc in by_hand) / tokens, rel=1e-9)
+    assert "eval_missing_clients" not in row
+    fed.recipe.eval.per_client = True  # the same sums, reported per client as the simulation does
+    clients = fed.round_eval(1)["eval_clients"]
+    assert [c["tokens"] for c in clients] == [t for _, t, _ in by_hand]
+    assert [c["eval_loss"] for c in clients] == pytest.approx([loss for loss, _, _ in by_hand], rel=1e-5)
+    fed.recipe.eval.per_client = False
+    fed.grid.how = "silent evaluate"  # party 1 does not answer its eval: left out, logged
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        row = fed.round_eval(1)
+    assert row["eval_loss"] == pytest.approx(by_hand[0][0], rel=1e-5) and row["eval_missing_clients"] == [1]
+    assert "eval after round 1: client 1 left out: no answer within federation.round_timeout_s=0.5" in caplog.text

@@ -27,10 +27,32 @@ def worker(context: Context, header: dict, payload: bytes = b"") -> tuple[dict, 
     return answer, out
 
 
+def reply(msg: Message, answer: dict, upload: bytes | None = None) -> Message:
+    content = RecordDict({"stats": ConfigRecord({"stats": json.dumps({k: v for k, v in answer.items() if k != "ok"})})})
+    if upload is not None:
+        content["up"] = wire_record(upload)
+    return Message(content, reply_to=msg)
+
+
+def job_of(msg: Message) -> dict:
+    return json.loads(str(msg.content["job"]["job"]))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    job = json.loads(str(msg.content["job"]["job"]))
-    answer, upload = worker(context, {"kind": "train", **job}, read_bytes(msg.content["down"]))
-    stats = {k: v for k, v in answer.items() if k != "ok"}
-    return Message(RecordDict({"up": wire_record(upload), "stats": ConfigRecord({"stats": json.dumps(stats)})}),
-                   reply_to=msg)
+    answer, upload = worker(context, {"kind": "train", **job_of(msg)}, read_bytes(msg.content["down"]))
+    return reply(msg, answer, upload)
+
+
+@app.query("sizes")
+def sizes(msg: Message, context: Context) -> Message:
+    """Before round 0: how many training and held-out examples this party has."""
+    answer, _ = worker(context, {"kind": "sizes", **job_of(msg)})
+    return reply(msg, answer)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global adapter on the party's own held-out examples: summed loss, tokens, correct predictions."""
+    answer, _ = worker(context, {"kind": "evaluate", **job_of(msg)}, read_bytes(msg.content["down"]))
+    return reply(msg, answer)

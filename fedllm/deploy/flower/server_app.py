@@ -2,7 +2,10 @@
 metrics, ledger, checkpoints and resume — with its clients behind Flower's Grid. Each round
 sends the Channel's download bytes to the sampled parties and validates what comes back
 exactly as the simulation validates its own uploads; a party that does not answer within
-`federation.round_timeout_s` is recorded as missing and the round goes on without it."""
+`federation.round_timeout_s` is recorded as missing and the round goes on without it.
+The server holds no party's data: before round 0 each party reports its counts (the run's
+client sizes), and evaluation is federated (each party scores the global adapter on its own
+held-out rows; the server pools the sums)."""
 from __future__ import annotations
 
 import json
@@ -18,8 +21,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedllm.capabilities import check_pairings
 from fedllm.deploy.flower.records import read_bytes, wire_record
-from fedllm.deploy.launch import PARTIES
+from fedllm.data import PreparedData
+from fedllm.data.prepare import prepare_local_data
+from fedllm.deploy.launch import PARTIES, SERVER_EVAL
 from fedllm.deploy.party import recipe_digests
+from fedllm.deploy.reports import check_eval, check_sizes, pooled_eval
 from fedllm.engine import Federation, RoundResult
 from fedllm.metrics import rejection_code
 from fedllm.recipe import load_recipe
@@ -36,19 +42,153 @@ OUTCOME = "flower/outcome.json"  # how the ServerApp ended, for `fedllm serve`
 class DeployedFederation(Federation):
     """The simulation's Federation, whose `run_round` asks real parties instead of its own Client."""
 
-    def __init__(self, recipe, run_dir: Path, grid: Grid):
-        super().__init__(recipe, run_dir)
-        if self.own_aggregation is not None:
-            raise RecipeError(f"adapter '{recipe.adapter['name']}' aggregates in its own coordinates, which a Flower "
-                              "deployment does not carry yet: use `fedllm run` (simulation)")
+    def __init__(self, recipe, run_dir: Path, grid: Grid, eval_data: str | None = None):
+        if recipe.federation.devices is not None or recipe.byzantine is not None:
+            raise RecipeError("federation.devices and byzantine simulate devices and attackers; a Flower deployment has "
+                              "real ones: remove them from the recipe, or use `fedllm run` (simulation)")
         self.grid = grid
         self.nodes: dict[int, int] = {}  # client id -> Flower node id
         self.party_keys = bound_keys(run_dir)  # client id -> the public key that may act as it
         self.unbound: set[int] = set()  # nodes whose key no client id is bound to (warned once)
         self.digests = recipe_digests(recipe)
+        self.eval_data = eval_data  # a held-out file the server owns (fedllm serve --eval-data), or None
+        self.eval_sizes: list[int] = []  # each party's held-out examples, as it reported them
+        self.waited = False
+        super().__init__(recipe, run_dir)  # asks the parties for their sizes (load_data)
+        if self.own_aggregation is not None:
+            raise RecipeError(f"adapter '{recipe.adapter['name']}' aggregates in its own coordinates, which a Flower "
+                              "deployment does not carry yet: use `fedllm run` (simulation)")
         # an upload is at most its decoded elements in float64 plus a header; past that it is refused unread
         self.max_upload_bytes = 8 * self.max_elements + 2**20
-        self.waited = False
+
+    # ---- what the server knows of the parties' data ------------------------------------
+    def load_data(self) -> PreparedData:
+        """No party's examples: the counts each party reports before round 0 (on resume, the ones
+        the run recorded), and the server's own held-out set if it was given one."""
+        sizes, self.eval_sizes = self.party_sizes()
+        held_out = prepare_local_data(self.recipe.data, self.tokenizer, self.eval_data) if self.eval_data else []
+        return PreparedData(clients=[], eval=held_out, client_sizes=sizes, num_dropped=0)
+
+    def party_sizes(self) -> tuple[list[int], list[int]]:
+        """Every party's (training, held-out) example counts, asked within join_timeout_s. A new run
+        needs every party's: one that does not answer, or reports what cannot be a count, stops it
+        before round 0. A resumed run keeps the counts it recorded (a change is reported)."""
+        f = self.recipe.federation
+        wanted = list(range(f.num_clients))
+        job = lambda cid: {"digests": self.digests, "client_id": cid, "timeout_s": f.join_timeout_s}  # noqa: E731
+        replies = self.ask("query.sizes", wanted, job, b"", time.time() + f.join_timeout_s, "sizes")
+        self.waited = True  # the first round does not wait join_timeout_s again
+        reports, problems = {}, {}
+        for cid in wanted:
+            got = replies.get(cid, f"no answer within federation.join_timeout_s={f.join_timeout_s:g}")
+            got = check_sizes(got) if isinstance(got, dict) else got
+            (problems if isinstance(got, str) else reports)[cid] = got
+        for cid, why in problems.items():
+            log.warning("client %d's size report refused: %s", cid, why)
+        recorded = self.recorded_sizes()
+        if recorded is not None:
+            for cid, (n, _) in reports.items():
+                if n != recorded[0][cid]:
+                    log.warning("client %d now reports %d training examples; the run started with %d and keeps that "
+                                "number (its DP accounting and local steps): start a new run to use the new count",
+                                cid, n, recorded[0][cid])
+            return recorded[0], [reports[c][1] if c in reports else recorded[1][c] for c in wanted]
+        if problems:
+            cid, why = next(iter(problems.items()))
+            raise RecipeError(f"client {cid} did not report its data size ({why}){' and more: see server.log' if len(problems) > 1 else ''}: "
+                              f"a run needs every party's size before round 0; start every party (`fedllm join`) "
+                              f"with the server's recipe, or raise federation.join_timeout_s")
+        log.info("the parties' sizes: %s training examples, %s held out", [reports[c][0] for c in wanted],
+                 [reports[c][1] for c in wanted])
+        return [reports[c][0] for c in wanted], [reports[c][1] for c in wanted]
+
+    def recorded_sizes(self) -> tuple[list[int], list[int]] | None:
+        """The sizes a run started with (run_meta.json), if it started."""
+        path = self.run_dir / "run_meta.json"
+        meta = json.loads(path.read_text()) if path.exists() else {}
+        n = self.recipe.federation.num_clients
+        sizes, evals = meta.get("client_sizes"), meta.get("party_eval_examples", [0] * n)
+        return (sizes, evals) if isinstance(sizes, list) and len(sizes) == n and len(evals) == n else None
+
+    def run_meta(self) -> dict:
+        return {**super().run_meta(), "party_eval_examples": self.eval_sizes, "sizes_reported_by_parties": True}
+
+    # ---- federated evaluation ----------------------------------------------------------
+    def round_eval(self, rounds_done: int) -> dict:
+        """The parties' evals of the global adapter, pooled token-weighted under the simulation's
+        names; with a server-owned held-out set also its eval, as server_eval_loss etc."""
+        if not self.eval_due(rounds_done):
+            return {}
+        row = self.federated_eval(rounds_done)
+        if self.data.eval:
+            row.update({f"server_{k}": v for k, v in self.evaluate(self.data.eval).items()})
+        return row
+
+    def federated_eval(self, rounds_done: int) -> dict:
+        r = self.recipe
+        holders = [cid for cid, n in enumerate(self.eval_sizes) if n > 0]
+        if not holders:
+            return {}
+        self.refresh_nodes()
+        asked = [cid for cid in holders if cid in self.nodes]
+        job = lambda cid: {"digests": self.digests, "client_id": cid, "batch_size": r.eval.per_device_eval_batch_size,  # noqa: E731
+                           "max_batches": r.eval.max_batches, "timeout_s": r.federation.round_timeout_s}
+        wire = self.channel.down_wire(self.global_state, {})
+        replies = self.ask("evaluate", asked, job, wire, time.time() + r.federation.round_timeout_s, f"eval-{rounds_done}")
+        sums, left_out = torch.zeros(r.federation.num_clients, 3, dtype=torch.float64), {}
+        for cid in holders:
+            got = replies.get(cid, "not connected" if cid not in asked else
+                              f"no answer within federation.round_timeout_s={r.federation.round_timeout_s:g}")
+            got = check_eval(got, self.eval_sizes[cid] * r.data.max_length) if isinstance(got, dict) else got
+            if isinstance(got, str):
+                left_out[cid] = got
+                log.warning("eval after round %d: client %d left out: %s", rounds_done, cid, got)
+            else:
+                sums[cid] = torch.tensor(got, dtype=torch.float64)
+        row = pooled_eval(sums, r.eval.per_client) if len(left_out) < len(holders) else {}
+        return {**row, **({"eval_missing_clients": sorted(left_out)} if left_out else {})}
+
+    # ---- one exchange with the parties -------------------------------------------------
+    def ask(self, kind: str, wanted: list[int], job, payload: bytes, deadline: float, group: str) -> dict:
+        """Sends message `kind` (job(cid) as JSON, plus `payload`) to each wanted party once it is
+        connected, until all answered or `deadline`: client id -> its answer (a dict) or why none.
+        A message Flower could not deliver is sent again once the party's node is back."""
+        pending, replies = {}, {}
+        self.refresh_nodes()
+        while True:
+            new = [cid for cid in wanted if cid in self.nodes and cid not in replies and cid not in pending.values()]
+            messages = [self.message(kind, cid, job(cid), payload, group) for cid in new]
+            if messages and list(self.grid.push_messages(messages)):
+                pending.update({m.metadata.message_id: cid for m, cid in zip(messages, new)})
+            for reply in self.grid.pull_messages(sorted(pending)) if pending else []:
+                if (cid := pending.pop(reply.metadata.reply_to_message_id, None)) is None:
+                    continue
+                if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    self.nodes.pop(cid, None)
+                    continue
+                replies[cid] = self.stats(reply)
+            if len(replies) == len(wanted) or time.time() >= deadline:
+                return replies
+            time.sleep(POLL_S)
+            if any(cid not in self.nodes for cid in wanted):
+                self.refresh_nodes()
+
+    def message(self, kind: str, cid: int, job: dict, payload: bytes, group: str) -> Message:
+        content = RecordDict({"job": ConfigRecord({"job": json.dumps(job)})})
+        if payload:
+            content["down"] = wire_record(payload)
+        return Message(content, dst_node_id=self.nodes[cid], message_type=kind, group_id=group)
+
+    @staticmethod
+    def stats(reply: Message) -> dict | str:
+        """A party's JSON numbers from its reply, or why there are none."""
+        if reply.has_error():
+            return str(reply.error.reason)
+        try:
+            stats = json.loads(reply.content["stats"]["stats"])
+        except (KeyError, TypeError, ValueError) as err:
+            return f"its reply is not JSON numbers ({type(err).__name__}: {err})"
+        return stats if isinstance(stats, dict) else f"its reply is {type(stats).__name__}, not JSON numbers"
 
     # ---- who is who --------------------------------------------------------------------
     def refresh_nodes(self) -> None:
@@ -247,7 +387,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         recipe = load_recipe(run_dir / "recipe.yaml")
         check_pairings(recipe)
-        fed = DeployedFederation(recipe, run_dir, grid)
+        eval_data = json.loads((run_dir / SERVER_EVAL).read_text())["path"] if (run_dir / SERVER_EVAL).exists() else None
+        fed = DeployedFederation(recipe, run_dir, grid, eval_data)
         if (run_dir / "run_meta.json").exists():
             fed.resume()
         else:
