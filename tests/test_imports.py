@@ -67,3 +67,14 @@ def test_each_plugin_package_imports_first_in_a_fresh_process():
     for package in ("fedllm.privacy", "fedllm.strategies", "fedllm.codecs", "fedllm.adapters", "fedllm.attacks"):
         done = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True, text=True)
         assert done.returncode == 0, f"{package}: {done.stderr.strip().splitlines()[-1]}"
+
+
+def test_a_party_reads_its_recipe_without_torch():
+    # `fedllm join` only hands the recipe to its worker (which checks it whole): no torch for that
+    loaded = imported_after(
+        "from fedllm.deploy import launch, relay\n"
+        "r = launch.party_recipe('recipes/quickstart.yaml', ['federation.num_clients=2', 'client.max_steps=3'])\n"
+        "assert r.federation.num_clients == 2 and r.client.max_steps == 3\n"
+        "assert 'num_clients: 2' in launch.dump_recipe(r)"
+    )
+    assert loaded["torch"] is False

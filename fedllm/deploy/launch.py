@@ -322,17 +322,18 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
 
 def party_recipe(path: str, overrides: list[str]) -> Recipe:
     """The recipe's sections as written, without importing its plugins (and torch with them):
-    `join` only hands it to the worker, which checks it whole."""
+    `join` only hands it to the worker, which checks it whole. An override that switches a
+    plugin by name needs the plugin's options, so it loads them after all."""
     import yaml
 
-    from fedllm.recipe import recipe_sections
+    from fedllm.recipe import recipe_sections, switched_plugins
 
     try:
         raw = yaml.safe_load(Path(path).read_text()) if Path(path).exists() else None
     except yaml.YAMLError:
         raw = None
-    if not isinstance(raw, dict):
-        return load_recipe(path, overrides)  # its one-line error on a missing or broken file
+    if not isinstance(raw, dict) or switched_plugins(raw, list(overrides)):
+        return load_recipe(path, overrides)  # and its one-line error on a missing or broken file
     return recipe_sections(apply_overrides(raw, list(overrides)))
 
 
