@@ -94,10 +94,10 @@ class DeployedFederation(Federation):
                                 cid, n, recorded[0][cid])
             return recorded[0], [reports[c][1] if c in reports else recorded[1][c] for c in wanted]
         if problems:
-            cid, why = next(iter(problems.items()))
-            raise RecipeError(f"client {cid} did not report its data size ({why}){' and more: see server.log' if len(problems) > 1 else ''}: "
-                              f"a run needs every party's size before round 0; start every party (`fedllm join`) "
-                              f"with the server's recipe, or raise federation.join_timeout_s")
+            (cid, why), more = next(iter(problems.items())), " (and others: see server.log)" if len(problems) > 1 else ""
+            raise RecipeError(f"client {cid} did not report its data size ({why}){more}: a run needs every party's size "
+                              "before round 0; start every party (`fedllm join`) with the server's recipe, or raise "
+                              "federation.join_timeout_s")
         log.info("the parties' sizes: %s training examples, %s held out", [reports[c][0] for c in wanted],
                  [reports[c][1] for c in wanted])
         return [reports[c][0] for c in wanted], [reports[c][1] for c in wanted]
