@@ -55,12 +55,14 @@ def parties(tmp_path_factory):
 @pytest.mark.timeout(2 * RUN_TIMEOUT_S)
 def test_two_parties_over_tls_train_what_the_simulation_trains_through_a_server_restart(parties, tmp_path):
     fed, run_dir = parties, tmp_path / "runs" / "deployed"
-    fed.serve(overrides=options(tmp_path, "deployed", 3))
+    # no eval cap: the parties' shares of the held-out rows (fedllm split) then add up to the simulation's eval set
+    fed.serve(overrides=options(tmp_path, "deployed", 3, **{"eval.max_batches": "null"}))
     fed.until(lambda: (run_dir / "checkpoints" / "round_1").exists(), RUN_TIMEOUT_S, "the round-1 checkpoint")
     stop(fed.server)  # the server side goes down after round 1: SuperLink, ServerApp and all
     fed.serve(resume=run_dir)  # and continues from its checkpoint; the parties reconnect by themselves
     assert fed.wait(RUN_TIMEOUT_S) == 0, fed.log_of("serve.log")[-3000:]
-    simulated = run_recipe(QUICKSTART, [f"{k}={v}" for k, v in SHARED.items()] + options(tmp_path, "simulated", 3))
+    simulated = run_recipe(QUICKSTART, [f"{k}={v}" for k, v in SHARED.items()] +
+                           options(tmp_path, "simulated", 3, **{"eval.max_batches": "null"}))
     a = load_file(str(run_dir / "checkpoints" / "round_3" / "global.safetensors"))
     b = load_file(str(simulated / "checkpoints" / "round_3" / "global.safetensors"))
     assert a.keys() == b.keys()
@@ -68,7 +70,15 @@ def test_two_parties_over_tls_train_what_the_simulation_trains_through_a_server_
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert any(not torch.equal(a[k], load_file(str(run_dir / "checkpoints" / "round_2" / "global.safetensors"))[k])
                for k in a)  # the last round did train
-    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    rows, simulated_rows = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(simulated / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    # the server holds no data: its eval is the parties' own evals pooled token-weighted, which equals the
+    # simulation's pooled eval here (every held-out row scored once; other batching: float rounding only).
+    # With eval.max_batches each party scores its first batches, the simulation the pooled set's: they differ.
+    assert rows[2]["eval_loss"] == pytest.approx(simulated_rows[2]["eval_loss"], rel=1e-5)
+    assert rows[2]["token_accuracy"] == pytest.approx(simulated_rows[2]["token_accuracy"], rel=1e-9)
+    assert json.loads((run_dir / "run_meta.json").read_text())["client_sizes"] == json.loads(
+        (simulated / "run_meta.json").read_text())["client_sizes"]  # reported by the parties, as the simulation's
     assert ledger(run_dir) == ledger(simulated)  # the same Channel bytes, up and down
     assert "Uvicorn running on https://" in (run_dir / "superlink.log").read_text()  # TLS
     assert "client 0 is node" in (run_dir / "server.log").read_text()  # known by its key
