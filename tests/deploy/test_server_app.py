@@ -269,11 +269,19 @@ def test_the_server_holds_no_data_its_client_sizes_are_the_parties_reports_and_a
     assert meta["client_sizes"] == sizes and meta["party_eval_examples"] == [len(grid.parties[10 + i].eval_examples)
                                                                              for i in (0, 1)]
     grid.reports[11] = {"num_samples": sizes[1] + 7, "eval_examples": 3}  # party 1's data changed since
+    # resumed, and given a held-out file the server owns (fedllm serve --eval-data): party 0's, here
+    own = str(tmp_path / "data" / "client_0.eval.jsonl")
     with caplog.at_level(logging.WARNING, logger="fedllm"):
-        resumed = DeployedFederation(recipe, run_dir, grid)
+        resumed = DeployedFederation(recipe, run_dir, grid, eval_data=own)
     assert resumed.run_info().client_sizes == sizes and resumed.strategy.rates == fed.strategy.rates
     assert f"client 1 now reports {sizes[1] + 7} training examples; the run started with {sizes[1]}" in caplog.text
     assert resumed.eval_sizes[1] == 3  # what it holds out now is what it will evaluate on
+    grid.reports.clear()
+    resumed.eval_sizes[1] = len(grid.parties[11].eval_examples)
+    row = resumed.round_eval(1)
+    assert row["server_eval_loss"] == pytest.approx(local_eval(grid.parties[10], resumed.global_state, recipe.eval)[0],
+                                                    rel=1e-6)
+    assert row["eval_loss"] != row["server_eval_loss"]  # the parties' pooled eval: both halves
 
 
 @pytest.mark.slow
