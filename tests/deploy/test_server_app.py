@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save
 
 pytest.importorskip("flwr", reason="the Flower deployment tests need the extra: pip install 'fedllm[flower]'")
@@ -129,7 +130,10 @@ def stand_in_parties(recipe_file, tmp_path, monkeypatch, certs, **sections):
     for name in ("_run_id", "_task_id", "_node_id"):  # Flower's identity of the process a Message is made in
         monkeypatch.setattr(TaskIdentity, name, 1)
     federation = {"rounds": 5, "num_clients": 2, "clients_per_round": 2, **sections.pop("federation", {})}
-    path = recipe_file(federation=federation, client={"max_steps": 1}, **sections)
+    adapter = sections.pop("adapter", None)  # replaces the tiny recipe's, options and all
+    path = recipe_file(federation=federation, client={"max_steps": 1, **sections.pop("client", {})}, **sections)
+    if adapter is not None:
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "adapter": adapter}))
     recipe = load_recipe(path)
     files = split_for_parties(str(path), [], tmp_path / "data")
     parties = {10 + i: Party(recipe, str(files[i]), i, tmp_path / f"party_{i}", eval_path=str(eval_file(files[i])))
@@ -330,3 +334,28 @@ def test_federated_eval_is_the_token_weighted_mean_of_the_parties_own_evals(reci
         row = fed.round_eval(1)
     assert row["eval_loss"] == pytest.approx(by_hand[0][0], rel=1e-5) and row["eval_missing_clients"] == [1]
     assert "eval after round 1: client 1 left out: no answer within federation.round_timeout_s=0.5" in caplog.text
+
+
+@pytest.mark.slow
+def test_ferret_deploys_and_trains_what_the_simulation_trains(recipe_file, tmp_path, monkeypatch, certs):
+    from fedllm.deploy.flower.server_app import DeployedFederation
+    from fedllm.engine import Federation
+    from fedllm.recipe import load_recipe
+
+    sections = {"adapter": {"name": "ferret", "k": 6}, "client": {"max_steps": 1, "optim": "sgd", "learning_rate": 0.05}}
+    recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs, **sections)
+    fed = DeployedFederation(recipe, run_dir, grid)
+    fed.start()
+    simulated = Federation(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "simulated")
+    assert simulated.own_aggregation is not None and fed.own_aggregation is None  # compact there, decoded here
+    start = {k: t.clone() for k, t in fed.global_state.items()}
+    for t in range(2):
+        result = fed.run_round(t)
+        assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+        full_bytes = 4 * sum(v.numel() for v in start.values())
+        assert all(s["bytes_up"] < full_bytes / 100 for s in result.stats)  # a party uploads Ferret's coordinates
+        fed.global_state, fed.server_state = result.global_state, result.server_state
+        simulated.global_state = simulated.run_round(t).global_state
+    assert max(float((fed.global_state[k] - start[k]).abs().max()) for k in start) > 1e-4  # it trained
+    for k in start:  # as the compact and the generic path agree in simulation
+        torch.testing.assert_close(fed.global_state[k], simulated.global_state[k], rtol=1e-5, atol=1e-7)
