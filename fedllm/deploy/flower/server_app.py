@@ -53,7 +53,6 @@ class DeployedFederation(Federation):
         self.digests = recipe_digests(recipe)
         self.eval_data = eval_data  # a held-out file the server owns (fedllm serve --eval-data), or None
         self.eval_sizes: list[int] = []  # each party's held-out examples, as it reported them
-        self.waited = False
         super().__init__(recipe, run_dir)  # asks the parties for their sizes (load_data)
         # An adapter's own aggregation (Ferret's, in its coordinates) downloads each round's compact
         # aggregate, which a party does not apply: the server decodes every upload instead and sends
@@ -77,8 +76,8 @@ class DeployedFederation(Federation):
         f = self.recipe.federation
         wanted = list(range(f.num_clients))
         job = lambda cid: {"digests": self.digests, "client_id": cid, "timeout_s": f.join_timeout_s}  # noqa: E731
+        # the run's one wait for every party to connect: a party that comes later is taken in when sampled
         replies = self.ask("query.sizes", wanted, job, b"", time.time() + f.join_timeout_s, "sizes")
-        self.waited = True  # the first round does not wait join_timeout_s again
         reports, problems = {}, {}
         for cid in wanted:
             got = replies.get(cid, f"no answer within federation.join_timeout_s={f.join_timeout_s:g}")
@@ -210,14 +209,6 @@ class DeployedFederation(Federation):
             log.info("client %d is node %d", cid, nodes[cid])
         self.nodes = nodes
 
-    def connect(self, wanted: list[int], deadline: float) -> None:
-        """Waits until the wanted clients are connected, or until `deadline`."""
-        while True:
-            self.refresh_nodes()
-            if all(cid in self.nodes for cid in wanted) or time.time() >= deadline:
-                return
-            time.sleep(POLL_S)
-
     def state_round(self, client_id: int) -> int:
         record = self.store.get(client_id)
         return int(record[STATE_ROUND]) if record else -1
@@ -225,9 +216,6 @@ class DeployedFederation(Federation):
     # ---- one round ---------------------------------------------------------------------
     def run_round(self, t: int, progress=None) -> RoundResult:
         start, r = time.perf_counter(), self.recipe
-        if not self.waited:  # this process's first round: every party has join_timeout_s to connect
-            self.connect(list(range(r.federation.num_clients)), time.time() + r.federation.join_timeout_s)
-            self.waited = True
         sampled = self.participation.sampled(t)
         lr = round_learning_rate(r.client, t, r.federation.rounds)
         collect = self.collector(t)
