@@ -109,6 +109,8 @@ def test_setup_writes_every_file_the_server_and_parties_name(tmp_path):
         assert bound[party.client_id] == party.key + ".pub"  # its key is the one bound to its client id
         rows = container_path(party.data, volumes)
         assert rows.is_file() and rows.name == f"client_{party.client_id}.jsonl" and rows.stat().st_size > 0
+        held_out = container_path(party.eval_data, volumes)  # its share of the held-out rows: the federated eval
+        assert held_out.is_file() and held_out.name == f"client_{party.client_id}.eval.jsonl" and held_out.stat().st_size > 0
 
 
 def test_the_image_holds_what_the_commands_use():
