@@ -63,23 +63,81 @@ def client_groups(size: int) -> ClientGroup:
     return ClientGroup(size, rank // size, world // size, rank % size, handle)
 
 
-def shard_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device) -> None:
+def shard_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device,
+               from_leader: bool = False) -> None:
     """FSDP inside a client group (FSDP2 `fully_shard` over the group's ranks): the frozen base
     weights are sharded, block by block, so each rank holds 1/G of them and all-gathers a block
     for its forward and backward. The trainable adapter stays whole on every rank (FSDP's
     `ignored_params`): the adapter code reads and writes it as with G = 1, and its gradients
-    are averaged in the group like in ddp mode (group_mean_)."""
+    are averaged in the group like in ddp mode (group_mean_).
+    `from_leader`: only the leader built the real model (on the CPU); the others built it on
+    the meta device (models.build_model(empty=True)) and receive their shards, the adapter
+    and the buffers from it (fill_from_leader_), so no rank but the leader holds the whole base."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = DeviceMesh.from_group(group.handle, device.type)
     keep = set(trainable.values())
+    # the leader's whole tensors, referenced before fully_shard replaces them by its shards
+    whole = dict(named_tensors(model)) if from_leader and group.leader else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = set(getattr(base, "_no_split_modules", None) or ())  # a Hugging Face model's decoder layers
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, ignored_params=keep)
     fully_shard(model, mesh=mesh, ignored_params=keep)
+    if from_leader:
+        if not group.leader:
+            materialise_(model, device)
+        fill_from_leader_(model, whole, group, device)
+        model.to(device)  # the leader's adapter and buffers, still on the CPU
+
+
+def materialise_(model: torch.nn.Module, device: torch.device) -> None:
+    """Uninitialised storage for every tensor on the meta device (FSDP2's deferred init: a
+    sharded parameter gets only this rank's shard), keeping each Parameter object, so dicts
+    of them (the adapter's trainable tensors) stay valid."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+def named_tensors(model: torch.nn.Module):
+    """Every parameter, then every buffer, by name, in the same order on every rank."""
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+@torch.no_grad()
+def fill_from_leader_(model: torch.nn.Module, whole: dict | None, group: ClientGroup, device: torch.device) -> None:
+    """Each rank's tensors, in place, from the leader's `whole` ones, one tensor at a time:
+    a sharded parameter's dim-0 chunks are scattered (FSDP2's Shard(0): torch.chunk into G
+    parts, the last ones possibly short or empty), so a rank receives only its own shard;
+    the adapter and the buffers are broadcast whole."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    for name, tensor in named_tensors(model):
+        if isinstance(tensor, DTensor):
+            if tuple(tensor.placements) != (Shard(0),):
+                raise ValueError(f"{name}: FSDP placed it as {tensor.placements}, not Shard(0); cannot fill it from the leader")
+            rows = -(-tensor.shape[0] // group.size)  # the longest chunk
+            piece = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+            pieces = None
+            if group.leader:
+                padded = torch.zeros((rows * group.size, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+                padded[: tensor.shape[0]] = whole[name]
+                pieces = list(padded.chunk(group.size))
+            dist.scatter(piece, pieces, group=group.handle, group_src=0)
+            local = tensor.to_local()
+            local.copy_(piece[: local.shape[0]])
+        else:
+            sent = whole[name].to(device) if group.leader else torch.empty_like(tensor, device=device)
+            dist.broadcast(sent, group=group.handle, group_src=0)
+            if not group.leader:
+                tensor.copy_(sent)
 
 
 def group_mean_(tensors: list[torch.Tensor], group: ClientGroup, device: torch.device) -> None:

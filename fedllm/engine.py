@@ -109,13 +109,15 @@ class Federation:
         self.is_main = self.state.is_main_process
         self.reducer = Reducer(self.device)
         self.group = client_groups(recipe.federation.group_size)  # G ranks train each client together
-        self.tokenizer, self.model, self.adapter = build_model(recipe, self.device)
+        self.sharded = recipe.federation.group_parallel == "fsdp" and self.group.size > 1
+        lean = self.sharded and recipe.federation.fsdp_load == "leader"  # the leader alone builds the real base
+        self.tokenizer, self.model, self.adapter = build_model(recipe, None if lean else self.device,
+                                                               empty=lean and not self.group.leader)
         set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.params = self.adapter.trainable(self.model)
-        self.sharded = recipe.federation.group_parallel == "fsdp" and self.group.size > 1
         if self.sharded:
-            shard_base(self.model, self.params, self.group, self.device)
+            shard_base(self.model, self.params, self.group, self.device, from_leader=lean)
         self.data = prepare_data(recipe.data, self.tokenizer, recipe.federation.num_clients, recipe.seed,
                                  per_client_eval=recipe.eval.per_client)
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
