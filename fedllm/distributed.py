@@ -2,6 +2,7 @@
 Tensors only: nothing is pickled between processes."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -106,9 +107,27 @@ def materialise_(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def named_tensors(model: torch.nn.Module):
-    """Every parameter, then every buffer, by name, in the same order on every rank."""
-    yield from model.named_parameters()
-    yield from model.named_buffers()
+    """Every parameter, then every buffer, by name, in the same order on every rank; a shared
+    tensor under each of its names (whether a tensor is shared may differ between ranks: a
+    buffer moved `.to` the meta device is a new tensor per module)."""
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def check_same_structure(model: torch.nn.Module, group: ClientGroup, device: torch.device) -> None:
+    """Every rank of the group holds the leader's tensor names, shapes and dtypes, in its order
+    (else the fill would pair the wrong tensors, or wait forever): compared as a digest."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors(model):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], dtype=torch.int64, device=device)
+    leaders = mine.clone()
+    dist.broadcast(leaders, group=group.handle, group_src=0)
+    differs = (mine != leaders).to(torch.int64)
+    dist.all_reduce(differs, op=dist.ReduceOp.MAX, group=group.handle)
+    if differs.item():
+        raise ValueError("the base built empty on a client group's non-leader has other tensors than the leader's "
+                         "(names, shapes or dtypes): set federation.fsdp_load=every_rank")
 
 
 @torch.no_grad()
@@ -119,6 +138,7 @@ def fill_from_leader_(model: torch.nn.Module, whole: dict | None, group: ClientG
     the adapter and the buffers are broadcast whole."""
     from torch.distributed.tensor import DTensor, Shard
 
+    check_same_structure(model, group, device)
     for name, tensor in named_tensors(model):
         if isinstance(tensor, DTensor):
             if tuple(tensor.placements) != (Shard(0),):

@@ -142,12 +142,10 @@ def _quantization_config(cfg):
 
 
 def empty_model(cfg, tokenizer):
-    """The base's structure with every parameter on the meta device (no storage, no values)
-    and its buffers real, computed as a whole load computes them: a client group's
-    non-leader, whose shards its leader fills (distributed.shard_base)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
+    """The base's structure with every parameter and buffer on the meta device (no storage, no
+    values; tied weights stay tied, unlike under accelerate's init_empty_weights): a client
+    group's non-leader, whose tensors its leader fills (distributed.shard_base)."""
+    with torch.device("meta"):
         if cfg.name in PRESETS:
             model = PRESETS[cfg.name](len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
         else:
