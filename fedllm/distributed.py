@@ -79,8 +79,9 @@ def shard_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, devi
 
     mesh = DeviceMesh.from_group(group.handle, device.type)
     keep = set(trainable.values())
-    # the leader's whole tensors, referenced before fully_shard replaces them by its shards
-    whole = dict(named_tensors(model)) if from_leader and group.leader else None
+    # the leader's whole tensors, kept before fully_shard replaces them by its shards; detached
+    # aliases, so they stay on the CPU where fully_shard moves the parameters to the GPU
+    whole = {n: t.detach() for n, t in named_tensors(model)} if from_leader and group.leader else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = set(getattr(base, "_no_split_modules", None) or ())  # a Hugging Face model's decoder layers
     for module in model.modules():
@@ -91,7 +92,6 @@ def shard_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, devi
         if not group.leader:
             materialise_(model, device)
         fill_from_leader_(model, whole, group, device)
-        model.to(device)  # the leader's adapter and buffers, still on the CPU
 
 
 def materialise_(model: torch.nn.Module, device: torch.device) -> None:
@@ -156,7 +156,9 @@ def fill_from_leader_(model: torch.nn.Module, whole: dict | None, group: ClientG
         else:
             sent = whole[name].to(device) if group.leader else torch.empty_like(tensor, device=device)
             dist.broadcast(sent, group=group.handle, group_src=0)
-            if not group.leader:
+            if group.leader:
+                tensor.data = sent  # the leader's adapter (FSDP leaves it where it was built: the CPU) on the device
+            else:
                 tensor.copy_(sent)
 
 
