@@ -79,19 +79,17 @@ def shard_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, devi
 
     mesh = DeviceMesh.from_group(group.handle, device.type)
     keep = set(trainable.values())
-    # the leader's whole tensors, kept before fully_shard replaces them by its shards; detached
-    # aliases, so they stay on the CPU where fully_shard moves the parameters to the GPU
-    whole = {n: t.detach() for n, t in named_tensors(model)} if from_leader and group.leader else None
+    if from_leader and group.leader:  # before sharding, from the whole tensors, which sharding then frees block by block
+        fill_from_leader_(model, keep, group, device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = set(getattr(base, "_no_split_modules", None) or ())  # a Hugging Face model's decoder layers
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, ignored_params=keep)
     fully_shard(model, mesh=mesh, ignored_params=keep)
-    if from_leader:
-        if not group.leader:
-            materialise_(model, device)
-        fill_from_leader_(model, whole, group, device)
+    if from_leader and not group.leader:
+        materialise_(model, device)
+        fill_from_leader_(model, keep, group, device)
 
 
 def materialise_(model: torch.nn.Module, device: torch.device) -> None:
@@ -131,35 +129,37 @@ def check_same_structure(model: torch.nn.Module, group: ClientGroup, device: tor
 
 
 @torch.no_grad()
-def fill_from_leader_(model: torch.nn.Module, whole: dict | None, group: ClientGroup, device: torch.device) -> None:
-    """Each rank's tensors, in place, from the leader's `whole` ones, one tensor at a time:
-    a sharded parameter's dim-0 chunks are scattered (FSDP2's Shard(0): torch.chunk into G
-    parts, the last ones possibly short or empty), so a rank receives only its own shard;
-    the adapter and the buffers are broadcast whole."""
+def fill_from_leader_(model: torch.nn.Module, keep: set, group: ClientGroup, device: torch.device) -> None:
+    """The leader (its model whole, not yet sharded) sends, the others (sharded by FSDP, with
+    uninitialised storage) receive, one tensor at a time: each base parameter's dim-0 chunks
+    are scattered (FSDP2's Shard(0): torch.chunk into G parts, the last ones possibly short or
+    empty), so a rank receives only its own shard; the parameters in `keep` (the adapter,
+    left whole by FSDP) and the buffers are broadcast whole."""
     from torch.distributed.tensor import DTensor, Shard
 
     check_same_structure(model, group, device)
-    for name, tensor in named_tensors(model):
-        if isinstance(tensor, DTensor):
-            if tuple(tensor.placements) != (Shard(0),):
-                raise ValueError(f"{name}: FSDP placed it as {tensor.placements}, not Shard(0); cannot fill it from the leader")
-            rows = -(-tensor.shape[0] // group.size)  # the longest chunk
-            piece = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-            pieces = None
-            if group.leader:
-                padded = torch.zeros((rows * group.size, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-                padded[: tensor.shape[0]] = whole[name]
-                pieces = list(padded.chunk(group.size))
-            dist.scatter(piece, pieces, group=group.handle, group_src=0)
+    params = list(model.named_parameters(remove_duplicate=False))
+    for name, tensor in [(n, p) for n, p in params if p not in keep]:
+        if not group.leader and not (isinstance(tensor, DTensor) and tuple(tensor.placements) == (Shard(0),)):
+            raise ValueError(f"{name}: FSDP did not shard it on dim 0 ({type(tensor).__name__}); cannot fill it from the leader")
+        rows = -(-tensor.shape[0] // group.size)  # the longest chunk
+        piece = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+        pieces = None
+        if group.leader:
+            padded = torch.zeros((rows * group.size, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+            padded[: tensor.shape[0]] = tensor
+            pieces = list(padded.chunk(group.size))
+        dist.scatter(piece, pieces, group=group.handle, group_src=0)
+        if not group.leader:
             local = tensor.to_local()
             local.copy_(piece[: local.shape[0]])
+    for name, tensor in [*((n, p) for n, p in params if p in keep), *model.named_buffers(remove_duplicate=False)]:
+        sent = tensor.detach().to(device) if group.leader else torch.empty_like(tensor, device=device)
+        dist.broadcast(sent, group=group.handle, group_src=0)
+        if group.leader:
+            tensor.data = sent  # on the device (the leader built its model on the CPU)
         else:
-            sent = whole[name].to(device) if group.leader else torch.empty_like(tensor, device=device)
-            dist.broadcast(sent, group=group.handle, group_src=0)
-            if group.leader:
-                tensor.data = sent  # the leader's adapter (FSDP leaves it where it was built: the CPU) on the device
-            else:
-                tensor.copy_(sent)
+            tensor.copy_(sent)
 
 
 def group_mean_(tensors: list[torch.Tensor], group: ClientGroup, device: torch.device) -> None:
