@@ -53,10 +53,24 @@ def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
         raise RecipeError(f"federation.group_size={fed.group_size} needs a local loop that trains one client on a group of "
                           f"ranks; {loop.name} does not: use client.trainer=builtin (and an adapter without its own loop), "
                           "or federation.group_size=1")
+    if fed.group_parallel == "fsdp":
+        check_fsdp_load(recipe)
     if PER_EXAMPLE in strategy.client_needs and not strategy.per_example_in_groups:
         raise RecipeError(f"strategy '{recipe.strategy['name']}' runs its own backward on each micro-batch with each rank's "
                           "own loss, so a client group would not train as one rank with the group's batch (only dp_sgd and "
                           "dp_brem sum theirs over the group): use federation.group_size=1")
+
+
+def check_fsdp_load(recipe: Recipe) -> None:
+    """A base sharded over a group is one plain model: no accelerate placement of its own, and
+    under fsdp_load=leader nothing that cannot be built on the meta device and filled later."""
+    model, fed = recipe.model, recipe.federation
+    if model.device_map is not None:
+        raise RecipeError("model.device_map places a whole base on each rank, federation.group_parallel=fsdp shards it "
+                          "over the group: drop model.device_map (or use federation.group_parallel=ddp)")
+    if fed.fsdp_load == "leader" and model.quantization != "none":
+        raise RecipeError(f"model.quantization={model.quantization} weights cannot be built empty and filled from the "
+                          "group's leader: set federation.fsdp_load=every_rank (every rank loads the whole base)")
 
 
 def check_zeroth_order(recipe: Recipe, strategy, adapter) -> None:

@@ -2,6 +2,7 @@
 Tensors only: nothing is pickled between processes."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -63,23 +64,102 @@ def client_groups(size: int) -> ClientGroup:
     return ClientGroup(size, rank // size, world // size, rank % size, handle)
 
 
-def shard_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device) -> None:
+def shard_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device,
+               from_leader: bool = False) -> None:
     """FSDP inside a client group (FSDP2 `fully_shard` over the group's ranks): the frozen base
     weights are sharded, block by block, so each rank holds 1/G of them and all-gathers a block
     for its forward and backward. The trainable adapter stays whole on every rank (FSDP's
     `ignored_params`): the adapter code reads and writes it as with G = 1, and its gradients
-    are averaged in the group like in ddp mode (group_mean_)."""
+    are averaged in the group like in ddp mode (group_mean_).
+    `from_leader`: only the leader built the real model (on the CPU); the others built it on
+    the meta device (models.build_model(empty=True)) and receive their shards, the adapter
+    and the buffers from it (fill_from_leader_), so no rank but the leader holds the whole base."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = DeviceMesh.from_group(group.handle, device.type)
     keep = set(trainable.values())
+    if from_leader and group.leader:  # before sharding, from the whole tensors, which sharding then frees block by block
+        fill_from_leader_(model, keep, group, device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = set(getattr(base, "_no_split_modules", None) or ())  # a Hugging Face model's decoder layers
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh, ignored_params=keep)
     fully_shard(model, mesh=mesh, ignored_params=keep)
+    if from_leader and not group.leader:
+        materialise_(model, device)
+        fill_from_leader_(model, keep, group, device)
+
+
+def materialise_(model: torch.nn.Module, device: torch.device) -> None:
+    """Uninitialised storage for every tensor on the meta device (FSDP2's deferred init: a
+    sharded parameter gets only this rank's shard), keeping each Parameter object, so dicts
+    of them (the adapter's trainable tensors) stay valid."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+def named_tensors(model: torch.nn.Module):
+    """Every parameter, then every buffer, by name, in the same order on every rank; a shared
+    tensor under each of its names (whether a tensor is shared may differ between ranks: a
+    buffer moved `.to` the meta device is a new tensor per module)."""
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def check_same_structure(model: torch.nn.Module, group: ClientGroup, device: torch.device) -> None:
+    """Every rank of the group holds the leader's tensor names, shapes and dtypes, in its order
+    (else the fill would pair the wrong tensors, or wait forever): compared as a digest."""
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors(model):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+    mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], dtype=torch.int64, device=device)
+    leaders = mine.clone()
+    dist.broadcast(leaders, group=group.handle, group_src=0)
+    differs = (mine != leaders).to(torch.int64)
+    dist.all_reduce(differs, op=dist.ReduceOp.MAX, group=group.handle)
+    if differs.item():
+        raise ValueError("the base built empty on a client group's non-leader has other tensors than the leader's "
+                         "(names, shapes or dtypes): set federation.fsdp_load=every_rank")
+
+
+@torch.no_grad()
+def fill_from_leader_(model: torch.nn.Module, keep: set, group: ClientGroup, device: torch.device) -> None:
+    """The leader (its model whole, not yet sharded) sends, the others (sharded by FSDP, with
+    uninitialised storage) receive, one tensor at a time: each base parameter's dim-0 chunks
+    are scattered (FSDP2's Shard(0): torch.chunk into G parts, the last ones possibly short or
+    empty), so a rank receives only its own shard; the parameters in `keep` (the adapter,
+    left whole by FSDP) and the buffers are broadcast whole."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    check_same_structure(model, group, device)
+    params = list(model.named_parameters(remove_duplicate=False))
+    for name, tensor in [(n, p) for n, p in params if p not in keep]:
+        if not group.leader and not (isinstance(tensor, DTensor) and tuple(tensor.placements) == (Shard(0),)):
+            raise ValueError(f"{name}: FSDP did not shard it on dim 0 ({type(tensor).__name__}); cannot fill it from the leader")
+        rows = -(-tensor.shape[0] // group.size)  # the longest chunk
+        piece = torch.empty((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+        pieces = None
+        if group.leader:
+            padded = torch.zeros((rows * group.size, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+            padded[: tensor.shape[0]] = tensor
+            pieces = list(padded.chunk(group.size))
+        dist.scatter(piece, pieces, group=group.handle, group_src=0)
+        if not group.leader:
+            local = tensor.to_local()
+            local.copy_(piece[: local.shape[0]])
+    for name, tensor in [*((n, p) for n, p in params if p in keep), *model.named_buffers(remove_duplicate=False)]:
+        sent = tensor.detach().to(device) if group.leader else torch.empty_like(tensor, device=device)
+        dist.broadcast(sent, group=group.handle, group_src=0)
+        if group.leader:
+            tensor.data = sent  # on the device (the leader built its model on the CPU)
+        else:
+            tensor.copy_(sent)
 
 
 def group_mean_(tensors: list[torch.Tensor], group: ClientGroup, device: torch.device) -> None:

@@ -24,7 +24,8 @@ from fedllm.collectors import default_collector, message_template, misfit
 from fedllm.data import PreparedData, prepare_data
 from fedllm.devices import Devices
 from fedllm.distributed import (
-    Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state, shard_base,
+    ClientGroup, Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state,
+    shard_base,
 )
 from fedllm.evaluation import evaluate
 from fedllm.evaluation.per_client import evaluate_per_client
@@ -101,6 +102,17 @@ def gather_stats(rows: list, device) -> list[dict]:
     return stats
 
 
+def build_for_group(recipe: Recipe, group: ClientGroup, device):
+    """Tokenizer, model and adapter of this rank (build_model); under group_parallel=fsdp the
+    base sharded over the group, and with fsdp_load=leader built for real by the leader alone."""
+    sharded = recipe.federation.group_parallel == "fsdp" and group.size > 1
+    lean = sharded and recipe.federation.fsdp_load == "leader"
+    tokenizer, model, adapter = build_model(recipe, None if lean else device, empty=lean and not group.leader)
+    if sharded:
+        shard_base(model, adapter.trainable(model), group, device, from_leader=lean)
+    return tokenizer, model, adapter
+
+
 class Federation:
     def __init__(self, recipe: Recipe, run_dir: Path):
         self.recipe, self.run_dir = recipe, Path(run_dir)
@@ -109,13 +121,11 @@ class Federation:
         self.is_main = self.state.is_main_process
         self.reducer = Reducer(self.device)
         self.group = client_groups(recipe.federation.group_size)  # G ranks train each client together
-        self.tokenizer, self.model, self.adapter = build_model(recipe, self.device)
+        self.sharded = recipe.federation.group_parallel == "fsdp" and self.group.size > 1
+        self.tokenizer, self.model, self.adapter = build_for_group(recipe, self.group, self.device)
         set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.params = self.adapter.trainable(self.model)
-        self.sharded = recipe.federation.group_parallel == "fsdp" and self.group.size > 1
-        if self.sharded:
-            shard_base(self.model, self.params, self.group, self.device)
         self.data = self.load_data()
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
         fed = recipe.federation

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -140,11 +141,26 @@ def _quantization_config(cfg):
     )
 
 
-def load_model(cfg, tokenizer, seed: int, device=None):
+def empty_model(cfg, tokenizer):
+    """The base's structure with every parameter and buffer on the meta device (no storage, no
+    values; tied weights stay tied, unlike under accelerate's init_empty_weights): a client
+    group's non-leader, whose tensors its leader fills (distributed.shard_base)."""
+    with torch.device("meta"):
+        if cfg.name in PRESETS:
+            model = PRESETS[cfg.name](len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        else:
+            config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    return model.to(DTYPES[cfg.dtype])
+
+
+def load_model(cfg, tokenizer, seed: int, device=None, empty: bool = False):
     """The ONE resident base model. Presets are initialised from `seed`, so every process
-    (and `fedllm export`) rebuilds bit-identical base weights."""
+    (and `fedllm export`) rebuilds bit-identical base weights. `empty`: see empty_model."""
     check_quantization(cfg)
-    if cfg.name in PRESETS:
+    if empty:
+        model = empty_model(cfg, tokenizer)
+    elif cfg.name in PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = PRESETS[cfg.name](len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
@@ -175,13 +191,14 @@ def load_model(cfg, tokenizer, seed: int, device=None):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     for p in model.parameters():
         p.requires_grad_(False)
-    if device is not None and cfg.quantization == "none" and not placement.is_placed(model):
+    if device is not None and cfg.quantization == "none" and not placement.is_placed(model) and not empty:
         model.to(device)
     return model
 
 
-def build_model(recipe, device=None):
-    """Tokenizer, base model and attached adapter: a pure function of the recipe."""
+def build_model(recipe, device=None, empty: bool = False):
+    """Tokenizer, base model and attached adapter: a pure function of the recipe. `empty`:
+    the base and the adapter on the meta device, to be filled by a client group's leader."""
     check_quantization(recipe.model)
     adapter = ADAPTERS.build(recipe.adapter, "adapter")
     owner = recipe.adapter["name"]
@@ -189,7 +206,7 @@ def build_model(recipe, device=None):
         raise RecipeError(f"adapter.name={owner} cannot train through a base placed by model.device_map (it reads or "
                           "trains base weights outside their layers' forward): drop model.device_map or use lora")
     tokenizer = load_tokenizer(recipe.model)
-    base = load_model(recipe.model, tokenizer, recipe.seed, device)
+    base = load_model(recipe.model, tokenizer, recipe.seed, device, empty)
     if recipe.client.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -199,6 +216,6 @@ def build_model(recipe, device=None):
         placement.check_resident(adapter.trainable(model), owner)
         return tokenizer, model, adapter
     model = adapter.attach(base, recipe.seed)
-    if device is not None:
+    if device is not None and not empty:
         model.to(device)
     return tokenizer, model, adapter

@@ -130,6 +130,9 @@ class FederationConfig(Section):
     # base sharded over the group's ranks); see README "Scaling"
     group_size: int = Field(1, gt=0)
     group_parallel: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: `leader` builds the real base on the group's leader only, the others on the meta
+    # device, and fills their shards from it; `every_rank` builds the whole base on every rank
+    fsdp_load: Literal["leader", "every_rank"] = "leader"
 
     def sampled_per_round(self) -> int:
         if self.clients_per_round is not None and self.fraction is not None:
