@@ -165,7 +165,7 @@ def worker(spec: dict) -> dict:
     imported = time.perf_counter() - begin
     split = Split()
     split.wrap(engine, "build_model", "model")
-    split.wrap(engine, "prepare_data", "data")
+    split.wrap(engine, "prepare_data_once", "data")
     split.wrap(client.Client, "run", "train")
     for name in ("all_reduce_sum_", "all_gather_rows", "broadcast_int", "broadcast_state_", "barrier"):
         split.wrap(dist_mod, name, "collectives")

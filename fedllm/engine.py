@@ -21,7 +21,8 @@ from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel, Downlink
 from fedllm.client import Client, Upload
 from fedllm.collectors import default_collector, message_template, misfit
-from fedllm.data import PreparedData, prepare_data
+from fedllm.data import PreparedData
+from fedllm.data.shared import prepare_data_once
 from fedllm.devices import Devices
 from fedllm.distributed import (
     ClientGroup, Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state,
@@ -161,7 +162,9 @@ class Federation:
     def load_data(self) -> PreparedData:
         """The clients' examples and the eval set (a deployed server's override holds no party's data)."""
         r = self.recipe
-        return prepare_data(r.data, self.tokenizer, r.federation.num_clients, r.seed, per_client_eval=r.eval.per_client)
+        # one rank per machine prepares the data, the machine's other ranks map its copy (fedllm.data.shared)
+        return prepare_data_once(r.data, self.tokenizer, r.federation.num_clients, r.seed, r.eval.per_client,
+                                 self.run_dir / "data", self.device)
 
     def _timeline(self):
         """The simulated devices and clock (fedllm.asynchrony), where the recipe sets them."""

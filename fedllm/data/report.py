@@ -38,6 +38,18 @@ class LengthTable:
         self._flat = array("i")
         self.extend(lengths)
 
+    @classmethod
+    def from_bytes(cls, flat: bytes) -> LengthTable:
+        """The table whose `flat` bytes these are."""
+        table = cls()
+        table._flat.frombytes(flat)
+        return table
+
+    @property
+    def flat(self) -> array:
+        """Every row's fields end to end, as C ints."""
+        return self._flat
+
     def extend(self, lengths: Iterable[Lengths]) -> None:
         for x in lengths:
             self._flat.extend(x)
