@@ -133,36 +133,52 @@ def bare(spec: dict) -> dict:
 
 # ---- (b) a rank of `fedllm run`, its time split -------------------------------------------
 class Split:
-    """Exclusive wall time per named part: time inside a nested part counts for it only."""
+    """Exclusive wall and CPU time (this process, every thread) per named part: time inside a
+    nested part counts for it only."""
 
     def __init__(self):
-        self.spent, self.stack = {}, []
+        self.spent, self.cpu, self.stack = {}, {}, []
 
     def wrap(self, owner, attribute: str, part: str) -> None:
         inner = getattr(owner, attribute)
 
         def timed(*args, **kwargs):
-            self.stack.append([time.perf_counter(), 0.0])
+            self.stack.append([time.perf_counter(), time.process_time(), 0.0, 0.0])
             try:
                 return inner(*args, **kwargs)
             finally:
-                start, nested = self.stack.pop()
-                elapsed = time.perf_counter() - start
+                start, cpu_start, nested, nested_cpu = self.stack.pop()
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 self.spent[part] = self.spent.get(part, 0.0) + elapsed - nested
+                self.cpu[part] = self.cpu.get(part, 0.0) + cpu - nested_cpu
                 if self.stack:
-                    self.stack[-1][1] += elapsed
+                    self.stack[-1][2] += elapsed
+                    self.stack[-1][3] += cpu
 
         setattr(owner, attribute, timed)
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread name of this process (Linux /proc), summed over same-named threads."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for stat in Path("/proc/self/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def worker(spec: dict) -> dict:
-    begin = time.perf_counter()
+    begin, cpu_begin = time.perf_counter(), time.process_time()
     import torch
 
     import fedllm.distributed as dist_mod
     from fedllm import client, engine
 
-    imported = time.perf_counter() - begin
+    imported, imported_cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
     split = Split()
     split.wrap(engine, "build_model", "model")
     split.wrap(engine, "prepare_data_once", "data")
@@ -174,15 +190,20 @@ def worker(spec: dict) -> dict:
     split.wrap(engine.Federation, "evaluate", "eval")
     split.wrap(engine.Federation, "checkpoint", "checkpoint")
     split.wrap(engine.Federation, "export_final", "checkpoint")
-    started = time.perf_counter()
+    rounds_time = Split()  # the rounds alone, inclusive: what the speed-up of the rounds compares
+    rounds_time.wrap(engine.Federation, "run_round", "rounds")
+    started, cpu_started = time.perf_counter(), time.process_time()
     run_dir = engine.run_recipe(spec["recipe"], [])
-    total = time.perf_counter() - started
+    total, total_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     rank = int(os.environ.get("RANK", "0"))
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    parts = {"imports": imported, **split.spent}
-    parts["rest"] = total - sum(split.spent.values())
+    parts, cpu = {"imports": imported, **split.spent}, {"imports": imported_cpu, **split.cpu}
+    parts["rest"], cpu["rest"] = total - sum(split.spent.values()), total_cpu - sum(split.cpu.values())
     out = {"rank": rank, "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-           "parts": parts, "total": imported + total, "round_seconds": sum(r.get("seconds", 0.0) for r in rounds),
+           "parts": parts, "cpu": cpu, "total": imported + total, "total_cpu": imported_cpu + total_cpu,
+           "round_seconds": sum(r.get("seconds", 0.0) for r in rounds), "round_cpu": rounds_time.cpu.get("rounds", 0.0),
+           "thread_cpu": thread_cpu(), "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS",
+                                                                              "LOCAL_WORLD_SIZE")},
            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     Path(f"{spec['report']}.rank{rank}.json").write_text(json.dumps(out))
     return out
@@ -201,8 +222,9 @@ def job(tmp: Path, ranks: int, rounds: int, label: str) -> dict:
     load = os.getloadavg()[0]
     _, wall = run_child(cmd)
     per_rank = [json.loads((tmp / f"{name}.timing.rank{r}.json").read_text()) for r in range(ranks)]
-    return {"ranks": ranks, "wall": wall, "load_before": load, "per_rank": per_rank,
-            "round_seconds": max(r["round_seconds"] for r in per_rank)}
+    return {"ranks": ranks, "wall": wall, "load_before": load, "load_after": os.getloadavg()[0], "per_rank": per_rank,
+            "round_seconds": max(r["round_seconds"] for r in per_rank), "round_cpu": max(r["round_cpu"] for r in per_rank),
+            "cpu": max(r["total_cpu"] for r in per_rank), "label": label}
 
 
 # ---- (c) data memory ---------------------------------------------------------------------
@@ -252,10 +274,11 @@ def verdict(value: float, goal: float, at_least: bool = False) -> str:
 
 def report(res: dict) -> str:
     mib = 2**20
-    a, b, c = res["memory"], res["ranks"], res["data"]
-    lines = [f"load average at start {res['load_start']:.1f} on {os.cpu_count()} cores, at end {os.getloadavg()[0]:.1f}",
-             f"(a) peak RSS, {res['rounds']} rounds: fedllm run {a['fedllm'] / mib:.1f} MiB, bare loop {a['bare'] / mib:.1f} MiB"
-             f"   ratio {verdict(a['fedllm'] / a['bare'], 1.05)}"]
+    a, b, c = res.get("memory"), res["ranks"], res.get("data")
+    lines = [f"load average at start {res['load_start']:.1f} on {os.cpu_count()} cores, at end {os.getloadavg()[0]:.1f}"]
+    if a is not None:
+        lines.append(f"(a) peak RSS, {res['rounds']} rounds: fedllm run {a['fedllm'] / mib:.1f} MiB, bare loop "
+                     f"{a['bare'] / mib:.1f} MiB   ratio {verdict(a['fedllm'] / a['bare'], 1.05)}")
     ones, twos = [r for r in b if r["ranks"] == 1], [r for r in b if r["ranks"] == 2]
     best = lambda runs, key: min(r[key] for r in runs)  # noqa: E731  the least disturbed run of each
     lines += [f"(b) 2 ranks over 1 rank, {len(ones)} alternating runs each (best of each; every run below):",
@@ -263,12 +286,26 @@ def report(res: dict) -> str:
               f"{verdict(best(ones, 'round_seconds') / best(twos, 'round_seconds'), 1.67, at_least=True)}",
               f"    whole job    {best(ones, 'wall'):.1f} s / {best(twos, 'wall'):.1f} s = "
               f"{verdict(best(ones, 'wall') / best(twos, 'wall'), 1.67, at_least=True)}"]
+    lines.append("    pair by pair (load average before/after each run; CPU: the busier rank's CPU seconds, load-independent):")
+    for label in sorted({r["label"] for r in b if r["label"].startswith("speed")}):
+        one, two = (next(r for r in b if r["label"] == label and r["ranks"] == n) for n in (1, 2))
+        lines.append(f"    {label}: 1 rank at load {one['load_before']:.1f}/{one['load_after']:.1f}, 2 ranks at "
+                     f"{two['load_before']:.1f}/{two['load_after']:.1f}: rounds {one['round_seconds'] / two['round_seconds']:.2f}x, "
+                     f"whole job {one['wall'] / two['wall']:.2f}x; CPU: rounds {one['round_cpu'] / two['round_cpu']:.2f}x, "
+                     f"whole job {one['cpu'] / two['cpu']:.2f}x")
     names = ["imports", "model", "data", "train", "collectives", "eval", "checkpoint", "rest"]
-    lines.append(f"    {'run':<14}{'load':>5}{'wall':>7}" + "".join(f"{n:>12}" for n in names) + "  threads")
+    lines.append(f"    {'run':<18}{'load':>5}{'wall':>7}" + "".join(f"{n:>12}" for n in names) + "   rounds  threads")
     for i, run in enumerate(b):
         for r in run["per_rank"]:
-            lines.append(f"    #{i} rank {r['rank']}/{run['ranks']:<4}{run['load_before']:>5.1f}{run['wall']:>7.1f}"
-                         + "".join(f"{r['parts'].get(n, 0.0):>12.2f}" for n in names) + f"  {r['threads']}+{r['interop_threads']}")
+            for kind, key, rounds in (("wall", "parts", r["round_seconds"]), ("cpu", "cpu", r["round_cpu"])):
+                lines.append(f"    #{i} rank {r['rank']}/{run['ranks']} {kind:<5}{run['load_before']:>5.1f}"
+                             f"{(run['wall'] if kind == 'wall' else r['total_cpu']):>7.1f}"
+                             + "".join(f"{r[key].get(n, 0.0):>12.2f}" for n in names) + f"{rounds:>9.2f}"
+                             + (f"  {r['threads']}+{r['interop_threads']}" if kind == "wall" else ""))
+            busy = sorted(((t, c) for t, c in r["thread_cpu"].items() if c >= 0.05), key=lambda x: -x[1])
+            lines.append(f"        CPU s by thread: " + ", ".join(f"{t} {c:.2f}" for t, c in busy) + f"  ({r['env']})")
+    if c is None:
+        return "\n".join(lines)
     lines += [f"(c) data: {c['rows']} rows, {c['tokens']} tokens as {c['id_dtype']}: held {c['held'] / mib:.1f} MiB "
               f"(packed buffers {c['packed_bytes'] / mib:.1f} MiB; as two Python lists they took ~{c['list_bytes'] / mib:.0f} MiB); "
               f"paid once per process {c['once_per_process'] / mib:.1f} MiB",
@@ -283,6 +320,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="alternating 1-rank / 2-rank pairs")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--dp", action="store_true", help="also run bench/dp_sgd_vmap.py")
+    parser.add_argument("--speed-only", action="store_true", help="(b) alone: no bare loop, no data memory")
     parser.add_argument("--out", type=Path)
     for hidden in ("--worker", "--bare", "--data"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -298,14 +336,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedllm-lean-") as tmp:
         tmp = Path(tmp)
         # (a): each side in a fresh process that reports its own peak
-        bare_out, _ = run_child([sys.executable, __file__, "--bare", json.dumps({"rounds": rounds, "out": str(tmp / "bare")})])
-        one = job(tmp, 1, rounds, "memory")
-        res["memory"] = {"bare": bare_out["peak_rss"], "fedllm": one["per_rank"][0]["peak_rss"]}
-        res["ranks"] = [one]
+        res["ranks"] = []
+        if not args.speed_only:
+            bare_out, _ = run_child([sys.executable, __file__, "--bare", json.dumps({"rounds": rounds, "out": str(tmp / "bare")})])
+            one = job(tmp, 1, rounds, "memory")
+            res["memory"] = {"bare": bare_out["peak_rss"], "fedllm": one["per_rank"][0]["peak_rss"]}
+            res["ranks"] = [one]
         for i in range(reps):
             order = (2, 1) if i % 2 == 0 else (1, 2)
             res["ranks"] += [job(tmp, ranks, rounds, f"speed{i}") for ranks in order]
-        res["data"], _ = run_child([sys.executable, __file__, "--data", json.dumps({"tmp": str(tmp), "rows": rows})])
+        if not args.speed_only:
+            res["data"], _ = run_child([sys.executable, __file__, "--data", json.dumps({"tmp": str(tmp), "rows": rows})])
     print(report(res))
     if args.dp:
         subprocess.run([sys.executable, str(ROOT / "bench" / "dp_sgd_vmap.py")], env=env(), check=True)
