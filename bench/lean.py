@@ -181,7 +181,7 @@ def worker(spec: dict) -> dict:
     imported, imported_cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
     split = Split()
     split.wrap(engine, "build_model", "model")
-    split.wrap(engine, "prepare_data_once", "data")
+    split.wrap(engine, "prepare_data_once" if hasattr(engine, "prepare_data_once") else "prepare_data", "data")  # before: each rank
     split.wrap(client.Client, "run", "train")
     for name in ("all_reduce_sum_", "all_gather_rows", "broadcast_int", "broadcast_state_", "barrier"):
         split.wrap(dist_mod, name, "collectives")
