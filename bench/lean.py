@@ -61,8 +61,12 @@ def run_child(cmd: list[str]) -> tuple[dict, float]:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    lines = [line for line in out.splitlines() if line.startswith("{")]
-    return (json.loads(lines[-1]) if lines else {}), wall
+    for line in reversed(out.splitlines()):  # two ranks' lines may interleave: the last whole one
+        try:
+            return json.loads(line), wall
+        except json.JSONDecodeError:
+            continue
+    return {}, wall
 
 
 # ---- (a) the bare loop: what a user would write with transformers + peft alone ---------
