@@ -63,9 +63,11 @@ def run_child(cmd: list[str]) -> tuple[dict, float]:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
     for line in reversed(out.splitlines()):  # two ranks' lines may interleave: the last whole one
         try:
-            return json.loads(line), wall
+            value = json.loads(line) if line.startswith("{") else None
         except json.JSONDecodeError:
             continue
+        if isinstance(value, dict):
+            return value, wall
     return {}, wall
 
 
