@@ -7,8 +7,10 @@ steps of batch 4, every process on one torch thread.
 (b) 2 ranks (torchrun, gloo) over 1 rank: wall time of the rounds and of the whole job, and
     each rank's time split (imports / model / data / train / collectives / eval /
     checkpoint / rest), timed by wrapping the engine's functions in the worker (no engine
-    change). Goal >= 1.67 on 2 cores. Runs alternate 1-rank / 2-rank; the load average is
-    printed, since on a shared machine it decides the numbers.
+    change), in wall and in CPU seconds, and each thread's CPU seconds (oversubscription
+    shows there). Goal >= 1.67 on 2 cores. Runs alternate 1-rank / 2-rank; each neighbouring
+    pair's ratios (wall, and CPU of the busier rank, which the load disturbs less) are printed
+    with the load average before and after each run: on a shared machine it decides the numbers.
 (c) data memory / token bytes: the resident memory `prepare_data` keeps for N rows (default
     40,000: the quickstart rows repeated, from a local jsonl), measured on a second
     preparation in the same fresh process (what the first one pays once per process --
@@ -16,7 +18,7 @@ steps of batch 4, every process on one torch thread.
     over tokens x bytes per token id. Goal <= 1.2.
 DP-SGD per-example gradients, loop vs vmap, are timed by bench/dp_sgd_vmap.py (--dp runs it).
 
-    python bench/lean.py [--quick] [--rounds 3] [--reps 2] [--rows 40000] [--dp] [--out FILE]
+    python bench/lean.py [--quick] [--rounds 3] [--reps 2] [--rows 40000] [--dp] [--speed-only] [--out FILE]
 """
 from __future__ import annotations
 
