@@ -20,7 +20,6 @@ import os
 import secrets
 import struct
 import time
-from array import array
 from pathlib import Path
 
 import numpy as np

@@ -2,9 +2,6 @@
 the data every rank would have prepared, a stale or damaged copy is rebuilt, and the other
 ranks of the machine never tokenize."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
