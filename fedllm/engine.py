@@ -104,12 +104,15 @@ def gather_stats(rows: list, device) -> list[dict]:
 
 def build_for_group(recipe: Recipe, group: ClientGroup, device):
     """Tokenizer, model and adapter of this rank (build_model); under group_parallel=fsdp the
-    base sharded over the group, and with fsdp_load=leader built for real by the leader alone."""
+    base sharded over the group, and with fsdp_load=leader built for real by the leader alone;
+    under zero3 partitioned over the group by DeepSpeed (built whole on every rank first)."""
     sharded = recipe.federation.group_parallel == "fsdp" and group.size > 1
     lean = sharded and recipe.federation.fsdp_load == "leader"
     tokenizer, model, adapter = build_model(recipe, None if lean else device, empty=lean and not group.leader)
     if sharded:
         shard_base(model, adapter.trainable(model), group, device, from_leader=lean)
+    elif recipe.federation.group_parallel == "zero3" and group.size > 1:
+        zero_partition_base(model, adapter.trainable(model), group, device)
     return tokenizer, model, adapter
 
 
@@ -121,7 +124,7 @@ class Federation:
         self.is_main = self.state.is_main_process
         self.reducer = Reducer(self.device)
         self.group = client_groups(recipe.federation.group_size)  # G ranks train each client together
-        self.sharded = recipe.federation.group_parallel == "fsdp" and self.group.size > 1
+        self.sharded = recipe.federation.group_parallel != "ddp" and self.group.size > 1
         self.tokenizer, self.model, self.adapter = build_for_group(recipe, self.group, self.device)
         set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -480,9 +483,17 @@ class Federation:
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters this rank holds (an FSDP-sharded tensor counts its local shard)."""
+    """Bytes of the parameters this rank holds (an FSDP-sharded tensor counts its local shard, a
+    released ZeRO-3 weight its partition)."""
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  (a DTensor's shard)
-    return sum(local(p).numel() * p.element_size() for p in model.parameters())
+    partition = lambda p: p.ds_tensor if p.numel() == 0 and hasattr(p, "ds_tensor") else p  # noqa: E731  (ZeRO-3's)
+    return sum(partition(local(p)).numel() * p.element_size() for p in model.parameters())
+
+
+def zero_partition_base(*args) -> None:
+    from fedllm.zero import partition_base  # DeepSpeed, imported only when chosen
+
+    partition_base(*args)
 
 
 def run_recipe(path: str, overrides: list[str] = ()) -> Path:
