@@ -46,6 +46,7 @@ def main():
     for record in records:
         record.trainer = trainer
     trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "DeepSpeedEngine", type(trainer.model_wrapped)  # not a DDP fallback
     save_file({k: t.contiguous().cpu() for k, t in seen.items()}, str(OUT / f"zero{STAGE}_rank{RANK}.safetensors"))
 
 
