@@ -3,6 +3,7 @@ over accelerate / torch.distributed ranks, atomic checkpoints and exact resume. 
 (`Federation.run_round`) is sample → down → clients → up → collect → aggregate."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -475,10 +476,12 @@ class Federation:
         return rows
 
     def export_final(self) -> None:
-        if self.is_main:
-            # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
-            write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final",
-                         self.adapter.export_formats[0])
+        # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
+        fmt = self.adapter.export_formats[0]
+        zero3 = self.sharded and self.recipe.federation.group_parallel == "zero3"
+        with zero_whole_base(self.model, fmt == "merged" and zero3):
+            if self.is_main:
+                write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final", fmt)
         barrier()
 
 
@@ -494,6 +497,15 @@ def zero_partition_base(*args) -> None:
     from fedllm.zero import partition_base  # DeepSpeed, imported only when chosen
 
     partition_base(*args)
+
+
+def zero_whole_base(model: torch.nn.Module, enabled: bool):
+    """Merged weights need the whole base: under zero3 each rank of a group gathers its partitions."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from fedllm.zero import whole_base
+
+    return whole_base(model)
 
 
 def run_recipe(path: str, overrides: list[str] = ()) -> Path:

@@ -49,6 +49,16 @@ def partition_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, 
     adapter[0].all_gather(param_list=adapter)  # whole again, identical on every rank of the group
 
 
+def whole_base(model: torch.nn.Module):
+    """A context in which every weight released by partition_base is whole on every rank of its
+    group (collective: each rank of the group enters it), e.g. to write merged weights."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    released = [p for p in model.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+    return deepspeed.zero.GatheredParameters(released, enabled=bool(released))
+
+
 def held_whole(trainable: dict) -> bool:
     """True when every adapter tensor is whole on this rank (what partition_base promises)."""
     return all(tuple(p.shape) == tuple(p.ds_shape) for p in trainable.values())

@@ -6,15 +6,22 @@ import importlib.util
 import json
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
+from fedllm.engine import run_recipe
 from fedllm.registry import RecipeError
 from tests.conftest import tiny_recipe
 from tests.engine.test_groups import assert_same_run, launch, reference  # noqa: F401  (a fixture)
 
 
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed (pip install deepspeed; on CPU it runs over gloo)")
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                    reason="DeepSpeed is not installed (pip install deepspeed; on CPU it runs over gloo)")
+@needs_deepspeed
 def test_a_group_partitioning_the_base_with_zero3_trains_as_one_rank(reference):  # noqa: F811
     path, one_dir = reference
     run_dir = launch(path, 2, "zero3", "federation.group_size=2", "federation.group_parallel=zero3")
@@ -24,6 +31,23 @@ def test_a_group_partitioning_the_base_with_zero3_trains_as_one_rank(reference):
     held, whole = (json.loads((d / "run_meta.json").read_text())["client_group"]["rank0_parameter_bytes"]
                    for d in (run_dir, one_dir))
     assert 0.45 * whole < held < 0.55 * whole
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_merged_weights_written_at_the_end_are_whole_and_as_one_rank_writes_them(tmp_path):
+    # full fine-tuning of o_proj exports the merged model: the partitioned base is gathered for it
+    raw = {**tiny_recipe(tmp_path, federation={"rounds": 1, "num_clients": 2, "clients_per_round": 2},
+                         client={"per_device_train_batch_size": 4}), "adapter": {"name": "full", "trainable": "o_proj"}}
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    one_dir = run_recipe(str(path), ["output.name=one"])
+    run_dir = launch(path, 2, "zero3", "federation.group_size=2", "federation.group_parallel=zero3",
+                     "client.per_device_train_batch_size=2")
+    merged, expected = (load_file(str(d / "final" / "model.safetensors")) for d in (run_dir, one_dir))
+    assert merged.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
 
 
 def test_zero3_without_deepspeed_installed_is_a_one_line_error_at_load(tmp_path, monkeypatch):
