@@ -53,6 +53,10 @@ def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
     if fed.group_parallel == "zero3" and importlib.util.find_spec("deepspeed") is None:
         raise RecipeError("federation.group_parallel=zero3 needs DeepSpeed, which is not installed: "
                           "pip install 'fedllm[gpu]' (or deepspeed), or use group_parallel=fsdp")
+    if fed.group_parallel == "zero3" and strategy.uses_torch_func:
+        raise RecipeError(f"strategy '{recipe.strategy['name']}' takes per-example gradients through torch.func, which "
+                          "crashes inside DeepSpeed ZeRO-3's module hooks: set strategy.per_example=loop, or use "
+                          "federation.group_parallel=fsdp")
     if GROUP not in loop.supports:
         raise RecipeError(f"federation.group_size={fed.group_size} needs a local loop that trains one client on a group of "
                           f"ranks; {loop.name} does not: use client.trainer=builtin (and an adapter without its own loop), "

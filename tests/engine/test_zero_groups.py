@@ -14,6 +14,8 @@ from fedllm.engine import run_recipe
 from fedllm.registry import RecipeError
 from tests.conftest import tiny_recipe
 from tests.engine.test_groups import assert_same_run, launch, reference  # noqa: F401  (a fixture)
+from tests.privacy.test_dp_groups import dp_sgd_runs  # noqa: F401  (a fixture)
+from tests.privacy.test_dp_groups import test_dp_sgd_in_a_group_of_two_trains_as_one_rank_with_twice_the_batch as dp_sgd_in_a_group
 
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -48,6 +50,27 @@ def test_merged_weights_written_at_the_end_are_whole_and_as_one_rank_writes_them
     assert merged.keys() == expected.keys()
     for k in expected:
         torch.testing.assert_close(merged[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_dp_sgd_with_its_per_example_loop_in_a_zero3_group_trains_as_one_rank(dp_sgd_runs):  # noqa: F811
+    dp_sgd_in_a_group(dp_sgd_runs, "loop", "zero3")
+
+
+def test_dp_sgd_through_torch_func_is_refused_in_a_zero3_group_at_load(tmp_path, monkeypatch):
+    # measured: the vmap path dies with SIGSEGV on both ranks inside DeepSpeed's hooks
+    from fedllm.capabilities import check_pairings
+    from fedllm.recipe import Recipe
+
+    real = importlib.util.find_spec  # as if DeepSpeed were installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path, federation={"group_size": 2, "group_parallel": "zero3"},
+                                               strategy={"name": "dp_sgd"}, privacy={"noise_multiplier": 1.0}))
+    with pytest.raises(RecipeError, match="through torch.func, which crashes inside DeepSpeed ZeRO-3"):
+        check_pairings(recipe)
+    check_pairings(recipe.model_copy(update={"strategy": {"name": "dp_sgd", "per_example": "loop"}}))
 
 
 def test_zero3_without_deepspeed_installed_is_a_one_line_error_at_load(tmp_path, monkeypatch):
