@@ -53,6 +53,10 @@ def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
     if fed.group_parallel == "zero3" and importlib.util.find_spec("deepspeed") is None:
         raise RecipeError("federation.group_parallel=zero3 needs DeepSpeed, which is not installed: "
                           "pip install 'fedllm[gpu]' (or deepspeed), or use group_parallel=fsdp")
+    if fed.group_parallel == "zero3" and (recipe.model.device_map is not None or recipe.model.quantization != "none"):
+        what = "model.device_map" if recipe.model.device_map is not None else f"model.quantization={recipe.model.quantization}"
+        raise RecipeError(f"{what} is not combined with DeepSpeed ZeRO-3's partitioning (federation.group_parallel=zero3): "
+                          f"drop {what.split('=')[0]}, or use federation.group_parallel=ddp")
     if fed.group_parallel == "zero3" and strategy.uses_torch_func:
         raise RecipeError(f"strategy '{recipe.strategy['name']}' takes per-example gradients through torch.func, which "
                           "crashes inside DeepSpeed ZeRO-3's module hooks: set strategy.per_example=loop, or use "

@@ -73,6 +73,22 @@ def test_dp_sgd_through_torch_func_is_refused_in_a_zero3_group_at_load(tmp_path,
     check_pairings(recipe.model_copy(update={"strategy": {"name": "dp_sgd", "per_example": "loop"}}))
 
 
+@pytest.mark.parametrize("model, problem", [
+    ({"device_map": "auto"}, "model.device_map is not combined with DeepSpeed ZeRO-3"),
+    ({"quantization": "4bit"}, "model.quantization=4bit is not combined with DeepSpeed ZeRO-3"),
+])
+def test_placement_and_quantized_bases_are_refused_in_a_zero3_group_at_load(tmp_path, monkeypatch, model, problem):
+    from fedllm.capabilities import check_pairings
+    from fedllm.recipe import Recipe
+
+    real = importlib.util.find_spec  # as if DeepSpeed were installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path, federation={"group_size": 2, "group_parallel": "zero3"},
+                                               model=model))
+    with pytest.raises(RecipeError, match=problem):
+        check_pairings(recipe)
+
+
 def test_zero3_without_deepspeed_installed_is_a_one_line_error_at_load(tmp_path, monkeypatch):
     from fedllm.capabilities import check_pairings
     from fedllm.recipe import Recipe
