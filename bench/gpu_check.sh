@@ -3,7 +3,7 @@
 # bare peft + accelerate loop doing the same steps (bench/gpu_compare.py; goal: within 10%):
 #   bf16, QLoRA 4-bit and 8-bit bases (bitsandbytes), device_map splitting, DP-SGD through
 #   torch.func on CUDA; then, with 2 GPUs, NCCL ranks and one client group of 2 GPUs under
-#   DDP and under FSDP (accelerate launch with bench/accelerate/ddp.yaml).
+#   DDP, FSDP and DeepSpeed ZeRO-3 (accelerate launch with bench/accelerate/ddp.yaml).
 #
 #   bench/gpu_check.sh [--size tiny|small|medium]      PYTHON=... to pick the interpreter
 #
@@ -73,7 +73,11 @@ else
   # the accelerate config: the launch is a plain 2-process one in both cases
   launch group_ddp bench/accelerate/ddp.yaml federation.group_size=2 federation.group_parallel=ddp
   launch fsdp bench/accelerate/ddp.yaml federation.group_size=2 federation.group_parallel=fsdp
-  printf '%-11s SKIP  DeepSpeed ZeRO is not supported in client groups (refused in one line)\n' "zero3"
+  if have deepspeed; then
+    launch zero3 bench/accelerate/ddp.yaml federation.group_size=2 federation.group_parallel=zero3
+  else
+    printf '%-11s SKIP  DeepSpeed is not installed (pip install "fedllm[gpu]")\n' "zero3"
+  fi
 fi
 
 exit "$failed"

@@ -5,6 +5,7 @@ line naming both plugins and what to change — never mid-run. (A privacy wrappe
 an inner strategy it would break in its own constructor, which also runs here.)"""
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 from fedllm.loops import loop_for
@@ -49,6 +50,17 @@ def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
             raise RecipeError(f"federation.group_parallel={fed.group_parallel} shards a client over a group of ranks: "
                               "set federation.group_size > 1 (a divisor of the launched processes)")
         return
+    if fed.group_parallel == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        raise RecipeError("federation.group_parallel=zero3 needs DeepSpeed, which is not installed: "
+                          "pip install 'fedllm[gpu]' (or deepspeed), or use group_parallel=fsdp")
+    if fed.group_parallel == "zero3" and (recipe.model.device_map is not None or recipe.model.quantization != "none"):
+        what = "model.device_map" if recipe.model.device_map is not None else f"model.quantization={recipe.model.quantization}"
+        raise RecipeError(f"{what} is not combined with DeepSpeed ZeRO-3's partitioning (federation.group_parallel=zero3): "
+                          f"drop {what.split('=')[0]}, or use federation.group_parallel=ddp")
+    if fed.group_parallel == "zero3" and strategy.uses_torch_func:
+        raise RecipeError(f"strategy '{recipe.strategy['name']}' takes per-example gradients through torch.func, which "
+                          "crashes inside DeepSpeed ZeRO-3's module hooks: set strategy.per_example=loop, or use "
+                          "federation.group_parallel=fsdp")
     if GROUP not in loop.supports:
         raise RecipeError(f"federation.group_size={fed.group_size} needs a local loop that trains one client on a group of "
                           f"ranks; {loop.name} does not: use client.trainer=builtin (and an adapter without its own loop), "

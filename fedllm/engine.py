@@ -3,6 +3,7 @@ over accelerate / torch.distributed ranks, atomic checkpoints and exact resume. 
 (`Federation.run_round`) is sample → down → clients → up → collect → aggregate."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -105,12 +106,15 @@ def gather_stats(rows: list, device) -> list[dict]:
 
 def build_for_group(recipe: Recipe, group: ClientGroup, device):
     """Tokenizer, model and adapter of this rank (build_model); under group_parallel=fsdp the
-    base sharded over the group, and with fsdp_load=leader built for real by the leader alone."""
+    base sharded over the group, and with fsdp_load=leader built for real by the leader alone;
+    under zero3 partitioned over the group by DeepSpeed (built whole on every rank first)."""
     sharded = recipe.federation.group_parallel == "fsdp" and group.size > 1
     lean = sharded and recipe.federation.fsdp_load == "leader"
     tokenizer, model, adapter = build_model(recipe, None if lean else device, empty=lean and not group.leader)
     if sharded:
         shard_base(model, adapter.trainable(model), group, device, from_leader=lean)
+    elif recipe.federation.group_parallel == "zero3" and group.size > 1:
+        zero_partition_base(model, adapter.trainable(model), group, device)
     return tokenizer, model, adapter
 
 
@@ -122,7 +126,7 @@ class Federation:
         self.is_main = self.state.is_main_process
         self.reducer = Reducer(self.device)
         self.group = client_groups(recipe.federation.group_size)  # G ranks train each client together
-        self.sharded = recipe.federation.group_parallel == "fsdp" and self.group.size > 1
+        self.sharded = recipe.federation.group_parallel != "ddp" and self.group.size > 1
         self.tokenizer, self.model, self.adapter = build_for_group(recipe, self.group, self.device)
         set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -475,17 +479,36 @@ class Federation:
         return rows
 
     def export_final(self) -> None:
-        if self.is_main:
-            # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
-            write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final",
-                         self.adapter.export_formats[0])
+        # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
+        fmt = self.adapter.export_formats[0]
+        zero3 = self.sharded and self.recipe.federation.group_parallel == "zero3"
+        with zero_whole_base(self.model, fmt == "merged" and zero3):
+            if self.is_main:
+                write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final", fmt)
         barrier()
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters this rank holds (an FSDP-sharded tensor counts its local shard)."""
+    """Bytes of the parameters this rank holds (an FSDP-sharded tensor counts its local shard, a
+    released ZeRO-3 weight its partition)."""
     local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  (a DTensor's shard)
-    return sum(local(p).numel() * p.element_size() for p in model.parameters())
+    partition = lambda p: p.ds_tensor if p.numel() == 0 and hasattr(p, "ds_tensor") else p  # noqa: E731  (ZeRO-3's)
+    return sum(partition(local(p)).numel() * p.element_size() for p in model.parameters())
+
+
+def zero_partition_base(*args) -> None:
+    from fedllm.zero import partition_base  # DeepSpeed, imported only when chosen
+
+    partition_base(*args)
+
+
+def zero_whole_base(model: torch.nn.Module, enabled: bool):
+    """Merged weights need the whole base: under zero3 each rank of a group gathers its partitions."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from fedllm.zero import whole_base
+
+    return whole_base(model)
 
 
 def run_recipe(path: str, overrides: list[str] = ()) -> Path:

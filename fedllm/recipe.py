@@ -127,9 +127,9 @@ class FederationConfig(Section):
     async_mixing: float = Field(1.0, gt=0.0, le=1.0)  # async: FedAsync's α in α_t = α·s(t − τ)
     # client groups: the launched ranks form world/group_size groups, each training one client at a
     # time data parallel (ddp: the adapter's gradients averaged in the group; fsdp: also the frozen
-    # base sharded over the group's ranks); see README "Scaling"
+    # base sharded over the group's ranks; zero3: partitioned by DeepSpeed ZeRO-3); see README "Scaling"
     group_size: int = Field(1, gt=0)
-    group_parallel: Literal["ddp", "fsdp"] = "ddp"
+    group_parallel: Literal["ddp", "fsdp", "zero3"] = "ddp"
     # fsdp: `leader` builds the real base on the group's leader only, the others on the meta
     # device, and fills their shards from it; `every_rank` builds the whole base on every rank
     fsdp_load: Literal["leader", "every_rank"] = "leader"

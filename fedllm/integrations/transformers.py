@@ -20,13 +20,15 @@ callback sets `require_backward_grad_sync = False` on the Trainer's DDP wrapper
 `no_sync` contexts restore it to False — and `args.average_tokens_across_devices = False`
 (else each rank's loss is normalised by the tokens of all ranks).
 
-FSDP (accelerate's FSDP plugin, FSDP1 or FSDP2): the Trainer shards ONE model over its ranks,
-so they train one client together — a client group (README "Scaling"), with FSDP's own
-gradient reduction as the group's data parallelism. At each round the adapter is gathered
-whole from the shards (torch's full state dict of the trainable tensors), rank 0 sends the
-group's update, and the new global adapter is written back into every rank's shards.
-Strategies with client hooks (FedProx, SCAFFOLD, ...) are refused there: their corrections
-act on whole gradients. DeepSpeed ZeRO is refused (not yet supported: no machine to test it on).
+FSDP (accelerate's FSDP plugin, FSDP1 or FSDP2) or DeepSpeed (accelerate's DeepSpeed plugin,
+ZeRO stage 2 or 3): the Trainer spreads ONE model over its ranks, so they train one client
+together — a client group (README "Scaling"), with FSDP's or DeepSpeed's own gradient
+reduction as the group's data parallelism. At each round the adapter is gathered whole (torch's
+full state dict of the trainable tensors; DeepSpeed's GatheredParameters under ZeRO-3), rank 0
+sends the group's update, and the new global adapter is written back into every rank's shards
+(under DeepSpeed also into its optimizer's fp32 master copy, which its next step would otherwise
+copy back). Strategies with client hooks (FedProx, SCAFFOLD, ...) are refused there: their
+corrections act on whole gradients.
 
 Strategy hooks run at `on_pre_optimizer_step`, which transformers calls AFTER its gradient
 clipping: a correction (FedProx μ(w − x^t), SCAFFOLD c − c_i) is then not clipped. For the
@@ -55,6 +57,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
+from fedllm import zero
 from fedllm.channel import Channel
 from fedllm.collectors import default_collector
 from fedllm.distributed import (
@@ -90,13 +93,11 @@ def owning_trainer(callback: TrainerCallback) -> Trainer:
     raise RuntimeError("FederatedCallback must be passed to a transformers.Trainer (callbacks=[...])")
 
 
-def is_sharded(trainer: Trainer) -> bool:
-    """True when the Trainer shards one model over its ranks (FSDP): they are then one client."""
+def sharding(trainer: Trainer) -> str | None:
+    """How the Trainer spreads ONE model over its ranks, which are then one client: "fsdp",
+    "deepspeed" (any ZeRO stage: its engine averages the gradients of all ranks), or None."""
     kind = str(trainer.accelerator.distributed_type)
-    if "DEEPSPEED" in kind:
-        raise ValueError("FederatedCallback does not support DeepSpeed ZeRO yet: shard a client over several GPUs with "
-                         "FSDP (accelerate's FSDP plugin, fsdp_version 2) instead, or train one whole model per process")
-    return "FSDP" in kind
+    return "fsdp" if "FSDP" in kind else "deepspeed" if "DEEPSPEED" in kind else None
 
 
 def switch_off_gradient_sync(trainer: Trainer) -> bool:
@@ -148,7 +149,8 @@ class FederatedCallback(TrainerCallback):
         self.model, self.device = model, args.device
         self.world_size = torch.distributed.get_world_size() if is_distributed() else 1
         rank = torch.distributed.get_rank() if is_distributed() else 0
-        self.sharded = is_sharded(self.trainer)
+        self.sharding = sharding(self.trainer)
+        self.sharded = self.sharding is not None
         # sharded: all ranks are one client (rank 0 speaks for it); else every rank is a client
         self.leader, self.clients = (rank == 0, 1) if self.sharded else (True, self.world_size)
         self.client_id = (0 if self.sharded else rank) if self.client_id is None else self.client_id
@@ -156,9 +158,10 @@ class FederatedCallback(TrainerCallback):
         if self.sharded:
             if self.strategy.client_hooks(0, self.client_id) is not None:
                 raise ValueError(f"strategy '{type(self.strategy).__name__}' has client hooks, which act on whole "
-                                 "gradients; under FSDP use a strategy without them (fedavg, fedavgm, fedadam, a robust rule)")
-            log.info("FederatedCallback: FSDP shards one client over the %d ranks; they meet every %d steps",
-                     self.world_size, self.local_steps)
+                                 f"gradients; under {self.sharding} use a strategy without them (fedavg, fedavgm, fedadam, "
+                                 "a robust rule)")
+            log.info("FederatedCallback: %s spreads one client over the %d ranks; they meet every %d steps",
+                     self.sharding, self.world_size, self.local_steps)
         else:
             if switch_off_gradient_sync(self.trainer):
                 log.info("FederatedCallback: DDP gradient all-reduce off; ranks meet every %d steps", self.local_steps)
@@ -264,14 +267,17 @@ class FederatedCallback(TrainerCallback):
 
     # ---- the adapter, whole or in shards -------------------------------------------------------
     def adapter_weights(self) -> dict:
-        """The trainable tensors as the client's local weights (gathered from the shards under FSDP)."""
+        """The trainable tensors as the client's local weights (gathered from the shards under
+        FSDP, from the partitions under DeepSpeed ZeRO-3)."""
         if self.sharded:
-            return gather_trainable(self.trainer.model_wrapped)
+            gather = zero.gather_trainable if self.sharding == "deepspeed" else gather_trainable
+            return gather(self.trainer.model_wrapped)
         return {k: p.detach() for k, p in self.params.items()}
 
     def load_adapter(self, state: dict) -> None:
-        if self.sharded:
-            scatter_trainable_(self.trainer.model_wrapped, state)
+        if self.sharded:  # DeepSpeed: also into its optimizer's fp32 master weights
+            scatter = zero.scatter_trainable_ if self.sharding == "deepspeed" else scatter_trainable_
+            scatter(self.trainer.model_wrapped, state)
         else:
             self.adapter.load(self.model, {k: t.to(self.device) for k, t in state.items()}, self.params)
 

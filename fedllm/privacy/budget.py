@@ -146,6 +146,7 @@ class PrivacyWrapper(Strategy):
         self.uniform_weights, self.client_needs = self.inner.uniform_weights, self.inner.client_needs
         self.counts_in_extras = self.inner.counts_in_extras
         self.per_example_in_groups = self.inner.per_example_in_groups
+        self.uses_torch_func = self.inner.uses_torch_func
 
     def extras_like(self, global_state: State) -> State:
         return self.inner.extras_like(global_state)

@@ -259,7 +259,7 @@ class LocalDPSGD(PrivacyWrapper):
                               "(e.g. adversarial), which per-example clipping would silently replace: pick another inner strategy")
         if per_example not in ("vmap", "loop"):
             raise ValueError(f"dp_sgd: per_example must be 'vmap' or 'loop', got {per_example!r}")
-        self.vectorized = per_example == "vmap"
+        self.vectorized = self.uses_torch_func = per_example == "vmap"
         self.client_needs = self.client_needs | {"per_example"}  # every micro-batch's backward, example by example
         if max_grad_norm <= 0:
             raise ValueError("dp_sgd: max_grad_norm must be > 0")

@@ -133,6 +133,9 @@ class Strategy:
     # True: its per-example hooks sum their gradients over a client group themselves
     # (ClientHooks.sums_in_group), so federation.group_size > 1 trains as one rank with the group's batch
     per_example_in_groups = False
+    # True: its client hooks take per-example gradients through torch.func (vmap of a functional
+    # call), which DeepSpeed ZeRO-3's module hooks do not survive (federation.group_parallel=zero3)
+    uses_torch_func = False
     # a DP strategy's reader of the recipe's privacy: section, check_privacy(options, privacy) -> budget;
     # the section is refused for a strategy without one
     check_privacy = None

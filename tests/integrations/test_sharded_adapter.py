@@ -65,12 +65,12 @@ class _Trainer:
         self.accelerator = _Accelerator(kind)
 
 
-def test_deepspeed_is_refused_in_one_line_and_fsdp_makes_the_ranks_one_client():
-    from fedllm.integrations.transformers import is_sharded
+def test_fsdp_and_deepspeed_make_the_ranks_one_client_and_ddp_makes_each_rank_one():
+    from fedllm.integrations.transformers import sharding
 
-    with pytest.raises(ValueError, match="does not support DeepSpeed ZeRO yet: shard a client .* with FSDP"):
-        is_sharded(_Trainer("DistributedType.DEEPSPEED"))
-    assert is_sharded(_Trainer("DistributedType.FSDP")) and not is_sharded(_Trainer("DistributedType.MULTI_CPU"))
+    assert sharding(_Trainer("DistributedType.FSDP")) == "fsdp"
+    assert sharding(_Trainer("DistributedType.DEEPSPEED")) == "deepspeed"
+    assert sharding(_Trainer("DistributedType.MULTI_CPU")) is None
 
 
 @pytest.mark.gpu

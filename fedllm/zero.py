@@ -1,0 +1,103 @@
+"""DeepSpeed ZeRO, imported only where it is chosen: ZeRO-3 partitioning of the frozen base
+inside a client group (federation.group_parallel=zero3), and the adapter read whole from, and
+written back into, a Trainer's ZeRO-2/3 engine (FederatedCallback).
+
+DeepSpeed's accelerator is chosen by DeepSpeed (CUDA where there is one, else its CPU
+accelerator over gloo); on CPU it JIT-compiles a shared-memory collective once per machine
+(a C++ compiler, cached under ~/.cache/torch_extensions)."""
+from __future__ import annotations
+
+import torch
+
+from fedllm.distributed import ClientGroup
+
+# a submodule id DeepSpeed never hands out: a parameter "in use" by it is never released
+HELD = -1
+
+
+def config(stage: int) -> dict:
+    """The smallest DeepSpeed config for a stage; the batch size is fedllm's, not DeepSpeed's."""
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}
+
+
+def partition_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device) -> None:
+    """ZeRO-3 inside a client group: every weight of the model is split into G partitions over
+    the group's ranks, and DeepSpeed's module hooks all-gather a module's weights for its forward
+    and backward and release them after, so each rank holds about 1/G of the frozen base.
+
+    The adapter is gathered once and held whole on every rank (never released), so fedllm's own
+    optimizer, strategy hooks, client state and checkpoints see plain whole tensors exactly as
+    with G = 1, and its gradients are averaged in the group as in ddp mode. DeepSpeed's own
+    optimizer is not used: it would own the adapter's values and moments, which are the
+    client's state. (`device`: DeepSpeed places partitions on its accelerator's device.)"""
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # adopts the running process group
+    settings = config(3)
+    deepspeed.zero.Init(module=model, data_parallel_group=group.handle, config_dict_or_path=settings)
+    adapter = list(trainable.values())
+    for p in adapter:
+        # persistent: out of the release lists once DeepSpeed has traced a step; held: also on the
+        # first, traced step, where DeepSpeed releases every parameter of a module after use
+        p.ds_persist = True
+        p.ds_active_sub_modules.add(HELD)
+    DeepSpeedZeRoOffload(model, timers=None, ds_config=DeepSpeedConfig(settings),
+                                 param_persistence_threshold=0, model_persistence_threshold=0,
+                                 dp_process_group=group.handle)
+    adapter[0].all_gather(param_list=adapter)  # whole again, identical on every rank of the group
+
+
+def whole_base(model: torch.nn.Module):
+    """A context in which every weight released by partition_base is whole on every rank of its
+    group (collective: each rank of the group enters it), e.g. to write merged weights."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    released = [p for p in model.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+    return deepspeed.zero.GatheredParameters(released, enabled=bool(released))
+
+
+def held_whole(trainable: dict) -> bool:
+    """True when every adapter tensor is whole on this rank (what partition_base promises)."""
+    return all(tuple(p.shape) == tuple(p.ds_shape) for p in trainable.values())
+
+
+def resident(p: torch.nn.Parameter) -> torch.Tensor:
+    """What this rank holds of a parameter: its ZeRO-3 partition when the weight is released."""
+    return p.ds_tensor if getattr(p, "ds_tensor", None) is not None and p.numel() == 0 else p
+
+
+# ---- a Trainer's DeepSpeed engine (accelerate's DeepSpeed plugin) ---------------------------
+def stage_of(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def gather_trainable(engine) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a ZeRO-2/3 engine's model, whole, on every rank, keyed by their
+    names in the model (collective under ZeRO-3: every rank calls it)."""
+    import deepspeed
+
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    # ZeRO-2 keeps every weight whole on every rank (it partitions gradients and moments only)
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage_of(engine) == 3):
+        return {n: p.detach().cpu().clone() for n, p in params.items()}
+
+
+@torch.no_grad()
+def scatter_trainable_(engine, state: dict[str, torch.Tensor]) -> None:
+    """Writes whole trainable tensors (the same on every rank) into a ZeRO-2/3 engine: into the
+    model's weights (their partitions under ZeRO-3) and into the optimizer's fp32 master copy of
+    them, which the next step would otherwise copy back over the weights (collective)."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    params = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    stage3 = stage_of(engine) == 3
+    # modifier_rank: on leaving, rank 0's whole values are partitioned to every rank
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=stage3):
+        for name, p in params.items():
+            p.data.copy_(state[name].to(p.device, p.dtype))
+    for name, p in params.items():
+        safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))
