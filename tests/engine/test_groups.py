@@ -91,7 +91,11 @@ def test_a_group_sharding_the_base_with_fsdp_trains_as_one_rank(reference):
     path, one_dir = reference
     run_dir = launch(path, 2, "fsdp", "federation.group_size=2", "federation.group_parallel=fsdp")
     assert_same_run(run_dir, one_dir)
-    # the base really was sharded: each rank held about half of the model
+    assert_rank0_held_half(run_dir, one_dir)  # the base really was sharded
+
+
+def assert_rank0_held_half(run_dir: Path, one_dir: Path) -> None:
+    """Rank 0 of a group of two held about half of the parameter bytes one rank holds."""
     held, whole = (json.loads((d / "run_meta.json").read_text())["client_group"]["rank0_parameter_bytes"]
                    for d in (run_dir, one_dir))
     assert 0.45 * whole < held < 0.55 * whole

@@ -3,7 +3,6 @@ partitioned over the group's ranks, the adapter held whole, and the run ends whe
 training each client with G times the batch ends. Runs wherever DeepSpeed imports (on CPU its
 CPU accelerator over gloo); CI's main step does not install it, so there the run is skipped."""
 import importlib.util
-import json
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from fedllm.engine import run_recipe
 from fedllm.registry import RecipeError
 from tests.conftest import tiny_recipe
-from tests.engine.test_groups import assert_same_run, launch, reference  # noqa: F401  (a fixture)
+from tests.engine.test_groups import assert_rank0_held_half, assert_same_run, launch, reference  # noqa: F401  (a fixture)
 from tests.privacy.test_dp_groups import dp_sgd_runs  # noqa: F401  (a fixture)
 from tests.privacy.test_dp_groups import test_dp_sgd_in_a_group_of_two_trains_as_one_rank_with_twice_the_batch as dp_sgd_in_a_group
 
@@ -29,10 +28,7 @@ def test_a_group_partitioning_the_base_with_zero3_trains_as_one_rank(reference):
     run_dir = launch(path, 2, "zero3", "federation.group_size=2", "federation.group_parallel=zero3")
     # measured: adapter within 7.5e-9, stored client state within 1.2e-7 (test_groups.TOLERANCE)
     assert_same_run(run_dir, one_dir)
-    # the base really was partitioned: rank 0 held about half of the model (plus the whole adapter)
-    held, whole = (json.loads((d / "run_meta.json").read_text())["client_group"]["rank0_parameter_bytes"]
-                   for d in (run_dir, one_dir))
-    assert 0.45 * whole < held < 0.55 * whole
+    assert_rank0_held_half(run_dir, one_dir)  # the base really was partitioned (the adapter is held whole)
 
 
 @pytest.mark.slow
