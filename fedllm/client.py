@@ -15,7 +15,9 @@ from fedllm.distributed import ClientGroup, group_sum_
 from fedllm.recipe import ClientConfig
 from fedllm.state import ClientRecord, State
 from fedllm.strategies.base import ClientContext, ClientHooks, Strategy
-from fedllm.training import FULL_GRADIENT, LocalJob, LocalLoop, LocalResult, StepDriver, client_seed, default_steps
+from fedllm.training import (
+    FULL_GRADIENT, LocalJob, LocalLoop, LocalResult, StepDriver, client_seed, default_steps, example_lengths, padded_tokens,
+)
 
 DEFAULT_CLIP = ClientConfig.model_fields["max_grad_norm"].default  # the client: section's, unless set
 log = logging.getLogger("fedllm")
@@ -62,6 +64,18 @@ class Client:
         if self.group is None or self.group.size == 1:
             return None, True
         return (lambda tensors: group_sum_(tensors, self.group, self.device)), self.group.leader
+
+    def planned_tokens(self, client_id: int, round: int) -> int:
+        """The padded tokens of the client's local round as the built-in loop draws its batches
+        (at the step count before a strategy's hooks adjust it): the cost the round's split
+        over the client groups evens out."""
+        examples = self.data[client_id]
+        if len(examples) == 0:
+            return 0
+        size = self.group.size if self.group is not None else 1
+        count = default_steps(self.cfg, len(examples), size) * self.cfg.gradient_accumulation_steps
+        return padded_tokens(example_lengths(examples), self.cfg.per_device_train_batch_size * size, count,
+                             client_seed(self.seed, round, client_id))
 
     def run(self, client_id: int, round: int, x_t: State, broadcast: State, record: ClientRecord, lr: float,
             on_step: Callable[[], None] | None = None) -> Upload:

@@ -18,6 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedllm.asynchrony import AsyncRounds, SyncClock
+from fedllm.balance import split_by_cost
 from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel, Downlink
 from fedllm.client import Client, Upload
@@ -96,12 +97,13 @@ def stat_row(client_id: int, upload: Upload, bytes_up: int, bytes_down: int, rej
 
 
 def gather_stats(rows: list, device) -> list[dict]:
-    """Every rank's per-client rows (one value per STAT_COLUMNS entry), as dicts."""
+    """Every rank's per-client rows (one value per STAT_COLUMNS entry), as dicts in client order
+    (the same order however the clients split over the ranks)."""
     table = all_gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STAT_COLUMNS)), device)
     stats = [dict(zip(STAT_COLUMNS, row)) for row in table.tolist()]
     for s in stats:
         s["client"], s["accepted"], s["rejected"] = int(s["client"]), bool(s["accepted"]), int(s["rejected"])
-    return stats
+    return sorted(stats, key=lambda s: s["client"])
 
 
 def build_for_group(recipe: Recipe, group: ClientGroup, device):
@@ -216,8 +218,7 @@ class Federation:
                                                                                       self, progress)
             return RoundResult(self.global_state, self.server_state, gather_stats(rows, self.device),
                                time.perf_counter() - start, extra)
-        # a deterministic split over the client groups (with G = 1, over the ranks)
-        mine = self.participation.sampled(t)[self.group.index :: self.group.count]
+        mine = self.my_clients(t)
         lr = round_learning_rate(r.client, t, r.federation.rounds)
         down = self.downlink(t)
         collect = self.collector(t)
@@ -228,6 +229,15 @@ class Federation:
             if progress is not None and rows:
                 progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{rows[-1][2]:.3f}")
         return self.aggregate(t, collect, gather_stats(rows, self.device), lr, start)
+
+    def my_clients(self, t: int) -> list[int]:
+        """This group's share of round t's clients: a split that evens out the groups' padded
+        tokens (fedllm.balance), the same on every rank (with G = 1 a group is a rank)."""
+        sampled = self.participation.sampled(t)
+        if self.group.count == 1:
+            return sampled
+        costs = [self.client.planned_tokens(cid, t) for cid in sampled]
+        return split_by_cost(sampled, costs, self.group.count)[self.group.index]
 
     def aggregate(self, t: int, collect, stats: list[dict], lr: float, start: float) -> RoundResult:
         """The round's end, wherever its clients ran: the accepted uploads become the new global state."""

@@ -192,14 +192,34 @@ def default_steps(cfg, num_examples: int, group_size: int = 1) -> int:
     return num_micro_batches(cfg, num_examples, group_size) // cfg.gradient_accumulation_steps
 
 
-def micro_batches(examples: list[dict], batch_size: int, count: int, rng: np.random.Generator):
-    """`count` batches drawn epoch by epoch from fresh permutations of the client's data."""
+def batch_draws(num_examples: int, batch_size: int, count: int, rng: np.random.Generator):
+    """The example indices of `count` batches, drawn epoch by epoch from fresh permutations."""
     order = np.empty(0, dtype=np.int64)
     for _ in range(count):
         if len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(len(examples))])
+            order = np.concatenate([order, rng.permutation(num_examples)])
         picked, order = order[:batch_size], order[batch_size:]
+        yield picked
+
+
+def micro_batches(examples: list[dict], batch_size: int, count: int, rng: np.random.Generator):
+    """`count` batches drawn epoch by epoch from fresh permutations of the client's data."""
+    for picked in batch_draws(len(examples), batch_size, count, rng):
         yield [examples[i] for i in picked]
+
+
+def example_lengths(examples) -> np.ndarray:
+    """Tokens per example (packed examples know them without building a single example)."""
+    if hasattr(examples, "lengths"):
+        return examples.lengths
+    return np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+
+
+def padded_tokens(lengths: np.ndarray, batch_size: int, count: int, seed: int) -> int:
+    """Token positions (padding included: collate pads to the batch's longest) of the `count`
+    batches the built-in loop draws with `seed`: the compute a local round costs."""
+    rng = np.random.default_rng(seed)
+    return sum(int(lengths[picked].max()) * len(picked) for picked in batch_draws(len(lengths), batch_size, count, rng))
 
 
 def make_optimizer(cfg, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:

@@ -8,7 +8,7 @@ from pathlib import Path
 # The root "fedllm" matches only the package's own __init__, not everything below it.
 LAYERS = {
     "fedllm.wire": 0, "fedllm.state": 0, "fedllm.distributed": 0, "fedllm.metrics": 0, "fedllm.seeds": 0,
-    "fedllm.rundir": 0, "fedllm.threads": 0, "fedllm.summary": 0, "fedllm.lazy": 0,
+    "fedllm.rundir": 0, "fedllm.threads": 0, "fedllm.summary": 0, "fedllm.lazy": 0, "fedllm.balance": 0,
     "fedllm.registry": 1, "fedllm.recipe": 1,
     "fedllm.data": 2, "fedllm.models": 2, "fedllm.placement": 2, "fedllm.zero": 2,
     "fedllm.strategies": 3, "fedllm.codecs": 3, "fedllm.privacy": 3, "fedllm.samplers": 3, "fedllm.attacks": 3,

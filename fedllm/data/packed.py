@@ -67,6 +67,10 @@ class PackedExamples:
         return int(self.offsets[-1] - self.offsets[0])
 
     @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
     def nbytes(self) -> int:
         """Bytes held for these examples: ids, trained bits and offsets."""
         return self.num_tokens * self.ids.itemsize + (self.num_tokens + 7) // 8 + self.offsets.nbytes
