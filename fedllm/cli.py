@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     threads = argparse.ArgumentParser(add_help=False)
     threads.add_argument("--threads", type=int, default=None,
                          help="torch CPU threads per process (same as client.threads=N; default: chosen from the usable cores)")
+    threads.add_argument("--processes", type=int, default=1, metavar="N",
+                         help="N ranks on this machine, forked after the imports (like torchrun --nproc-per-node N, "
+                         "without N+1 imports of torch)")
     parser = argparse.ArgumentParser(prog="fedllm", description="Federated fine-tuning of LLMs.", parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser
@@ -134,6 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "threads", None) is not None:
         args.overrides.append(f"client.threads={args.threads}")
     try:
+        if getattr(args, "processes", 1) != 1:
+            return launch_ranks(args)
+        return execute(args)
+    except USER_ERRORS as err:
+        return report(err, args)
+
+
+def execute(args) -> int:
+    """The verb, in this process; a user's mistake is reported in one line (exit status 2)."""
+    try:
         if args.command == "list":
             print(list_plugins())
             return 0
@@ -154,11 +167,29 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"exported to {export_run(args.run_dir, args.out, args.round, args.fmt, args.trust_remote_code)}")
     except USER_ERRORS as err:
-        if vars(args).get("debug"):
-            traceback.print_exc()
-        print(f"fedllm: error: {describe(err)}", file=sys.stderr)
-        return 2
+        return report(err, args)
     return 0
+
+
+def launch_ranks(args) -> int:
+    """`run` / `resume` on --processes ranks forked from this process once it has imported the
+    engine (and checked the recipe, so that a mistake in it is reported once, not per rank)."""
+    from fedllm import engine  # noqa: F401  (imported once, here, for every rank)
+    from fedllm.capabilities import check_pairings
+    from fedllm.launcher import fork_ranks
+    from fedllm.recipe import load_recipe
+
+    if args.command == "run":
+        check_pairings(load_recipe(args.recipe, args.overrides))
+    processes, args.processes = args.processes, 1
+    return fork_ranks(processes, lambda: execute(args))
+
+
+def report(err: Exception, args) -> int:
+    if vars(args).get("debug"):
+        traceback.print_exc()
+    print(f"fedllm: error: {describe(err)}", file=sys.stderr)
+    return 2
 
 
 def summarize(run_dir, start: float) -> None:

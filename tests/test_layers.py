@@ -16,7 +16,7 @@ LAYERS = {
     "fedllm.adapters": 4,
     "fedllm.client": 5, "fedllm.channel": 5, "fedllm.collectors": 5, "fedllm.loops": 5,
     "fedllm.engine": 6, "fedllm.asynchrony": 6, "fedllm.evaluation": 6, "fedllm.export": 6, "fedllm.capabilities": 6,
-    "fedllm.cli": 7, "fedllm.eval_cli": 7, "fedllm.integrations": 7, "fedllm.deploy": 7, "fedllm.__main__": 7, "fedllm": 7,
+    "fedllm.cli": 7, "fedllm.launcher": 7, "fedllm.eval_cli": 7, "fedllm.integrations": 7, "fedllm.deploy": 7, "fedllm.__main__": 7, "fedllm": 7,
 }
 PACKAGE = Path(__file__).parents[1] / "fedllm"
 
