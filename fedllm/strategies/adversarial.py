@@ -32,6 +32,7 @@ over each rank's padded micro-batch, so a group would not reproduce one rank's s
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -53,14 +54,33 @@ class AdversarialHooks(DelegatingHooks):
 
     def begin(self, params, ctx: ClientContext):
         self.embed, self.accumulate = ctx.embed, ctx.accumulation
-        self.generator = torch.Generator().manual_seed(derive(0, ctx.round, ctx.client_id, tag="adversarial"))
+        self.round, self.client, self.micro_batch = ctx.round, ctx.client_id, 0
+        self.group_sum, self.member = ctx.group_sum, ctx.group_member
         super().begin(params, ctx)
 
+    def share_weight(self, labels: torch.Tensor) -> float:
+        """G·n_r/N, the weight the loop gives this rank's token-mean loss (loops.builtin.GroupShare):
+        n_r label tokens in its share, N in the group's batch; 1 alone."""
+        if self.group_sum is None:
+            return 1.0
+        mine = (labels[:, 1:] != -100).sum().to(torch.float64)
+        counts = torch.stack([mine, torch.ones_like(mine)])
+        self.group_sum([counts])
+        total, size = counts.tolist()
+        return size * float(mine) / total if total else 1.0
+
     def start(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        noise = torch.rand(embeds.shape, generator=self.generator).to(embeds.device, embeds.dtype) * 2 - 1
-        noise = noise * mask
-        dims = mask.flatten(1).sum(1).clamp_min(1) * embeds.shape[-1]  # real tokens × D, per example
-        return noise * (self.init / dims.sqrt()).view(-1, 1, 1)
+        """δ₀ on the real tokens, each example from its own generator keyed by its place in the
+        (group's) micro-batch: a rank's share gets the rows one rank with the whole batch draws."""
+        real = mask[..., 0] > 0
+        noise = []
+        for row, tokens in enumerate(real.sum(1).tolist()):
+            seed = derive(0, self.round, self.client, self.micro_batch, self.member * len(real) + row, tag="adversarial")
+            draw = torch.rand((tokens, embeds.shape[-1]), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+            noise.append(draw * (self.init / math.sqrt(max(tokens, 1) * embeds.shape[-1])))  # init/√(L·D), per example
+        delta = torch.zeros_like(embeds)
+        delta[real] = torch.cat(noise).to(embeds.device, embeds.dtype)
+        return delta
 
     def ascend(self, delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         delta = delta + self.step_size * grad / per_example_norm(grad)
@@ -71,33 +91,41 @@ class AdversarialHooks(DelegatingHooks):
         ids = inputs["input_ids"]
         rest = {k: v for k, v in inputs.items() if k != "input_ids"}
         mask = (inputs.get("attention_mask", torch.ones_like(ids))).unsqueeze(-1).to(torch.float32)
+        weight = self.share_weight(inputs["labels"])
+        if weight == 0.0:  # no label token in this rank's share (its loss is 0/0): the same passes, on a
+            rest["labels"] = torch.zeros_like(ids)  # stand-in label, scaled by 0, as its group's other ranks run
         with torch.no_grad():
             base = self.embed(ids)
         mask = mask.to(base.dtype)
         delta = self.start(base, mask)
+        self.micro_batch += 1
         losses = []
         for t in range(self.steps):
             delta.requires_grad_(True)
-            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta})
+            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta}) * weight
             if self.mode == "freelb":  # every pass trains: parameter gradients averaged over the K passes
                 (loss / (self.steps * self.accumulate)).backward()
                 grad = delta.grad
                 losses.append(loss.detach())
             else:  # pgd: the ascent passes only move δ
                 (grad,) = torch.autograd.grad(loss, delta)
+            # the weight scales each example's gradient by a positive number (or 0 where it has no
+            # label token, as in the whole batch), so its normalised ascent direction is one rank's
             delta = self.ascend(delta.detach(), grad.detach(), mask).detach()
         if self.mode == "pgd":
-            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta})
+            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta}) * weight
             (loss / self.accumulate).backward()
             losses = [loss.detach()]
         self.last_delta = delta
-        return torch.stack(losses).mean()
+        return torch.stack(losses).mean()  # weighted, as the loop's own: the group's mean is the batch's loss
 
 
 @STRATEGIES.register("adversarial")
 class Adversarial(Strategy):
     """Federated adversarial training (Li, Song, Yang): clients train on PGD perturbations of
     the input embeddings (FreeLB-style) around any inner strategy."""
+
+    per_example_in_groups = True  # its backward weights its share's loss as the loop's does (module docstring)
 
     def __init__(self, inner: dict = {"name": "fedavg"}, radius: float = 0.1, steps: int = 2,
                  step_size: Optional[float] = None, init: float = 0.05, gradient: Literal["freelb", "pgd"] = "freelb"):
