@@ -89,20 +89,14 @@ class AdversarialHooks(DelegatingHooks):
 
     def backward(self, inputs, loss_of, default):
         ids = inputs["input_ids"]
-        rest = {k: v for k, v in inputs.items() if k != "input_ids"}
-        mask = (inputs.get("attention_mask", torch.ones_like(ids))).unsqueeze(-1).to(torch.float32)
+        mask = inputs.get("attention_mask", torch.ones_like(ids)).unsqueeze(-1)
         weight = self.share_weight(inputs["labels"])
         if weight == 0.0:  # no label token in this rank's share (its loss is 0/0): the same passes, on a
-            rest["labels"] = torch.zeros_like(ids)  # stand-in label, scaled by 0, as its group's other ranks run
-        with torch.no_grad():
-            base = self.embed(ids)
-        mask = mask.to(base.dtype)
-        delta = self.start(base, mask)
-        self.micro_batch += 1
-        losses = []
+            inputs = {**inputs, "labels": torch.zeros_like(ids)}  # stand-in label, scaled by 0, as its group's other ranks run
+        self.delta, losses = None, []
         for t in range(self.steps):
-            delta.requires_grad_(True)
-            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta}) * weight
+            loss = self.perturbed_loss(inputs, loss_of, mask) * weight
+            delta = self.delta
             if self.mode == "freelb":  # every pass trains: parameter gradients averaged over the K passes
                 (loss / (self.steps * self.accumulate)).backward()
                 grad = delta.grad
@@ -111,13 +105,28 @@ class AdversarialHooks(DelegatingHooks):
                 (grad,) = torch.autograd.grad(loss, delta)
             # the weight scales each example's gradient by a positive number (or 0 where it has no
             # label token, as in the whole batch), so its normalised ascent direction is one rank's
-            delta = self.ascend(delta.detach(), grad.detach(), mask).detach()
+            self.delta = self.ascend(delta.detach(), grad.detach(), mask.to(delta.dtype)).requires_grad_(True)
         if self.mode == "pgd":
-            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta}) * weight
+            loss = self.perturbed_loss(inputs, loss_of, mask) * weight
             (loss / self.accumulate).backward()
             losses = [loss.detach()]
-        self.last_delta = delta
+        self.last_delta, self.delta = self.delta.detach(), None
+        self.micro_batch += 1
         return torch.stack(losses).mean()  # weighted, as the loop's own: the group's mean is the batch's loss
+
+    def perturbed_loss(self, inputs: dict, loss_of, mask: torch.Tensor) -> torch.Tensor:
+        """loss_of(inputs) with δ added to the input embeddings inside the model's own forward,
+        where a sharded embedding (FSDP, ZeRO-3) is gathered; δ₀ is drawn at the first pass."""
+        def add(module, args, embeds):
+            if self.delta is None:
+                self.delta = self.start(embeds, mask.to(embeds.dtype)).requires_grad_(True)
+            return embeds + self.delta
+
+        handle = self.embed.register_forward_hook(add)
+        try:
+            return loss_of(inputs)
+        finally:
+            handle.remove()
 
 
 @STRATEGIES.register("adversarial")
