@@ -19,16 +19,30 @@ paper's local step: K ascent passes plus one training pass). The micro-batch's r
 loss is that of the trained-on perturbed inputs. Defaults: ε = `radius` 0.1 (Frobenius, per
 example), K = `steps` 2, α = `step_size` ε/K, init 0.05 — within FreeLB's reported ranges
 for fine-tuning (adv-lr 0.03–0.1, K 2–3, init 0–0.1); FAL's ℓ∞ pixel-space radius has no
-direct analogue for embeddings.
+direct analogue for embeddings. δ is added to the output of the model's input embedding
+module inside its own forward (a forward hook), so an embedding sharded over a client
+group (fsdp) is gathered there as for any forward.
+
+Each example's δ₀ comes from its own generator, seeded by (round, client, micro-batch,
+the example's place in the micro-batch), over its real tokens only: it does not depend on
+how the batch is padded or split.
 
 Deviations: ℓ2 (Frobenius) ball per example rather than FreeLB's optional ℓ∞; the ascent
 is over one micro-batch (one `backward` call of the loop), so it needs a loop that hands
 each micro-batch to the hooks (`per_example`: the built-in loop). Under gradient
 accumulation each micro-batch's gradients are scaled by 1/accumulation like the loop's own.
-Client groups (`federation.group_size` > 1) are refused: the ascent itself splits by example
-(each δ_b moves along its own normalised gradient), but each rank would train on its own
-share's token-mean loss instead of its weighted part of the group batch's, and δ₀ is drawn
-over each rank's padded micro-batch, so a group would not reproduce one rank's step.
+
+In a client group (`federation.group_size` G > 1: G ranks train one client on a shared draw
+of G·b examples, b each) a group step is one rank's step at batch G·b, to float rounding
+(tests/strategies/test_adversarial_groups.py): rank r's share is examples r·b..r·b+b−1 of
+the draw, so it draws their rows of δ₀; it weights its share's token-mean loss by G·n_r/N
+(n_r label tokens in its share, N in the group's batch: one all-reduce of the counts), as
+the loop weights its own, so the group's mean of the parameter gradients — FreeLB's K-pass
+average or PGD's last pass, averaged by the loop like any gradient — is the whole batch's;
+the weight scales each example's δ-gradient by a positive number, so its normalised ascent
+step is one rank's; and the reported loss is weighted alike, so the group's mean is the
+batch's. A share without a label token (its loss 0/0) runs the same passes on stand-in
+labels scaled by 0, as the loop's default does.
 """
 from __future__ import annotations
 
@@ -103,8 +117,7 @@ class AdversarialHooks(DelegatingHooks):
                 losses.append(loss.detach())
             else:  # pgd: the ascent passes only move δ
                 (grad,) = torch.autograd.grad(loss, delta)
-            # the weight scales each example's gradient by a positive number (or 0 where it has no
-            # label token, as in the whole batch), so its normalised ascent direction is one rank's
+            # weighted: a positive scale per example (0 without labels), so the same normalised step
             self.delta = self.ascend(delta.detach(), grad.detach(), mask.to(delta.dtype)).requires_grad_(True)
         if self.mode == "pgd":
             loss = self.perturbed_loss(inputs, loss_of, mask) * weight

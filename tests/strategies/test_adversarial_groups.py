@@ -19,6 +19,7 @@ from fedllm.strategies.base import ClientContext, Strategy
 from fedllm.training import ModelLoss
 from tests.conftest import tiny_recipe
 from tests.engine.test_groups import launch
+from tests.engine.test_zero_groups import needs_deepspeed
 from tests.privacy.test_dp_groups import TwoRanks, adapter, max_difference
 
 B = 2  # per-rank batch in the group of 2; the one-rank reference trains with 2·B
@@ -131,7 +132,8 @@ def train_losses(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode, parallel", [("freelb", "ddp"), ("pgd", "fsdp")])
+@pytest.mark.parametrize("mode, parallel", [("freelb", "ddp"), ("pgd", "fsdp"),
+                                            pytest.param("freelb", "zero3", marks=needs_deepspeed)])
 def test_adversarial_training_in_a_group_of_two_ends_as_one_rank_with_twice_the_batch(tmp_path, mode, parallel):
     path = adversarial_recipe(tmp_path, mode)
     one = run_recipe(str(path), [f"client.per_device_train_batch_size={2 * B}", "output.name=one"])
