@@ -92,7 +92,7 @@ class Client:
             self.group,
         )
         gradient = (lambda limit=None: self.loop.full_gradient(job, limit)) if FULL_GRADIENT in self.loop.supports else None
-        embed = self.model.get_input_embeddings()  # a Hugging Face model's
+        embed = lambda: self.model.get_input_embeddings()  # noqa: E731  (a Hugging Face model's)
         hooks.begin(self.params, ClientContext(round, client_id, x_t, broadcast, record.strategy, lr, job.steps, gradient, embed,
                                                self.cfg.gradient_accumulation_steps, **self.group_fields()))
         result = self.loop.train(job, StepDriver(hooks, self.params, self.max_grad_norm, on_step))

@@ -67,7 +67,7 @@ class AdversarialHooks(DelegatingHooks):
         self.radius, self.steps, self.step_size, self.init, self.mode = radius, steps, step_size, init, mode
 
     def begin(self, params, ctx: ClientContext):
-        self.embed, self.accumulate = ctx.embed, ctx.accumulation
+        self.embed, self.accumulate = ctx.embed(), ctx.accumulation
         self.round, self.client, self.micro_batch = ctx.round, ctx.client_id, 0
         self.group_sum, self.member = ctx.group_sum, ctx.group_member
         super().begin(params, ctx)

@@ -74,8 +74,8 @@ class ClientContext:
     lr: float
     steps: int  # optimizer steps this local round
     gradient: Callable[[int | None], State] | None = None  # ∇ of the mean loss on the first n local examples (all: None), at x^t
-    # the model's input embedding module (token ids -> embeddings): input perturbations hook its output
-    embed: torch.nn.Module | None = None
+    # the model's input embedding module (token ids -> embeddings), on request: input perturbations hook its output
+    embed: Callable[[], torch.nn.Module] | None = None
     accumulation: int = 1  # micro-batches per optimizer step (a hook's own backward scales by 1/accumulation)
     # the ranks training this client together (federation.group_size > 1): sums tensors in place over
     # them, one all-reduce; None: this rank trains the client alone

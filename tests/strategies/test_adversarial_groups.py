@@ -49,8 +49,7 @@ def micro_batch(fed, mode: str, examples: list[dict], **group) -> tuple[dict, fl
     model, params = fed.model, fed.params
     fed.adapter.load(model, fed.global_state, params)
     hooks = STRATEGIES.build({**STRONG, "gradient": mode}).client_hooks(0, 0)
-    embed = model.get_input_embeddings()
-    hooks.begin(params, ClientContext(0, 0, fed.global_state, {}, {}, 0.1, 1, None, embed, 1, **group))
+    hooks.begin(params, ClientContext(0, 0, fed.global_state, {}, {}, 0.1, 1, None, model.get_input_embeddings, 1, **group))
     loss = float(hooks.backward(collate(examples, fed.pad_token_id), ModelLoss(model, contextlib.nullcontext()), None))
     grads = {k: p.grad.clone() for k, p in params.items()}
     for p in params.values():
