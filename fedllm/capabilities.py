@@ -43,7 +43,8 @@ def check_pairings(recipe: Recipe) -> None:
 
 def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
     """federation.group_size > 1: a loop that can split a client's batch over a group, and no
-    per-micro-batch backward of a strategy's own unless it sums over the group (dp_sgd, dp_brem)."""
+    per-micro-batch backward of a strategy's own unless it trains as its share of the group's
+    batch (dp_sgd, dp_brem: sums over the group; adversarial: its share's loss weighted)."""
     fed = recipe.federation
     if fed.group_size == 1:
         if fed.group_parallel != "ddp":
@@ -69,8 +70,8 @@ def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:
         check_fsdp_load(recipe)
     if PER_EXAMPLE in strategy.client_needs and not strategy.per_example_in_groups:
         raise RecipeError(f"strategy '{recipe.strategy['name']}' runs its own backward on each micro-batch with each rank's "
-                          "own loss, so a client group would not train as one rank with the group's batch (only dp_sgd and "
-                          "dp_brem sum theirs over the group): use federation.group_size=1")
+                          "own loss, so a client group would not train as one rank with the group's batch (dp_sgd and "
+                          "dp_brem sum theirs over the group, adversarial weights its share): use federation.group_size=1")
 
 
 def check_fsdp_load(recipe: Recipe) -> None:

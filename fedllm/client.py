@@ -59,11 +59,12 @@ class Client:
         self.cfg, self.data, self.pad_token_id, self.device, self.seed = cfg, data, pad_token_id, device, seed
         self.max_grad_norm = post_step_clip(strategy, cfg.max_grad_norm)  # None under DP-SGD: see there
 
-    def group_sum(self) -> tuple[Callable[[list[torch.Tensor]], None] | None, bool]:
-        """(ClientContext.group_sum, group_leader) for this rank's client group."""
+    def group_fields(self) -> dict:
+        """ClientContext's group_sum, group_leader and group_member for this rank's client group."""
         if self.group is None or self.group.size == 1:
-            return None, True
-        return (lambda tensors: group_sum_(tensors, self.group, self.device)), self.group.leader
+            return {}
+        return {"group_sum": lambda tensors: group_sum_(tensors, self.group, self.device),
+                "group_leader": self.group.leader, "group_member": self.group.member}
 
     def planned_tokens(self, client_id: int, round: int) -> int:
         """The padded tokens of the client's local round as the built-in loop draws its batches
@@ -91,9 +92,9 @@ class Client:
             self.group,
         )
         gradient = (lambda limit=None: self.loop.full_gradient(job, limit)) if FULL_GRADIENT in self.loop.supports else None
-        embed = lambda ids: self.model.get_input_embeddings()(ids)  # noqa: E731  (a Hugging Face model's)
+        embed = lambda: self.model.get_input_embeddings()  # noqa: E731  (a Hugging Face model's)
         hooks.begin(self.params, ClientContext(round, client_id, x_t, broadcast, record.strategy, lr, job.steps, gradient, embed,
-                                               self.cfg.gradient_accumulation_steps, *self.group_sum()))
+                                               self.cfg.gradient_accumulation_steps, **self.group_fields()))
         result = self.loop.train(job, StepDriver(hooks, self.params, self.max_grad_norm, on_step))
         update = dict(result.update) if hooks.rewrites_update else result.update
         extras, client_state = hooks.finish(self.params, update)

@@ -38,7 +38,7 @@ _STREAMS: dict[str, tuple[str, tuple[int, ...]]] = {
     "dp-brem": ("mod64", (0xB3E,)),  # DP-BREM's server noise under privacy.noise_seed
     "channel": ("mod64", (0xC4A,)),  # a simulated noisy link's noise and erasures, per (round, client; -1: downlink)
     "zo": ("numpy", (0x2E0,)),  # zeroth-order directions' seeds, per (round, client)
-    "adversarial": ("torch", (0xAD7,)),  # the adversarial hook's random start, per (round, client)
+    "adversarial": ("torch", (0xAD7,)),  # the adversarial hook's random start, per (round, client, micro-batch, example)
     "devices": ("numpy", (0xDE7,)),  # simulated device speeds, once per run
     "availability": ("numpy", (0xA7A,)),  # a simulated device's online/offline periods, per client
     "available-sampler": ("numpy", (0xA75,)),  # a sync round's draw among the online clients, per round

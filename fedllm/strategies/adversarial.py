@@ -19,19 +19,34 @@ paper's local step: K ascent passes plus one training pass). The micro-batch's r
 loss is that of the trained-on perturbed inputs. Defaults: ε = `radius` 0.1 (Frobenius, per
 example), K = `steps` 2, α = `step_size` ε/K, init 0.05 — within FreeLB's reported ranges
 for fine-tuning (adv-lr 0.03–0.1, K 2–3, init 0–0.1); FAL's ℓ∞ pixel-space radius has no
-direct analogue for embeddings.
+direct analogue for embeddings. δ is added to the output of the model's input embedding
+module inside its own forward (a forward hook), so an embedding sharded over a client
+group (fsdp) is gathered there as for any forward.
+
+Each example's δ₀ comes from its own generator, seeded by (round, client, micro-batch,
+the example's place in the micro-batch), over its real tokens only: it does not depend on
+how the batch is padded or split.
 
 Deviations: ℓ2 (Frobenius) ball per example rather than FreeLB's optional ℓ∞; the ascent
 is over one micro-batch (one `backward` call of the loop), so it needs a loop that hands
 each micro-batch to the hooks (`per_example`: the built-in loop). Under gradient
 accumulation each micro-batch's gradients are scaled by 1/accumulation like the loop's own.
-Client groups (`federation.group_size` > 1) are refused: the ascent itself splits by example
-(each δ_b moves along its own normalised gradient), but each rank would train on its own
-share's token-mean loss instead of its weighted part of the group batch's, and δ₀ is drawn
-over each rank's padded micro-batch, so a group would not reproduce one rank's step.
+
+In a client group (`federation.group_size` G > 1: G ranks train one client on a shared draw
+of G·b examples, b each) a group step is one rank's step at batch G·b, to float rounding
+(tests/strategies/test_adversarial_groups.py): rank r's share is examples r·b..r·b+b−1 of
+the draw, so it draws their rows of δ₀; it weights its share's token-mean loss by G·n_r/N
+(n_r label tokens in its share, N in the group's batch: one all-reduce of the counts), as
+the loop weights its own, so the group's mean of the parameter gradients — FreeLB's K-pass
+average or PGD's last pass, averaged by the loop like any gradient — is the whole batch's;
+the weight scales each example's δ-gradient by a positive number, so its normalised ascent
+step is one rank's; and the reported loss is weighted alike, so the group's mean is the
+batch's. A share without a label token (its loss 0/0) runs the same passes on stand-in
+labels scaled by 0, as the loop's default does.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import torch
@@ -52,15 +67,34 @@ class AdversarialHooks(DelegatingHooks):
         self.radius, self.steps, self.step_size, self.init, self.mode = radius, steps, step_size, init, mode
 
     def begin(self, params, ctx: ClientContext):
-        self.embed, self.accumulate = ctx.embed, ctx.accumulation
-        self.generator = torch.Generator().manual_seed(derive(0, ctx.round, ctx.client_id, tag="adversarial"))
+        self.embed, self.accumulate = ctx.embed(), ctx.accumulation
+        self.round, self.client, self.micro_batch = ctx.round, ctx.client_id, 0
+        self.group_sum, self.member = ctx.group_sum, ctx.group_member
         super().begin(params, ctx)
 
+    def share_weight(self, labels: torch.Tensor) -> float:
+        """G·n_r/N, the weight the loop gives this rank's token-mean loss (loops.builtin.GroupShare):
+        n_r label tokens in its share, N in the group's batch; 1 alone."""
+        if self.group_sum is None:
+            return 1.0
+        mine = (labels[:, 1:] != -100).sum().to(torch.float64)
+        counts = torch.stack([mine, torch.ones_like(mine)])
+        self.group_sum([counts])
+        total, size = counts.tolist()
+        return size * float(mine) / total if total else 1.0
+
     def start(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        noise = torch.rand(embeds.shape, generator=self.generator).to(embeds.device, embeds.dtype) * 2 - 1
-        noise = noise * mask
-        dims = mask.flatten(1).sum(1).clamp_min(1) * embeds.shape[-1]  # real tokens × D, per example
-        return noise * (self.init / dims.sqrt()).view(-1, 1, 1)
+        """δ₀ on the real tokens, each example from its own generator keyed by its place in the
+        (group's) micro-batch: a rank's share gets the rows one rank with the whole batch draws."""
+        real = mask[..., 0] > 0
+        noise = []
+        for row, tokens in enumerate(real.sum(1).tolist()):
+            seed = derive(0, self.round, self.client, self.micro_batch, self.member * len(real) + row, tag="adversarial")
+            draw = torch.rand((tokens, embeds.shape[-1]), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+            noise.append(draw * (self.init / math.sqrt(max(tokens, 1) * embeds.shape[-1])))  # init/√(L·D), per example
+        delta = torch.zeros_like(embeds)
+        delta[real] = torch.cat(noise).to(embeds.device, embeds.dtype)
+        return delta
 
     def ascend(self, delta: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         delta = delta + self.step_size * grad / per_example_norm(grad)
@@ -69,35 +103,51 @@ class AdversarialHooks(DelegatingHooks):
 
     def backward(self, inputs, loss_of, default):
         ids = inputs["input_ids"]
-        rest = {k: v for k, v in inputs.items() if k != "input_ids"}
-        mask = (inputs.get("attention_mask", torch.ones_like(ids))).unsqueeze(-1).to(torch.float32)
-        with torch.no_grad():
-            base = self.embed(ids)
-        mask = mask.to(base.dtype)
-        delta = self.start(base, mask)
-        losses = []
+        mask = inputs.get("attention_mask", torch.ones_like(ids)).unsqueeze(-1)
+        weight = self.share_weight(inputs["labels"])
+        if weight == 0.0:  # no label token in this rank's share (its loss is 0/0): the same passes, on a
+            inputs = {**inputs, "labels": torch.zeros_like(ids)}  # stand-in label, scaled by 0, as its group's other ranks run
+        self.delta, losses = None, []
         for t in range(self.steps):
-            delta.requires_grad_(True)
-            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta})
+            loss = self.perturbed_loss(inputs, loss_of, mask) * weight
+            delta = self.delta
             if self.mode == "freelb":  # every pass trains: parameter gradients averaged over the K passes
                 (loss / (self.steps * self.accumulate)).backward()
                 grad = delta.grad
                 losses.append(loss.detach())
             else:  # pgd: the ascent passes only move δ
                 (grad,) = torch.autograd.grad(loss, delta)
-            delta = self.ascend(delta.detach(), grad.detach(), mask).detach()
+            # weighted: a positive scale per example (0 without labels), so the same normalised step
+            self.delta = self.ascend(delta.detach(), grad.detach(), mask.to(delta.dtype)).requires_grad_(True)
         if self.mode == "pgd":
-            loss = loss_of({**rest, "inputs_embeds": self.embed(ids) + delta})
+            loss = self.perturbed_loss(inputs, loss_of, mask) * weight
             (loss / self.accumulate).backward()
             losses = [loss.detach()]
-        self.last_delta = delta
-        return torch.stack(losses).mean()
+        self.last_delta, self.delta = self.delta.detach(), None
+        self.micro_batch += 1
+        return torch.stack(losses).mean()  # weighted, as the loop's own: the group's mean is the batch's loss
+
+    def perturbed_loss(self, inputs: dict, loss_of, mask: torch.Tensor) -> torch.Tensor:
+        """loss_of(inputs) with δ added to the input embeddings inside the model's own forward,
+        where a sharded embedding (FSDP, ZeRO-3) is gathered; δ₀ is drawn at the first pass."""
+        def add(module, args, embeds):
+            if self.delta is None:
+                self.delta = self.start(embeds, mask.to(embeds.dtype)).requires_grad_(True)
+            return embeds + self.delta
+
+        handle = self.embed.register_forward_hook(add)
+        try:
+            return loss_of(inputs)
+        finally:
+            handle.remove()
 
 
 @STRATEGIES.register("adversarial")
 class Adversarial(Strategy):
     """Federated adversarial training (Li, Song, Yang): clients train on PGD perturbations of
     the input embeddings (FreeLB-style) around any inner strategy."""
+
+    per_example_in_groups = True  # its backward weights its share's loss as the loop's does (module docstring)
 
     def __init__(self, inner: dict = {"name": "fedavg"}, radius: float = 0.1, steps: int = 2,
                  step_size: Optional[float] = None, init: float = 0.05, gradient: Literal["freelb", "pgd"] = "freelb"):

@@ -74,12 +74,14 @@ class ClientContext:
     lr: float
     steps: int  # optimizer steps this local round
     gradient: Callable[[int | None], State] | None = None  # ∇ of the mean loss on the first n local examples (all: None), at x^t
-    embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # token ids -> the model's input embeddings (input perturbations)
+    # the model's input embedding module (token ids -> embeddings), on request: input perturbations hook its output
+    embed: Callable[[], torch.nn.Module] | None = None
     accumulation: int = 1  # micro-batches per optimizer step (a hook's own backward scales by 1/accumulation)
     # the ranks training this client together (federation.group_size > 1): sums tensors in place over
     # them, one all-reduce; None: this rank trains the client alone
     group_sum: Callable[[list[torch.Tensor]], None] | None = None
     group_leader: bool = True  # this rank adds what a group must add once (DP noise); True when alone
+    group_member: int = 0  # this rank's place in its group: its share of a micro-batch of G·b starts at example member·b
 
 
 class ClientHooks:
@@ -130,8 +132,10 @@ class Strategy:
     # True: its client hooks clip per example themselves (DP-SGD), so the step driver must not
     # clip the (noisy) step gradient again with client.max_grad_norm
     clips_client_gradients = False
-    # True: its per-example hooks sum their gradients over a client group themselves
-    # (ClientHooks.sums_in_group), so federation.group_size > 1 trains as one rank with the group's batch
+    # True: its per-micro-batch `backward` trains as its rank's share of a client group's batch
+    # (per-example DP sums its clipped gradients over the group itself, ClientHooks.sums_in_group;
+    # adversarial weights its loss as the loop does), so federation.group_size > 1 trains as one
+    # rank with the group's batch
     per_example_in_groups = False
     # True: its client hooks take per-example gradients through torch.func (vmap of a functional
     # call), which DeepSpeed ZeRO-3's module hooks do not survive (federation.group_parallel=zero3)

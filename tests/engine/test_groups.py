@@ -109,7 +109,6 @@ def test_a_group_size_that_does_not_divide_the_ranks_is_a_one_line_error(tmp_pat
 
 
 @pytest.mark.parametrize("sections, problem", [
-    ({"federation": {"group_size": 2}, "strategy": {"name": "adversarial"}}, "own backward on each micro-batch"),
     ({"federation": {"group_size": 2}, "client": {"trainer": "hf"}}, "client.trainer=hf does not"),
     ({"federation": {"group_parallel": "fsdp"}}, "set federation.group_size > 1"),
 ])

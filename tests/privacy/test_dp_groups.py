@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from fedllm.engine import run_recipe
 from fedllm.privacy.dp_sgd import PrivateGradient
-from fedllm.registry import RecipeError
 from fedllm.strategies.base import ClientContext
 from tests.conftest import tiny_recipe
 from tests.engine.test_groups import launch
@@ -169,12 +168,3 @@ def test_per_example_dp_loads_with_a_group(tmp_path, strategy):
 
     check_pairings(Recipe.model_validate(tiny_recipe(tmp_path, federation={"group_size": 2}, strategy=strategy,
                                                      privacy={"noise_multiplier": 1.0})))
-
-
-def test_adversarial_training_in_a_group_is_refused_in_one_line(tmp_path):
-    from fedllm.capabilities import check_pairings
-    from fedllm.recipe import Recipe
-
-    recipe = Recipe.model_validate(tiny_recipe(tmp_path, federation={"group_size": 2}, strategy={"name": "adversarial"}))
-    with pytest.raises(RecipeError, match="'adversarial' runs its own backward .* use federation.group_size=1"):
-        check_pairings(recipe)

@@ -31,8 +31,8 @@ def test_the_perturbation_raises_the_loss_at_the_perturbed_input_before_the_step
     fed.adapter.load(model, fed.global_state, params)
     inputs = collate(fed.data.clients[0][:4], fed.pad_token_id)
     hooks = strategy.client_hooks(0, 0)
-    embed = lambda ids: model.get_input_embeddings()(ids)  # noqa: E731
-    hooks.begin(params, ClientContext(0, 0, fed.global_state, {}, {}, 0.1, 1, None, embed, 1))
+    embed = model.get_input_embeddings()
+    hooks.begin(params, ClientContext(0, 0, fed.global_state, {}, {}, 0.1, 1, None, lambda: embed, 1))
     loss_of = lambda batch: model(**batch).loss  # noqa: E731
     with torch.no_grad():
         clean = float(model(**inputs).loss)
