@@ -7,6 +7,8 @@ accelerator over gloo); on CPU it JIT-compiles a shared-memory collective once p
 (a C++ compiler, cached under ~/.cache/torch_extensions)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from fedllm.distributed import ClientGroup
@@ -18,6 +20,106 @@ HELD = -1
 def config(stage: int) -> dict:
     """The smallest DeepSpeed config for a stage; the batch size is fedllm's, not DeepSpeed's."""
     return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}
+
+
+@contextlib.contextmanager
+def partitioning(group: ClientGroup):
+    """Every module constructed inside is partitioned over the group's ranks as soon as its own
+    __init__ returns (DeepSpeed's zero.Init), so a rank holds its partitions plus at most the
+    module being built whole, never the whole base. Tensors are created where and as the
+    model's code asks (no dtype or device override), so a seeded build draws what one rank's
+    does; each weight is then broadcast from the group's first rank and partitioned."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # adopts the running process group
+    with deepspeed.zero.Init(data_parallel_group=group.handle, config_dict_or_path=config(3), tensor_overrides=[]):
+        yield
+
+
+def build_preset(make, group: ClientGroup, dtype: torch.dtype) -> torch.nn.Module:
+    """`make()` (a preset's constructor, under the caller's seed) built partitioned, with the
+    weights one rank's whole build has: transformers' weight init, which each model runs in
+    its post_init on empty partitions, runs instead on each module's gathered weights, in
+    the same order and on CPU (where one rank draws them)."""
+    from transformers import PreTrainedModel
+
+    whole_init = PreTrainedModel.initialize_weights
+    PreTrainedModel.initialize_weights = initialize_gathered
+    try:
+        with partitioning(group):
+            model = make()
+    finally:
+        PreTrainedModel.initialize_weights = whole_init
+    if dtype != torch.float32:
+        cast_partitions_(model, dtype)
+    return model
+
+
+@torch.no_grad()
+def initialize_gathered(model) -> None:
+    """transformers' PreTrainedModel.initialize_weights (its smart_apply: children first, a
+    sub-model with its own _initialize_weights) with each module's weights and its direct
+    children's (which its _init_weights may touch) gathered, changed on every rank alike, and
+    kept from the group's first rank on leaving."""
+    import deepspeed
+    from transformers import PreTrainedModel
+
+    try:
+        from transformers.initialization import guard_torch_init_functions  # transformers 5
+    except ImportError:
+        guard_torch_init_functions = contextlib.nullcontext
+
+    def visit(module, owner) -> None:
+        for child in module.children():
+            visit(child, child if isinstance(child, PreTrainedModel) else owner)
+        params = [*module.parameters(recurse=False),
+                  *(p for c in module.children() if not isinstance(c, PreTrainedModel) for p in c.parameters(recurse=False))]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), on_cpu(params):
+            owner._initialize_weights(module)
+
+    with guard_torch_init_functions():
+        visit(model, model)
+
+
+@contextlib.contextmanager
+def on_cpu(params: list):
+    """The weights moved to CPU inside, and back after: a whole build draws its init there."""
+    homes = [p.data.device for p in params]
+    for p in params:
+        p.data = p.data.cpu()
+    yield
+    for p, home in zip(params, homes):
+        p.data = p.data.to(home)
+
+
+@torch.no_grad()
+def cast_partitions_(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype) for a partitioned model: its partitions (and its unpartitioned
+    buffers) cast, which a whole build drawn in float32 and then cast holds."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            if hasattr(p, "ds_tensor"):
+                p.ds_tensor.data = p.ds_tensor.data.to(dtype)
+            p.data = p.data.to(dtype)
+    for b in model.buffers():
+        if b.is_floating_point():
+            b.data = b.data.to(dtype)
+
+
+def from_pretrained(load, group: ClientGroup):
+    """`load()` (a from_pretrained call) with transformers' own ZeRO-3 loading: the model is
+    built inside zero.Init and each module's weights are gathered, filled from the checkpoint
+    by rank 0 and partitioned again. Nested in `partitioning`, whose context partitions over
+    the group (transformers' own zero.Init defers to an outer one). transformers fills on
+    global rank 0 only, so this is for a group that is the whole world."""
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    with partitioning(group):
+        alive = HfDeepSpeedConfig(config(3))  # noqa: F841  (transformers keeps a weak reference)
+        try:
+            return load()
+        finally:
+            unset_hf_deepspeed_config()
 
 
 def partition_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device) -> None:
