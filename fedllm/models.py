@@ -181,14 +181,13 @@ def load_model(cfg, tokenizer, seed: int, device=None, empty: bool = False, zero
             place = placement.from_pretrained_options(cfg, device)
         else:
             place = {"device_map": {"": device} if quant is not None else None}
-        load = partial(AutoModelForCausalLM.from_pretrained, cfg.name, revision=cfg.revision, dtype=DTYPES[cfg.dtype],
-                       quantization_config=quant, trust_remote_code=cfg.trust_remote_code, **place)
-        if zero_group is not None:
-            from fedllm import zero
-
-            return frozen(zero.from_pretrained(load, zero_group))
+        if zero_group is not None and (model := zero_checkpoint(cfg, tokenizer, zero_group)) is not None:
+            return frozen(model)
         try:
-            model = load()
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.name, revision=cfg.revision, dtype=DTYPES[cfg.dtype], quantization_config=quant,
+                trust_remote_code=cfg.trust_remote_code, **place,
+            )
         except ValueError as err:  # transformers/accelerate refusing a device map or budget
             if cfg.device_map is None:
                 raise
@@ -204,6 +203,25 @@ def load_model(cfg, tokenizer, seed: int, device=None, empty: bool = False, zero
     if device is not None and cfg.quantization == "none" and not placement.is_placed(model) and not empty:
         model.to(device)
     return model
+
+
+def zero_checkpoint(cfg, tokenizer, group):
+    """A checkpoint's base partitioned over `group` while it is loaded (fedllm.zero); None where
+    fedllm cannot read it so (no safetensors weights, or names transformers renames at load):
+    then it is loaded whole on each rank and partitioned after (fedllm.zero.partition_base)."""
+    from fedllm import zero  # DeepSpeed, imported only when chosen
+
+    folder = Path(cfg.name)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(cfg.name, revision=cfg.revision, allow_patterns=["*.json", "*.safetensors"]))
+    index = zero.checkpoint_index(folder)
+    if not zero.loadable(empty_model(cfg, tokenizer), index):
+        return None
+    config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    make = partial(AutoModelForCausalLM.from_config, config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    return zero.load_checkpoint(make, index, group)
 
 
 def frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -223,9 +241,7 @@ def build_model(recipe, device=None, empty: bool = False, zero_group=None):
         raise RecipeError(f"adapter.name={owner} cannot train through a base placed by model.device_map (it reads or "
                           "trains base weights outside their layers' forward): drop model.device_map or use lora")
     tokenizer = load_tokenizer(recipe.model)
-    if zero_group is not None and not (adapter.trains_through_offload and (recipe.model.name in PRESETS or zero_group.count == 1)):
-        # built whole, partitioned after (fedllm.zero.partition_base): an adapter that reads base weights at attach,
-        # or a checkpoint with several groups (transformers' ZeRO-3 loading fills weights on global rank 0 alone)
+    if not adapter.trains_through_offload:  # it reads base weights at attach: built whole, partitioned after
         zero_group = None
     base = load_model(recipe.model, tokenizer, recipe.seed, device, empty, zero_group)
     if recipe.client.gradient_checkpointing:

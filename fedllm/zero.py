@@ -8,6 +8,8 @@ accelerator over gloo); on CPU it JIT-compiles a shared-memory collective once p
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
 
@@ -106,20 +108,90 @@ def cast_partitions_(model: torch.nn.Module, dtype: torch.dtype) -> None:
             b.data = b.data.to(dtype)
 
 
-def from_pretrained(load, group: ClientGroup):
-    """`load()` (a from_pretrained call) with transformers' own ZeRO-3 loading: the model is
-    built inside zero.Init and each module's weights are gathered, filled from the checkpoint
-    by rank 0 and partitioned again. Nested in `partitioning`, whose context partitions over
-    the group (transformers' own zero.Init defers to an outer one). transformers fills on
-    global rank 0 only, so this is for a group that is the whole world."""
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+# a safetensors header's dtype names (https://github.com/huggingface/safetensors, format)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
-    with partitioning(group):
-        alive = HfDeepSpeedConfig(config(3))  # noqa: F841  (transformers keeps a weak reference)
-        try:
-            return load()
-        finally:
-            unset_hf_deepspeed_config()
+
+def checkpoint_index(folder: Path) -> dict[str, tuple[Path, int, dict]] | None:
+    """Each tensor of a safetensors checkpoint: (file, where its data starts, its header entry);
+    None where the folder holds no safetensors weights (e.g. only pytorch_model.bin)."""
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if not files:
+        return None
+    tensors = {}
+    for file in files:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        tensors |= {key: (file, 8 + size, entry) for key, entry in header.items()}
+    return tensors
+
+
+def read_tensor(file: Path, start: int, entry: dict) -> torch.Tensor:
+    """One tensor of a safetensors file, read (not memory-mapped: mapped pages a process touches
+    count as its resident memory, so a mapped whole file would hold the whole base)."""
+    t = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+    begin, end = entry["data_offsets"]
+    with open(file, "rb") as f:
+        f.seek(start + begin)
+        f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    assert t.numel() * t.element_size() == end - begin
+    return t
+
+
+def checkpoint_names(model: torch.nn.Module) -> dict[int, list[str]]:
+    """Every parameter (tied ones once, by id) with all its names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def loadable(empty: torch.nn.Module, index: dict | None) -> bool:
+    """True when each parameter of `empty` (the structure, tied) has a tensor of its shape under
+    one of its names: the checkpoint needs none of the renaming transformers may do at load."""
+    if index is None:
+        return False
+    params = dict(empty.named_parameters(remove_duplicate=False))
+    for names in checkpoint_names(empty).values():
+        key = next((n for n in names if n in index), None)
+        if key is None or list(index[key][2]["shape"]) != list(params[names[0]].shape):
+            return False
+    return True
+
+
+@torch.no_grad()
+def load_checkpoint(make, index: dict, group: ClientGroup) -> torch.nn.Module:
+    """A checkpoint's model built partitioned (`make()`: its structure, from its config, without
+    weight init) and filled one tensor at a time: each weight gathered, the group's first rank
+    reading it from the files and the others receiving it, then partitioned again. So a rank
+    holds its partitions plus one tensor whole (its first rank also the one it reads)."""
+    import deepspeed
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights(), partitioning(group):
+        model = make()
+    model.tie_weights()  # no_init_weights skips post_init's tying
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for names in checkpoint_names(model).values():
+        key = next(n for n in names if n in index)
+        p = params[names[0]]
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if group.leader:
+                p.data.copy_(read_tensor(*index[key]))
+    for name, b in model.named_buffers():
+        if name in index:  # persistent buffers are not partitioned: every rank reads its own
+            b.copy_(read_tensor(*index[name]))
+    return model
 
 
 def partition_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device) -> None:

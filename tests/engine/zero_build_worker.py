@@ -82,13 +82,22 @@ def check(recipes, group, device) -> dict:
 def memory(recipes, group, device) -> dict:
     ((path, recipe),) = recipes.items()
     build_model(recipe, empty=True)  # imports the model's and the adapter's modules outside the measure
-    import deepspeed  # noqa: F401  (likewise)
-
+    tiny = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": "tiny-llama"})})
+    build_for_group(tiny, group, device)  # likewise DeepSpeed's, and its collectives' first use
     gc.collect()
     reset_peak()
     before = status_kib("VmRSS")
+    real, stages = fedllm.engine.build_model, {}
+
+    def probe(*args, **kwargs):
+        built = real(*args, **kwargs)
+        stages.update(built_peak_kib=status_kib("VmHWM"), built_rss_kib=status_kib("VmRSS"))
+        return built
+
+    fedllm.engine.build_model = probe
     _, model, adapter = build_for_group(recipe, group, device)
-    out = {"rss_before_kib": before, "peak_kib": status_kib("VmHWM"), "whole_parameter_bytes": whole_bytes(model),
+    fedllm.engine.build_model = real
+    out = {"rss_before_kib": before, "peak_kib": status_kib("VmHWM"), "rss_after_kib": status_kib("VmRSS"), **stages, "whole_parameter_bytes": whole_bytes(model),
            "held_parameter_bytes": resident_bytes(model)}
     return out | differences(model, adapter, recipe, device)
 
