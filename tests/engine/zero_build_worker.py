@@ -1,11 +1,10 @@
 """One rank of a DeepSpeed ZeRO-3 client group building its base (fedllm.engine.build_for_group),
 launched by torch.distributed.run; used by tests/engine/test_zero_build.py.
 
-    zero_build_worker.py check OUT RECIPE...   per recipe: whether the base was partitioned while
-                                               built, and each weight (gathered) and the adapter
-                                               against a whole build on one rank
-    zero_build_worker.py memory OUT RECIPE     peak RSS while this rank builds RECIPE's base, then
-                                               `check` for it
+    zero_build_worker.py OUT BIG RECIPE...   the peak RSS while this rank builds BIG's base; then
+                                             for BIG and each RECIPE: whether the base was
+                                             partitioned while built, and each weight (gathered)
+                                             and the adapter against a whole build on one rank
 
 OUT gets one JSON file per rank (OUT/rank<N>.json)."""
 import gc
@@ -71,43 +70,35 @@ def differences(model, adapter, recipe, device) -> dict:
             "adapter_held_whole": held_whole(adapter.trainable(model)), "tensors": len(diffs)}
 
 
-def check(recipes, group, device) -> dict:
+def check(recipes, group, device, skip: str) -> dict:
     out = {}
     for path, recipe in recipes.items():
+        if path == skip:  # `memory` checked it
+            continue
         (_, model, adapter), held, whole = partitioned_at_build(recipe, group, device)
         out[path] = {"built_held_bytes": held, "whole_bytes": whole, **differences(model, adapter, recipe, device)}
     return out
 
 
-def memory(recipes, group, device) -> dict:
-    ((path, recipe),) = recipes.items()
+def memory(recipe, group, device) -> dict:
     build_model(recipe, empty=True)  # imports the model's and the adapter's modules outside the measure
     tiny = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": "tiny-llama"})})
     build_for_group(tiny, group, device)  # likewise DeepSpeed's, and its collectives' first use
     gc.collect()
     reset_peak()
     before = status_kib("VmRSS")
-    real, stages = fedllm.engine.build_model, {}
-
-    def probe(*args, **kwargs):
-        built = real(*args, **kwargs)
-        stages.update(built_peak_kib=status_kib("VmHWM"), built_rss_kib=status_kib("VmRSS"))
-        return built
-
-    fedllm.engine.build_model = probe
-    _, model, adapter = build_for_group(recipe, group, device)
-    fedllm.engine.build_model = real
-    out = {"rss_before_kib": before, "peak_kib": status_kib("VmHWM"), "rss_after_kib": status_kib("VmRSS"), **stages, "whole_parameter_bytes": whole_bytes(model),
-           "held_parameter_bytes": resident_bytes(model)}
+    (_, model, adapter), held, whole = partitioned_at_build(recipe, group, device)
+    out = {"rss_before_kib": before, "peak_kib": status_kib("VmHWM"), "whole_parameter_bytes": whole_bytes(model),
+           "held_parameter_bytes": resident_bytes(model), "built_held_bytes": held, "whole_bytes": whole}
     return out | differences(model, adapter, recipe, device)
 
 
-def main(what: str, out: str, *paths: str) -> None:
+def main(out: str, big: str, *paths: str) -> None:
     state = process_state()
-    recipes = {path: load_recipe(path) for path in paths}
-    group = client_groups(next(iter(recipes.values())).federation.group_size)
+    recipes = {path: load_recipe(path) for path in (big, *paths)}
+    group = client_groups(recipes[big].federation.group_size)
     torch.manual_seed(1234 + state.process_index)  # a rank's global RNG must not matter
-    result = {"memory": memory, "check": check}[what](recipes, group, state.device)
+    result = {"memory": memory(recipes[big], group, state.device), **check(recipes, group, state.device, skip=big)}
     result |= {"rank": state.process_index, "leader": group.leader, "group": group.index}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{state.process_index}.json").write_text(json.dumps(result, indent=1))
