@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO, imported only where it is chosen: ZeRO-3 partitioning of the frozen base
-inside a client group (federation.group_parallel=zero3), and the adapter read whole from, and
-written back into, a Trainer's ZeRO-2/3 engine (FederatedCallback).
+inside a client group (federation.group_parallel=zero3), while it is built where it can be,
+and the adapter read whole from, and written back into, a Trainer's ZeRO-2/3 engine
+(FederatedCallback).
 
 DeepSpeed's accelerator is chosen by DeepSpeed (CUDA where there is one, else its CPU
 accelerator over gloo); on CPU it JIT-compiles a shared-memory collective once per machine
@@ -196,8 +197,10 @@ def load_checkpoint(make, index: dict, group: ClientGroup) -> torch.nn.Module:
 
 def partition_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device) -> None:
     """ZeRO-3 inside a client group: every weight of the model is split into G partitions over
-    the group's ranks, and DeepSpeed's module hooks all-gather a module's weights for its forward
-    and backward and release them after, so each rank holds about 1/G of the frozen base.
+    the group's ranks (a base built by `build_preset` or `load_checkpoint` already is; the rest,
+    the adapter at least, is split here), and DeepSpeed's module hooks all-gather a module's
+    weights for its forward and backward and release them after, so each rank holds about 1/G
+    of the frozen base.
 
     The adapter is gathered once and held whole on every rank (never released), so fedllm's own
     optimizer, strategy hooks, client state and checkpoints see plain whole tensors exactly as
