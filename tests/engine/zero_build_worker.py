@@ -82,7 +82,8 @@ def check(recipes, group, device, skip: str) -> dict:
 
 def memory(recipe, group, device) -> dict:
     build_model(recipe, empty=True)  # imports the model's and the adapter's modules outside the measure
-    tiny = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": "tiny-llama"})})
+    tiny = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": "tiny-llama"}),
+                                     "adapter": {"name": "lora", "r": 4, "target_modules": ["q_proj"]}})
     build_for_group(tiny, group, device)  # likewise DeepSpeed's, and its collectives' first use
     gc.collect()
     reset_peak()
