@@ -109,13 +109,15 @@ def gather_stats(rows: list, device) -> list[dict]:
 def build_for_group(recipe: Recipe, group: ClientGroup, device):
     """Tokenizer, model and adapter of this rank (build_model); under group_parallel=fsdp the
     base sharded over the group, and with fsdp_load=leader built for real by the leader alone;
-    under zero3 partitioned over the group by DeepSpeed (built whole on every rank first)."""
+    under zero3 partitioned over the group by DeepSpeed while it is built (models.load_model)."""
     sharded = recipe.federation.group_parallel == "fsdp" and group.size > 1
     lean = sharded and recipe.federation.fsdp_load == "leader"
-    tokenizer, model, adapter = build_model(recipe, None if lean else device, empty=lean and not group.leader)
+    zero3 = recipe.federation.group_parallel == "zero3" and group.size > 1
+    tokenizer, model, adapter = build_model(recipe, None if lean else device, empty=lean and not group.leader,
+                                            zero_group=group if zero3 else None)
     if sharded:
         shard_base(model, adapter.trainable(model), group, device, from_leader=lean)
-    elif recipe.federation.group_parallel == "zero3" and group.size > 1:
+    elif zero3:
         zero_partition_base(model, adapter.trainable(model), group, device)
     return tokenizer, model, adapter
 

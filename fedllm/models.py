@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -154,16 +155,23 @@ def empty_model(cfg, tokenizer):
     return model.to(DTYPES[cfg.dtype])
 
 
-def load_model(cfg, tokenizer, seed: int, device=None, empty: bool = False):
+def load_model(cfg, tokenizer, seed: int, device=None, empty: bool = False, zero_group=None):
     """The ONE resident base model. Presets are initialised from `seed`, so every process
-    (and `fedllm export`) rebuilds bit-identical base weights. `empty`: see empty_model."""
+    (and `fedllm export`) rebuilds bit-identical base weights. `empty`: see empty_model.
+    `zero_group`: a client group over which DeepSpeed ZeRO-3 partitions the base while it is
+    built (fedllm.zero; no rank holds it whole), with the weights of the whole build."""
     check_quantization(cfg)
     if empty:
         model = empty_model(cfg, tokenizer)
     elif cfg.name in PRESETS:
+        make = partial(PRESETS[cfg.name], len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = PRESETS[cfg.name](len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+            if zero_group is not None:
+                from fedllm import zero  # DeepSpeed, imported only when chosen
+
+                return frozen(zero.build_preset(make, zero_group, DTYPES[cfg.dtype]))
+            model = make()
         model = model.to(DTYPES[cfg.dtype])
         if cfg.device_map is not None:
             model = placement.dispatch(model, cfg, device)
@@ -173,6 +181,8 @@ def load_model(cfg, tokenizer, seed: int, device=None, empty: bool = False):
             place = placement.from_pretrained_options(cfg, device)
         else:
             place = {"device_map": {"": device} if quant is not None else None}
+        if zero_group is not None and (model := zero_checkpoint(cfg, tokenizer, zero_group)) is not None:
+            return frozen(model)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 cfg.name, revision=cfg.revision, dtype=DTYPES[cfg.dtype], quantization_config=quant,
@@ -189,16 +199,41 @@ def load_model(cfg, tokenizer, seed: int, device=None, empty: bool = False):
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    frozen(model)
     if device is not None and cfg.quantization == "none" and not placement.is_placed(model) and not empty:
         model.to(device)
     return model
 
 
-def build_model(recipe, device=None, empty: bool = False):
+def zero_checkpoint(cfg, tokenizer, group):
+    """A checkpoint's base partitioned over `group` while it is loaded (fedllm.zero); None where
+    fedllm cannot read it so (no safetensors weights, or names transformers renames at load):
+    then it is loaded whole on each rank and partitioned after (fedllm.zero.partition_base)."""
+    from fedllm import zero  # DeepSpeed, imported only when chosen
+
+    folder = Path(cfg.name)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(cfg.name, revision=cfg.revision, allow_patterns=["*.json", "*.safetensors"]))
+    index = zero.checkpoint_index(folder)
+    if not zero.loadable(empty_model(cfg, tokenizer), index):
+        return None
+    config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    make = partial(AutoModelForCausalLM.from_config, config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    return zero.load_checkpoint(make, index, group)
+
+
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_model(recipe, device=None, empty: bool = False, zero_group=None):
     """Tokenizer, base model and attached adapter: a pure function of the recipe. `empty`:
-    the base and the adapter on the meta device, to be filled by a client group's leader."""
+    the base and the adapter on the meta device, to be filled by a client group's leader.
+    `zero_group`: the base partitioned over that group while it is built (load_model)."""
     check_quantization(recipe.model)
     adapter = ADAPTERS.build(recipe.adapter, "adapter")
     owner = recipe.adapter["name"]
@@ -206,7 +241,9 @@ def build_model(recipe, device=None, empty: bool = False):
         raise RecipeError(f"adapter.name={owner} cannot train through a base placed by model.device_map (it reads or "
                           "trains base weights outside their layers' forward): drop model.device_map or use lora")
     tokenizer = load_tokenizer(recipe.model)
-    base = load_model(recipe.model, tokenizer, recipe.seed, device, empty)
+    if not adapter.trains_through_offload:  # it reads base weights at attach: built whole, partitioned after
+        zero_group = None
+    base = load_model(recipe.model, tokenizer, recipe.seed, device, empty, zero_group)
     if recipe.client.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -216,6 +253,6 @@ def build_model(recipe, device=None, empty: bool = False):
         placement.check_resident(adapter.trainable(model), owner)
         return tokenizer, model, adapter
     model = adapter.attach(base, recipe.seed)
-    if device is not None and not empty:
+    if device is not None and not empty:  # a partitioned base: its empty weights and its buffers
         model.to(device)
     return tokenizer, model, adapter

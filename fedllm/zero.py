@@ -1,11 +1,16 @@
 """DeepSpeed ZeRO, imported only where it is chosen: ZeRO-3 partitioning of the frozen base
-inside a client group (federation.group_parallel=zero3), and the adapter read whole from, and
-written back into, a Trainer's ZeRO-2/3 engine (FederatedCallback).
+inside a client group (federation.group_parallel=zero3), while it is built where it can be,
+and the adapter read whole from, and written back into, a Trainer's ZeRO-2/3 engine
+(FederatedCallback).
 
 DeepSpeed's accelerator is chosen by DeepSpeed (CUDA where there is one, else its CPU
 accelerator over gloo); on CPU it JIT-compiles a shared-memory collective once per machine
 (a C++ compiler, cached under ~/.cache/torch_extensions)."""
 from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
 
 import torch
 
@@ -20,10 +25,182 @@ def config(stage: int) -> dict:
     return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}
 
 
+@contextlib.contextmanager
+def partitioning(group: ClientGroup):
+    """Every module constructed inside is partitioned over the group's ranks as soon as its own
+    __init__ returns (DeepSpeed's zero.Init), so a rank holds its partitions plus at most the
+    module being built whole, never the whole base. Tensors are created where and as the
+    model's code asks (no dtype or device override), so a seeded build draws what one rank's
+    does; each weight is then broadcast from the group's first rank and partitioned."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())  # adopts the running process group
+    with deepspeed.zero.Init(data_parallel_group=group.handle, config_dict_or_path=config(3), tensor_overrides=[]):
+        yield
+
+
+def build_preset(make, group: ClientGroup, dtype: torch.dtype) -> torch.nn.Module:
+    """`make()` (a preset's constructor, under the caller's seed) built partitioned, with the
+    weights one rank's whole build has: transformers' weight init, which each model runs in
+    its post_init on empty partitions, runs instead on each module's gathered weights, in
+    the same order and on CPU (where one rank draws them)."""
+    from transformers import PreTrainedModel
+
+    whole_init = PreTrainedModel.initialize_weights
+    PreTrainedModel.initialize_weights = initialize_gathered
+    try:
+        with partitioning(group):
+            model = make()
+    finally:
+        PreTrainedModel.initialize_weights = whole_init
+    if dtype != torch.float32:
+        cast_partitions_(model, dtype)
+    return model
+
+
+@torch.no_grad()
+def initialize_gathered(model) -> None:
+    """transformers' PreTrainedModel.initialize_weights (its smart_apply: children first, a
+    sub-model with its own _initialize_weights) with each module's weights and its direct
+    children's (which its _init_weights may touch) gathered, changed on every rank alike, and
+    kept from the group's first rank on leaving."""
+    import deepspeed
+    from transformers import PreTrainedModel
+
+    try:
+        from transformers.initialization import guard_torch_init_functions  # transformers 5
+    except ImportError:
+        guard_torch_init_functions = contextlib.nullcontext
+
+    def visit(module, owner) -> None:
+        for child in module.children():
+            visit(child, child if isinstance(child, PreTrainedModel) else owner)
+        params = [*module.parameters(recurse=False),
+                  *(p for c in module.children() if not isinstance(c, PreTrainedModel) for p in c.parameters(recurse=False))]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), on_cpu(params):
+            owner._initialize_weights(module)
+
+    with guard_torch_init_functions():
+        visit(model, model)
+
+
+@contextlib.contextmanager
+def on_cpu(params: list):
+    """The weights moved to CPU inside, and back after: a whole build draws its init there."""
+    homes = [p.data.device for p in params]
+    for p in params:
+        p.data = p.data.cpu()
+    yield
+    for p, home in zip(params, homes):
+        p.data = p.data.to(home)
+
+
+@torch.no_grad()
+def cast_partitions_(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype) for a partitioned model: its partitions (and its unpartitioned
+    buffers) cast, which a whole build drawn in float32 and then cast holds."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            if hasattr(p, "ds_tensor"):
+                p.ds_tensor.data = p.ds_tensor.data.to(dtype)
+            p.data = p.data.to(dtype)
+    for b in model.buffers():
+        if b.is_floating_point():
+            b.data = b.data.to(dtype)
+
+
+# a safetensors header's dtype names (https://github.com/huggingface/safetensors, format)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def checkpoint_index(folder: Path) -> dict[str, tuple[Path, int, dict]] | None:
+    """Each tensor of a safetensors checkpoint: (file, where its data starts, its header entry);
+    None where the folder holds no safetensors weights (e.g. only pytorch_model.bin)."""
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if not files:
+        return None
+    tensors = {}
+    for file in files:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        tensors |= {key: (file, 8 + size, entry) for key, entry in header.items()}
+    return tensors
+
+
+def read_tensor(file: Path, start: int, entry: dict) -> torch.Tensor:
+    """One tensor of a safetensors file, read (not memory-mapped: mapped pages a process touches
+    count as its resident memory, so a mapped whole file would hold the whole base)."""
+    t = torch.empty(entry["shape"], dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+    begin, end = entry["data_offsets"]
+    with open(file, "rb") as f:
+        f.seek(start + begin)
+        f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    assert t.numel() * t.element_size() == end - begin
+    return t
+
+
+def checkpoint_names(model: torch.nn.Module) -> dict[int, list[str]]:
+    """Every parameter (tied ones once, by id) with all its names."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return names
+
+
+def loadable(empty: torch.nn.Module, index: dict | None) -> bool:
+    """True when each parameter of `empty` (the structure, tied) has a tensor of its shape under
+    one of its names: the checkpoint needs none of the renaming transformers may do at load."""
+    if index is None:
+        return False
+    params = dict(empty.named_parameters(remove_duplicate=False))
+    for names in checkpoint_names(empty).values():
+        key = next((n for n in names if n in index), None)
+        if key is None or list(index[key][2]["shape"]) != list(params[names[0]].shape):
+            return False
+    return True
+
+
+@torch.no_grad()
+def load_checkpoint(make, index: dict, group: ClientGroup) -> torch.nn.Module:
+    """A checkpoint's model built partitioned (`make()`: its structure, from its config, without
+    weight init) and filled one tensor at a time: each weight gathered, the group's first rank
+    reading it from the files and the others receiving it, then partitioned again. So a rank
+    holds its partitions plus one tensor whole (its first rank also the one it reads)."""
+    import deepspeed
+
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights(), partitioning(group):
+        model = make()
+    model.tie_weights()  # no_init_weights skips post_init's tying
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for names in checkpoint_names(model).values():
+        key = next(n for n in names if n in index)
+        p = params[names[0]]
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if group.leader:
+                p.data.copy_(read_tensor(*index[key]))
+    for name, b in model.named_buffers():
+        if name in index:  # persistent buffers are not partitioned: every rank reads its own
+            b.copy_(read_tensor(*index[name]))
+    return model
+
+
 def partition_base(model: torch.nn.Module, trainable: dict, group: ClientGroup, device: torch.device) -> None:
     """ZeRO-3 inside a client group: every weight of the model is split into G partitions over
-    the group's ranks, and DeepSpeed's module hooks all-gather a module's weights for its forward
-    and backward and release them after, so each rank holds about 1/G of the frozen base.
+    the group's ranks (a base built by `build_preset` or `load_checkpoint` already is; the rest,
+    the adapter at least, is split here), and DeepSpeed's module hooks all-gather a module's
+    weights for its forward and backward and release them after, so each rank holds about 1/G
+    of the frozen base.
 
     The adapter is gathered once and held whole on every rank (never released), so fedllm's own
     optimizer, strategy hooks, client state and checkpoints see plain whole tensors exactly as
