@@ -4,7 +4,8 @@ steps of batch 4, every process on one torch thread.
 
 (a) peak RSS of `fedllm run` / a bare loop doing the same rounds (transformers + peft +
     torch only: no fedllm import, FedAvg by hand). Goal <= 1.05.
-(b) 2 ranks (torchrun, gloo) over 1 rank: wall time of the rounds and of the whole job, and
+(b) 2 ranks (gloo; launched by torchrun, and forked by `fedllm run --processes 2`) over 1 rank,
+    next to this machine's own two-core ceiling for float work: wall time of the rounds and of the whole job, and
     each rank's time split (imports / model / data / train / collectives / eval /
     checkpoint / rest), timed by wrapping the engine's functions in the worker (no engine
     change), in wall and in CPU seconds, and each thread's CPU seconds (oversubscription
@@ -187,6 +188,19 @@ def worker(spec: dict) -> dict:
     from fedllm import client, engine
 
     imported, imported_cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
+    if spec.get("forked"):  # `fedllm run --processes N`: the ranks fork from here, after the imports
+        from fedllm.launcher import fork_ranks
+
+        code = fork_ranks(spec["forked"], lambda: measure_rank(spec, imported, imported_cpu, engine, client, dist_mod) and 0)
+        if code:
+            raise SystemExit(code)
+        return {}
+    return measure_rank(spec, imported, imported_cpu, engine, client, dist_mod)
+
+
+def measure_rank(spec: dict, imported: float, imported_cpu: float, engine, client, dist_mod) -> dict:
+    import torch
+
     split = Split()
     split.wrap(engine, "build_model", "model")
     split.wrap(engine, "prepare_data_once" if hasattr(engine, "prepare_data_once") else "prepare_data", "data")  # before: each rank
@@ -217,14 +231,15 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def job(tmp: Path, ranks: int, rounds: int, label: str) -> dict:
-    name = f"{label}_{ranks}r"
+def job(tmp: Path, ranks: int, rounds: int, label: str, forked: bool = False) -> dict:
+    """One run: 1 rank, or `ranks` ranks launched by torchrun or forked (fedllm run --processes)."""
+    name = f"{label}_{ranks}r{'_forked' if forked else ''}"
     shutil.rmtree(tmp / name, ignore_errors=True)
     recipe_path = tmp / f"{name}.json"
     recipe_path.write_text(json.dumps(recipe(tmp, name, rounds)))
-    spec = json.dumps({"recipe": str(recipe_path), "report": str(tmp / f"{name}.timing")})
+    spec = json.dumps({"recipe": str(recipe_path), "report": str(tmp / f"{name}.timing"), "forked": ranks if forked else 0})
     me = [str(Path(__file__).resolve()), "--worker", spec]
-    cmd = [sys.executable, *me] if ranks == 1 else [
+    cmd = [sys.executable, *me] if ranks == 1 or forked else [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
         f"--master_port={29500 + os.getpid() % 1000}", *me]
     load = os.getloadavg()[0]
@@ -232,7 +247,24 @@ def job(tmp: Path, ranks: int, rounds: int, label: str) -> dict:
     per_rank = [json.loads((tmp / f"{name}.timing.rank{r}.json").read_text()) for r in range(ranks)]
     return {"ranks": ranks, "wall": wall, "load_before": load, "load_after": os.getloadavg()[0], "per_rank": per_rank,
             "round_seconds": max(r["round_seconds"] for r in per_rank), "round_cpu": max(r["round_cpu"] for r in per_rank),
-            "cpu": max(r["total_cpu"] for r in per_rank), "label": label}
+            "cpu": max(r["total_cpu"] for r in per_rank), "label": label, "forked": forked}
+
+
+# ---- the machine's own ceiling for two busy cores ----------------------------------------
+KERNEL = ("import time, torch; torch.set_num_threads(1); a = torch.rand(256, 256); t = time.perf_counter()\n"
+          "for _ in range(4000): a @ a\nprint(time.perf_counter() - t)")
+
+
+def two_core_ceiling() -> dict:
+    """Float work (one-thread 256x256 matmuls, what a local step is made of) run alone, then twice
+    at once: 2 x alone / together is the most two ranks of any program can gain on these two
+    cores (below 2 where the cores share execution units or clock budget, e.g. SMT siblings)."""
+    def timed(n: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", KERNEL], stdout=subprocess.PIPE, text=True, env=env()) for _ in range(n)]
+        return [float(p.communicate()[0]) for p in procs]
+
+    alone, together = min(timed(1)[0] for _ in range(2)), min(max(timed(2)) for _ in range(2))
+    return {"alone": alone, "together": together, "ceiling": 2 * alone / together}
 
 
 # ---- (c) data memory ---------------------------------------------------------------------
@@ -287,30 +319,43 @@ def report(res: dict) -> str:
     if a is not None:
         lines.append(f"(a) peak RSS, {res['rounds']} rounds: fedllm run {a['fedllm'] / mib:.1f} MiB, bare loop "
                      f"{a['bare'] / mib:.1f} MiB   ratio {verdict(a['fedllm'] / a['bare'], 1.05)}")
-    ones, twos = [r for r in b if r["ranks"] == 1], [r for r in b if r["ranks"] == 2]
+    ones = [r for r in b if r["ranks"] == 1]
     best = lambda runs, key: min(r[key] for r in runs)  # noqa: E731  the least disturbed run of each
-    lines += [f"(b) 2 ranks over 1 rank, {len(ones)} alternating runs each (best of each; every run below):",
-              f"    rounds only  {best(ones, 'round_seconds'):.1f} s / {best(twos, 'round_seconds'):.1f} s = "
-              f"{verdict(best(ones, 'round_seconds') / best(twos, 'round_seconds'), 1.67, at_least=True)}",
-              f"    whole job    {best(ones, 'wall'):.1f} s / {best(twos, 'wall'):.1f} s = "
-              f"{verdict(best(ones, 'wall') / best(twos, 'wall'), 1.67, at_least=True)}"]
-    lines.append("    pair by pair (load average before/after each run; CPU: the busier rank's CPU seconds, load-independent):")
-    for label in sorted({r["label"] for r in b if r["label"].startswith("speed")}):
-        one, two = (next(r for r in b if r["label"] == label and r["ranks"] == n) for n in (1, 2))
-        lines.append(f"    {label}: 1 rank at load {one['load_before']:.1f}/{one['load_after']:.1f}, 2 ranks at "
-                     f"{two['load_before']:.1f}/{two['load_after']:.1f}: rounds {one['round_seconds'] / two['round_seconds']:.2f}x, "
-                     f"whole job {one['wall'] / two['wall']:.2f}x; CPU: rounds {one['round_cpu'] / two['round_cpu']:.2f}x, "
-                     f"whole job {one['cpu'] / two['cpu']:.2f}x")
+    lines.append(f"(b) 2 ranks over 1 rank, {len(ones)} alternating runs each (best of each; every run below):")
+    if "ceiling" in res:
+        k = res["ceiling"]
+        lines.append(f"    this machine's two-core ceiling for float work: one-thread matmuls alone {k['alone']:.2f} s, two at "
+                     f"once {k['together']:.2f} s each: at most {k['ceiling']:.2f}x for any 2 ranks here")
+    for launch, forked in (("torchrun", False), ("forked (fedllm run --processes 2)", True)):
+        twos = [r for r in b if r["ranks"] == 2 and r.get("forked", False) == forked]
+        if not twos:
+            continue
+        lines += [f"  {launch}:",
+                  f"    rounds only  {best(ones, 'round_seconds'):.1f} s / {best(twos, 'round_seconds'):.1f} s = "
+                  f"{verdict(best(ones, 'round_seconds') / best(twos, 'round_seconds'), 1.67, at_least=True)}",
+                  f"    whole job    {best(ones, 'wall'):.1f} s / {best(twos, 'wall'):.1f} s = "
+                  f"{verdict(best(ones, 'wall') / best(twos, 'wall'), 1.67, at_least=True)}"]
+        lines.append("    pair by pair (load average before/after each run; CPU: the busier rank's CPU seconds, load-independent):")
+        for label in sorted({r["label"] for r in b if r["label"].startswith("speed")}):
+            one = next(r for r in b if r["label"] == label and r["ranks"] == 1)
+            two = next(r for r in twos if r["label"] == label)
+            lines.append(f"    {label}: 1 rank at load {one['load_before']:.1f}/{one['load_after']:.1f}, 2 ranks at "
+                         f"{two['load_before']:.1f}/{two['load_after']:.1f}: rounds {one['round_seconds'] / two['round_seconds']:.2f}x, "
+                         f"whole job {one['wall'] / two['wall']:.2f}x; CPU: rounds {one['round_cpu'] / two['round_cpu']:.2f}x, "
+                         f"whole job {one['cpu'] / two['cpu']:.2f}x")
     names = ["imports", "model", "data", "train", "collectives", "eval", "checkpoint", "rest"]
     lines.append(f"    {'run':<18}{'load':>5}{'wall':>7}" + "".join(f"{n:>12}" for n in names) + "   rounds  threads")
     for i, run in enumerate(b):
         for r in run["per_rank"]:
+            ranks = f"{run['ranks']}{'f' if run.get('forked') else ''}"
             for kind, key, rounds in (("wall", "parts", r["round_seconds"]), ("cpu", "cpu", r["round_cpu"])):
-                lines.append(f"    #{i} rank {r['rank']}/{run['ranks']} {kind:<5}{run['load_before']:>5.1f}"
+                lines.append(f"    #{i} rank {r['rank']}/{ranks:<2}{kind:<5}{run['load_before']:>5.1f}"
                              f"{(run['wall'] if kind == 'wall' else r['total_cpu']):>7.1f}"
                              + "".join(f"{r[key].get(n, 0.0):>12.2f}" for n in names) + f"{rounds:>9.2f}"
                              + (f"  {r['threads']}+{r['interop_threads']}" if kind == "wall" else ""))
             busy = sorted(((t, c) for t, c in r["thread_cpu"].items() if c >= 0.05), key=lambda x: -x[1])
+            if not busy:
+                continue
             lines.append(f"        CPU s by thread: " + ", ".join(f"{t} {c:.2f}" for t, c in busy) + f"  ({r['env']})")
     if c is None:
         return "\n".join(lines)
@@ -350,9 +395,10 @@ def main() -> None:
             one = job(tmp, 1, rounds, "memory")
             res["memory"] = {"bare": bare_out["peak_rss"], "fedllm": one["per_rank"][0]["peak_rss"]}
             res["ranks"] = [one]
-        for i in range(reps):
-            order = (2, 1) if i % 2 == 0 else (1, 2)
-            res["ranks"] += [job(tmp, ranks, rounds, f"speed{i}") for ranks in order]
+        res["ceiling"] = two_core_ceiling()
+        for i in range(reps):  # alternating, so that a change of load hits each kind of launch alike
+            order = [(2, False), (1, False), (2, True)] if i % 2 == 0 else [(2, True), (1, False), (2, False)]
+            res["ranks"] += [job(tmp, ranks, rounds, f"speed{i}", forked) for ranks, forked in order]
         if not args.speed_only:
             res["data"], _ = run_child([sys.executable, __file__, "--data", json.dumps({"tmp": str(tmp), "rows": rows})])
     print(report(res))
