@@ -106,18 +106,24 @@ def gather_stats(rows: list, device) -> list[dict]:
     return sorted(stats, key=lambda s: s["client"])
 
 
+def base_split(recipe: Recipe, group: ClientGroup) -> str | None:
+    """How the base is split over the client group: "fsdp", "zero3", or None (whole on every rank:
+    one rank per client, or ddp)."""
+    parallel = recipe.federation.group_parallel
+    return parallel if group.size > 1 and parallel in ("fsdp", "zero3") else None
+
+
 def build_for_group(recipe: Recipe, group: ClientGroup, device):
     """Tokenizer, model and adapter of this rank (build_model); under group_parallel=fsdp the
     base sharded over the group, and with fsdp_load=leader built for real by the leader alone;
     under zero3 partitioned over the group by DeepSpeed while it is built (models.load_model)."""
-    sharded = recipe.federation.group_parallel == "fsdp" and group.size > 1
-    lean = sharded and recipe.federation.fsdp_load == "leader"
-    zero3 = recipe.federation.group_parallel == "zero3" and group.size > 1
+    split = base_split(recipe, group)
+    lean = split == "fsdp" and recipe.federation.fsdp_load == "leader"
     tokenizer, model, adapter = build_model(recipe, None if lean else device, empty=lean and not group.leader,
-                                            zero_group=group if zero3 else None)
-    if sharded:
+                                            zero_group=group if split == "zero3" else None)
+    if split == "fsdp":
         shard_base(model, adapter.trainable(model), group, device, from_leader=lean)
-    elif zero3:
+    elif split == "zero3":
         zero_partition_base(model, adapter.trainable(model), group, device)
     return tokenizer, model, adapter
 
@@ -130,7 +136,7 @@ class Federation:
         self.is_main = self.state.is_main_process
         self.reducer = Reducer(self.device)
         self.group = client_groups(recipe.federation.group_size)  # G ranks train each client together
-        self.sharded = recipe.federation.group_parallel != "ddp" and self.group.size > 1
+        self.sharded = base_split(recipe, self.group) is not None
         self.tokenizer, self.model, self.adapter = build_for_group(recipe, self.group, self.device)
         set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -493,8 +499,7 @@ class Federation:
     def export_final(self) -> None:
         # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
         fmt = self.adapter.export_formats[0]
-        zero3 = self.sharded and self.recipe.federation.group_parallel == "zero3"
-        with zero_whole_base(self.model, fmt == "merged" and zero3):
+        with zero_whole_base(self.model, fmt == "merged" and base_split(self.recipe, self.group) == "zero3"):
             if self.is_main:
                 write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final", fmt)
         barrier()
