@@ -1,6 +1,11 @@
 """The Trainer callback under FSDP reads the adapter whole from the shards and writes the new
 global adapter back into them (fedllm.distributed.gather_trainable / scatter_trainable_):
 checked on CPU with torch's FSDP2 over gloo, on a LoRA model whose adapter is sharded too."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,6 +48,27 @@ def part(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: t for k, t in state.items() if k.startswith(prefix)}
 
 
+def assert_sharded_trainer_is_one_fedavg_client(out: Path, mode: str) -> None:
+    """Runs sharded_trainer_worker.py on 2 ranks sharded as `mode` says (fsdp, zero2, zero3) and
+    checks that they were ONE client that trained: after every sync both ranks hold the same
+    global adapter, fedavg's server step from the adapter they trained together."""
+    worker = str(Path(__file__).with_name("sharded_trainer_worker.py"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", worker, str(out), mode]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    r0, r1 = (load_file(str(out / f"{mode}_rank{r}.safetensors")) for r in (0, 1))
+    x = part(r0, "init/")
+    for step in (2, 4):  # fedavg with server_lr 0.5 and one client: x^{t+1} = x^t + 0.5 (w − x^t)
+        local, new = part(r0, f"local/{step}/"), part(r0, f"global/{step}/")
+        assert all(torch.equal(new[k], part(r1, f"global/{step}/")[k]) for k in new)  # one client: identical ranks
+        assert any(not torch.equal(local[k], x[k]) for k in x)  # it trained
+        for k in x:
+            torch.testing.assert_close(new[k], x[k] + 0.5 * (local[k] - x[k]), rtol=1e-5, atol=1e-7)
+        x = new
+
+
 @pytest.mark.slow
 def test_the_adapter_is_gathered_whole_from_fsdp_shards_and_scattered_back(tmp_path):
     torch.multiprocessing.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2)
@@ -77,21 +103,4 @@ def test_fsdp_and_deepspeed_make_the_ranks_one_client_and_ddp_makes_each_rank_on
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="a Trainer runs FSDP only on GPUs (on CPU it falls back to "
                     "DDP); the CPU test above checks the gather/scatter itself")
 def test_a_trainer_under_fsdp_is_one_client_whose_global_adapter_is_scattered_back(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    worker = str(Path(__file__).with_name("fsdp_trainer_worker.py"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", worker, str(tmp_path)]
-    done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    r0, r1 = (load_file(str(tmp_path / f"fsdp_rank{r}.safetensors")) for r in (0, 1))
-    x = part(r0, "init/")
-    for step in (2, 4):  # fedavg with server_lr 0.5 and one client: x^{t+1} = x^t + 0.5 (w − x^t)
-        local, new = part(r0, f"local/{step}/"), part(r0, f"global/{step}/")
-        assert all(torch.equal(new[k], part(r1, f"global/{step}/")[k]) for k in new)  # one client: identical ranks
-        for k in x:
-            torch.testing.assert_close(new[k], x[k] + 0.5 * (local[k] - x[k]), rtol=1e-5, atol=1e-7)
-        x = new
+    assert_sharded_trainer_is_one_fedavg_client(tmp_path, "fsdp")

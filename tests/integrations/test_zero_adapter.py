@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.engine.test_distributed import free_port
-from tests.integrations.test_sharded_adapter import _lora, part
+from tests.integrations.test_sharded_adapter import _lora, assert_sharded_trainer_is_one_fedavg_client, part
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="DeepSpeed is not installed (pip install deepspeed; on CPU it runs over gloo)")
@@ -63,22 +63,4 @@ def test_the_adapter_is_gathered_whole_from_a_zero_engine_and_written_back_into_
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_trainer_under_deepspeed_is_one_client_whose_global_adapter_is_written_back(tmp_path, stage):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    worker = str(Path(__file__).with_name("zero_trainer_worker.py"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", worker, str(tmp_path), str(stage)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    r0, r1 = (load_file(str(tmp_path / f"zero{stage}_rank{r}.safetensors")) for r in (0, 1))
-    x = part(r0, "init/")
-    for step in (2, 4):  # fedavg with server_lr 0.5 and one client: x^{t+1} = x^t + 0.5 (w − x^t)
-        local, new = part(r0, f"local/{step}/"), part(r0, f"global/{step}/")
-        assert all(torch.equal(new[k], part(r1, f"global/{step}/")[k]) for k in new)  # one client: identical ranks
-        assert any(not torch.equal(local[k], x[k]) for k in x)  # it trained
-        for k in x:
-            torch.testing.assert_close(new[k], x[k] + 0.5 * (local[k] - x[k]), rtol=1e-5, atol=1e-7)
-        x = new
+    assert_sharded_trainer_is_one_fedavg_client(tmp_path, f"zero{stage}")
