@@ -3,10 +3,17 @@ sharded (fsdp) or partitioned (zero3): the backward recomputes each block's forw
 gather the block's weights again, and the run ends where one rank training each client with
 twice the batch, without checkpointing, ends."""
 
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from tests.conftest import tiny_recipe
 from tests.engine.test_groups import assert_rank0_held_half, assert_same_run, launch, reference  # noqa: F401  (a fixture)
+from tests.engine.test_zero_build import launch_worker
 from tests.engine.test_zero_groups import needs_deepspeed
+
+WORKER = str(Path(__file__).with_name("group_ckpt_worker.py"))
 
 CHECKPOINTING = "client.gradient_checkpointing=true"
 
@@ -26,3 +33,16 @@ def test_checkpointing_in_a_zero3_group_trains_as_one_rank_with_twice_the_batch(
     run_dir = launch(path, 2, "zero3_ckpt", "federation.group_size=2", "federation.group_parallel=zero3", CHECKPOINTING)
     assert_same_run(run_dir, one_dir)
     assert_rank0_held_half(run_dir, one_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_the_backward_recomputes_each_block_with_the_gradients_of_no_checkpointing(tmp_path, parallel):
+    # per rank, one step on one batch: each block's forward runs again in the backward, and
+    # re-gathers the block's weights for it (else the gradients would differ or the step fail)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path, federation={"group_size": 2, "group_parallel": parallel})))
+    for rank in launch_worker(tmp_path / "out", 2, path, worker=WORKER):
+        assert rank["plain_blocks"] == 2 and rank["ckpt_calls_per_module"] == 2 * rank["plain_calls_per_module"] > 0, rank
+        assert rank["ckpt_loss"] == rank["plain_loss"]
+        assert rank["grad_max_abs"] > 1e-4 and rank["grad_max_abs_diff"] <= 1e-6 * rank["grad_max_abs"], rank

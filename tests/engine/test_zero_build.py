@@ -23,10 +23,10 @@ WORKER = str(Path(__file__).with_name("zero_build_worker.py"))
 ZERO3 = {"group_size": 2, "group_parallel": "zero3"}
 
 
-def launch_worker(out: Path, processes: int, *recipes: Path, env: dict | None = None) -> list[dict]:
+def launch_worker(out: Path, processes: int, *recipes: Path, env: dict | None = None, worker: str = WORKER) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", WORKER, str(out), *map(str, recipes)]
+           f"--master_port={free_port()}", worker, str(out), *map(str, recipes)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
