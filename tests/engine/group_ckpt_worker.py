@@ -17,7 +17,8 @@ from fedllm.recipe import load_recipe
 
 
 def step(recipe, group, device, checkpointing: bool) -> dict:
-    recipe = recipe.model_copy(update={"client": recipe.client.model_copy(update={"gradient_checkpointing": checkpointing})})
+    client = recipe.client.model_copy(update={"gradient_checkpointing": checkpointing})
+    recipe = recipe.model_copy(update={"client": client})
     _, model, adapter = build_for_group(recipe, group, device)
     base = model.get_base_model()
     blocks = [m for m in model.modules() if type(m).__name__.removeprefix("FSDP") in base._no_split_modules]
@@ -41,9 +42,10 @@ def main(out: str, path: str) -> None:
     group = client_groups(recipe.federation.group_size)
     plain, ckpt = (step(recipe, group, state.device, on) for on in (False, True))
     diff = max((ckpt["grads"][k].double() - g.double()).abs().max().item() for k, g in plain["grads"].items())
-    result = {"rank": state.process_index, "grad_max_abs_diff": diff, "grad_max_abs": max(
-              g.abs().max().item() for g in plain["grads"].values()),
-              **{f"{name}_{k}": v for name, r in (("plain", plain), ("ckpt", ckpt)) for k, v in r.items() if k != "grads"}}
+    largest = max(g.abs().max().item() for g in plain["grads"].values())
+    result = {"rank": state.process_index, "grad_max_abs_diff": diff, "grad_max_abs": largest}
+    for name, r in (("plain", plain), ("ckpt", ckpt)):
+        result |= {f"{name}_{k}": v for k, v in r.items() if k != "grads"}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{state.process_index}.json").write_text(json.dumps(result, indent=1))
 
