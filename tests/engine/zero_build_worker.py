@@ -19,7 +19,7 @@ from fedllm.distributed import client_groups, process_state
 from fedllm.engine import build_for_group, resident_bytes
 from fedllm.models import build_model
 from fedllm.recipe import load_recipe
-from tests.engine.meta_load_worker import reset_peak, status_kib
+from meta_load_worker import reset_peak, status_kib  # beside this script: its folder is on sys.path
 
 
 def partitioned_at_build(recipe, group, device) -> tuple:
