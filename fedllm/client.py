@@ -16,7 +16,8 @@ from fedllm.recipe import ClientConfig
 from fedllm.state import ClientRecord, State
 from fedllm.strategies.base import ClientContext, ClientHooks, Strategy
 from fedllm.training import (
-    FULL_GRADIENT, LocalJob, LocalLoop, LocalResult, StepDriver, client_seed, default_steps, example_lengths, padded_tokens,
+    FULL_GRADIENT, LocalJob, LocalLoop, LocalResult, StepDriver, client_seed, default_steps, example_lengths, num_micro_batches,
+    padded_tokens,
 )
 
 DEFAULT_CLIP = ClientConfig.model_fields["max_grad_norm"].default  # the client: section's, unless set
@@ -74,9 +75,8 @@ class Client:
         if len(examples) == 0:
             return 0
         size = self.group.size if self.group is not None else 1
-        count = default_steps(self.cfg, len(examples), size) * self.cfg.gradient_accumulation_steps
-        return padded_tokens(example_lengths(examples), self.cfg.per_device_train_batch_size * size, count,
-                             client_seed(self.seed, round, client_id))
+        return padded_tokens(example_lengths(examples), self.cfg.per_device_train_batch_size * size,
+                             num_micro_batches(self.cfg, len(examples), size), client_seed(self.seed, round, client_id))
 
     def run(self, client_id: int, round: int, x_t: State, broadcast: State, record: ClientRecord, lr: float,
             on_step: Callable[[], None] | None = None) -> Upload:

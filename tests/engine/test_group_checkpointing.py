@@ -19,18 +19,11 @@ CHECKPOINTING = "client.gradient_checkpointing=true"
 
 
 @pytest.mark.slow
-def test_checkpointing_in_an_fsdp_group_trains_as_one_rank_with_twice_the_batch(reference):  # noqa: F811
+@pytest.mark.parametrize("parallel", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_checkpointing_in_a_sharded_group_trains_as_one_rank_with_twice_the_batch(reference, parallel):  # noqa: F811
     path, one_dir = reference
-    run_dir = launch(path, 2, "fsdp_ckpt", "federation.group_size=2", "federation.group_parallel=fsdp", CHECKPOINTING)
-    assert_same_run(run_dir, one_dir)
-    assert_rank0_held_half(run_dir, one_dir)
-
-
-@pytest.mark.slow
-@needs_deepspeed
-def test_checkpointing_in_a_zero3_group_trains_as_one_rank_with_twice_the_batch(reference):  # noqa: F811
-    path, one_dir = reference
-    run_dir = launch(path, 2, "zero3_ckpt", "federation.group_size=2", "federation.group_parallel=zero3", CHECKPOINTING)
+    run_dir = launch(path, 2, f"{parallel}_ckpt", "federation.group_size=2", f"federation.group_parallel={parallel}",
+                     CHECKPOINTING)
     assert_same_run(run_dir, one_dir)
     assert_rank0_held_half(run_dir, one_dir)
 
