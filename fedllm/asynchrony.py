@@ -36,8 +36,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fedllm.collectors import StreamedMean, flat, unflat
+from fedllm.collectors import AGGREGATE_NOT_FINITE, StreamedMean, finite_or_previous, flat, unflat
 from fedllm.devices import Devices
+from fedllm.metrics import rejection_code
 from fedllm.registry import STALENESS, RecipeError
 from fedllm.samplers import Uniform
 from fedllm.seeds import derive
@@ -46,7 +47,7 @@ from fedllm.strategies.base import ALL, RoundInfo, Strategy, Update
 from fedllm.training import round_learning_rate
 
 # indices in a stat row (fedllm.engine.STAT_COLUMNS)
-BYTES_UP, BYTES_DOWN, ACCEPTED = 3, 4, 5
+BYTES_UP, BYTES_DOWN, ACCEPTED, REJECTED = 3, 4, 5, 9
 
 
 class Server(Protocol):
@@ -216,9 +217,9 @@ class AsyncRounds:
                 self.arrivals += 1
                 self.pending.append(flight)
                 if self.mode == "buffered" and len(self.pending) >= self.buffer_size:
-                    global_state, server_state = self.apply(global_state, server_state, server)
+                    global_state, server_state = self.apply(t, global_state, server_state, server)
             if self.pending and self.mode == "async":  # simultaneous arrivals: one FedAsync event
-                global_state, server_state = self.apply(global_state, server_state, server)
+                global_state, server_state = self.apply(t, global_state, server_state, server)
         extra = {"sim_time": self.now, "server_version": self.version, "staleness_mean": sum(stale) / len(stale),
                  "staleness_max": max(stale), "in_flight": len(self.flights), "buffered": len(self.pending)}
         if not self.devices.always_online:
@@ -232,8 +233,9 @@ class AsyncRounds:
             shift = {k: start[k].float() - current[k].float() for k in current}
         return collect if scale == 1.0 and shift is None else Adjusted(collect, scale, shift)
 
-    def apply(self, global_state: State, server_state: State, server: Server):
-        """The pending arrivals, each weighed by its staleness, become one new server version."""
+    def apply(self, t: int, global_state: State, server_state: State, server: Server):
+        """The pending arrivals, each weighed by its staleness, become one new server version
+        (none if their aggregate is not finite: refused, the arrivals recorded rejected)."""
         arrived, self.pending = self.pending, []
         collect = server.collector(self.version)
         for f in arrived:
@@ -247,7 +249,15 @@ class AsyncRounds:
         lr = round_learning_rate(self.client_cfg, arrived[-1].round, self.rounds)
         info = lambda weight: RoundInfo(self.version, accepted, weight, self.num_clients, lr=lr,  # noqa: E731
                                         local_steps=self.client_cfg.max_steps or 0)
-        new_global, server_state = collect.finish(self.strategy, global_state, server_state, info, self.reducer)
+        new = collect.finish(self.strategy, global_state, server_state, info, self.reducer)
+        where = f"round {t + 1} (server version {self.version + 1})"
+        new_global, server_state, applied = finite_or_previous(where, new, (global_state, server_state), accepted)
+        if not applied:
+            # a buffer filled across two logged rounds: its rows of the earlier one were logged accepted already
+            for f in arrived:
+                if f.message is not None:
+                    f.row[ACCEPTED], f.row[REJECTED] = False, rejection_code(AGGREGATE_NOT_FINITE)
+            return global_state, server_state
         self.version += 1
         self.prune()
         return new_global, server_state

@@ -13,11 +13,13 @@ from typing import Callable
 import torch
 
 from fedllm.distributed import Reducer, canonical_shapes, pack, slices
+from fedllm.metrics import rejection_code
 from fedllm.state import State, is_finite
 from fedllm.strategies.base import ALL, RoundInfo, Strategy, Update
 
 log = logging.getLogger("fedllm")
 RoundInfoOf = Callable[[float], RoundInfo]  # the round's facts, given the accepted clients' total weight
+AGGREGATE_NOT_FINITE = "non_finite_aggregate"  # metrics.REJECTIONS: accepted, but the round's aggregate was refused
 
 
 SMALL = 2**20  # entries up to which one flat float64 copy per message is cheaper than a loop over tensors
@@ -161,6 +163,30 @@ class Gathered:
 
     def unchanged(self) -> None:
         pass
+
+
+def finite_or_previous(where: str, new: tuple[State, State], previous: tuple[State, State] | None,
+                       clients: list[int]) -> tuple[State, State, bool]:
+    """The round's new (global, server state) if every tensor of both is finite; else the
+    previous pair, with a warning naming the round (`where`): a non-finite aggregate is never
+    applied, whatever drove the round. Also returns whether the new pair was taken. `previous`
+    None: the collector applied its aggregate in place (an adapter's own aggregation), so
+    there is nothing to go back to and the run stops instead of going on from NaN/Inf."""
+    if is_finite(new[0]) and is_finite(new[1]):
+        return new[0], new[1], True
+    if previous is None:
+        raise RuntimeError(f"{where}: the aggregate of clients {clients} is not finite (NaN/Inf) and the adapter's own "
+                           "aggregation applied it in place: the run stops; resume it from its last checkpoint")
+    log.warning("%s: the aggregate of clients %s is not finite (NaN/Inf); refused, the global model and server state "
+                "stay as they were", where, clients)
+    return previous[0], previous[1], False
+
+
+def refuse_rows(stats: list[dict]) -> None:
+    """Records a refused aggregate's accepted uploads as rejected (metrics.REJECTIONS)."""
+    for s in stats:
+        if s["accepted"]:
+            s["accepted"], s["rejected"] = False, rejection_code(AGGREGATE_NOT_FINITE)
 
 
 def default_collector(strategy: Strategy, template: Callable[[], Update], round: int, attack=None,

@@ -22,7 +22,7 @@ from fedllm.balance import split_by_cost
 from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel, Downlink
 from fedllm.client import Client, Upload
-from fedllm.collectors import default_collector, message_template, misfit
+from fedllm.collectors import default_collector, finite_or_previous, message_template, misfit, refuse_rows
 from fedllm.data import PreparedData
 from fedllm.data.shared import prepare_data_once
 from fedllm.devices import Devices
@@ -257,10 +257,16 @@ class Federation:
                                self.clock_metrics(t, stats))
         info = lambda weight: RoundInfo(t, accepted, weight, self.recipe.federation.num_clients, lr=lr,  # noqa: E731
                                         local_steps=self.recipe.client.max_steps or 0)
-        new_global, server_state = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
+        # an adapter's own aggregation applies its aggregate to the global state in place: nothing to keep
+        previous = (self.global_state, self.server_state) if self.own_aggregation is None else None
+        new = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
         for s in stats:  # a forged message is filtered where it arrives: after the gather
             if s["client"] in getattr(collect, "forged_non_finite", ()):
                 s["accepted"], s["rejected"] = False, rejection_code("non_finite")
+        kept = [s["client"] for s in stats if s["accepted"]]
+        new_global, server_state, applied = finite_or_previous(f"round {t + 1}", new, previous, kept)
+        if not applied:
+            refuse_rows(stats)
         return RoundResult(new_global, server_state, stats, time.perf_counter() - start, self.clock_metrics(t, stats))
 
     def client_round(self, t: int, cid: int, down: Downlink, collect, lr: float, progress=None) -> list | None:

@@ -63,7 +63,9 @@ def truncate_jsonl(path: Path, rounds_done: int) -> None:
         write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-REJECTIONS = ("malformed", "non_finite", "erased")  # why an upload was left out of its round (erased: a simulated lossy link)
+# why an upload was left out of its round (erased: a simulated lossy link; non_finite_aggregate:
+# each upload was fine, their aggregate was not, and the round was refused)
+REJECTIONS = ("malformed", "non_finite", "erased", "non_finite_aggregate")
 
 
 def rejection_code(reason: str | None) -> int:

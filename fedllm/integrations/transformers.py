@@ -59,7 +59,7 @@ from transformers import Trainer, TrainerCallback
 
 from fedllm import zero
 from fedllm.channel import Channel
-from fedllm.collectors import default_collector
+from fedllm.collectors import default_collector, finite_or_previous, refuse_rows
 from fedllm.distributed import (
     Reducer, all_gather_rows, barrier, broadcast_state_, gather_trainable, is_distributed, scatter_trainable_,
 )
@@ -240,14 +240,19 @@ class FederatedCallback(TrainerCallback):
         clients = [s["client"] for s in stats if s["accepted"]]
         if clients:
             info = lambda total: RoundInfo(self.round, clients, total, self.clients, lr=self.lr, local_steps=self.local_steps)  # noqa: E731
-            new_global, self.server_state = collect.finish(self.strategy, self.global_state, self.server_state, info,
-                                                           self.reducer)
+            new = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
+            # every rank holds the same aggregate, so every rank takes or refuses it alike
+            new_global, self.server_state, applied = finite_or_previous(
+                f"round {self.round + 1}", new, (self.global_state, self.server_state), clients)
             self.global_state = {k: t.cpu() for k, t in new_global.items()}
+            if not applied:
+                refuse_rows(stats)
+                clients = []
         self.load_adapter(self.global_state)
         self.round += 1
         self.begin_round()
         return {
-            "fed/round": self.round, "fed/clients": len(clients),
+            "fed/round": self.round, "fed/clients": len(clients), "fed/rejected": sum(not s["accepted"] for s in stats),
             "fed/bytes_up": sum(s["bytes_up"] for s in stats), "fed/bytes_down": sum(s["bytes_down"] for s in stats),
             **{f"fed/{k}": v for k, v in self.strategy.metrics(self.server_state).items()},  # e.g. the ε spent
         }
