@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedllm.deploy.launch import descendants
+from fedllm.deploy.processes import descendants
 from fedllm.deploy.localhost import LocalFederation
 from fedllm.metrics import read_jsonl
 
@@ -100,7 +100,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", help="also write the raw numbers as JSON")
     args = parser.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
         dep = deployed(Path(tmp) / "deployed", args.rounds)
         sim = simulated(Path(tmp) / "simulated", args.rounds)

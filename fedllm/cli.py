@@ -73,6 +73,8 @@ def add_deploy_verbs(sub) -> None:
     join.add_argument("--superlink", required=True, metavar="HOST:PORT")
     join.add_argument("--ca", required=True, help="the CA certificate that signed the server's (ca.crt)")
     join.add_argument("--key", required=True, help="your private key (its .pub is registered with the server)")
+    join.add_argument("--signer", metavar="signing.pub", help="the server's app-signing key: only runs it signed are "
+                      "answered (default: signing.pub beside --ca)")
     join.add_argument("--state-dir", default="fedllm-party", help="where your state between rounds lives")
     join.add_argument("--eval-data", metavar="PATH", help="your held-out rows: the server's federated eval scores "
                       "the global adapter on them (without them this party is left out of evaluation)")
@@ -101,7 +103,7 @@ def run_deploy_verb(args) -> None:
         print(f"run directory: {run_dir}")
     elif args.command == "join":
         launch.join(args.recipe, args.overrides, args.data, args.client_id, args.superlink, args.ca, args.key, args.state_dir,
-                    eval_data=args.eval_data)
+                    eval_data=args.eval_data, signer=args.signer)
     elif args.command == "certs":
         from fedllm.deploy.certs import make_certificates
 

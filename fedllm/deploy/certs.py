@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 VALID_DAYS = 365
@@ -52,10 +52,12 @@ def _certificate(subject: str, issuer: str, public_key, signer, ca: bool, hosts:
 
 
 def make_certificates(out: Path, hosts: list[str], parties: int) -> Path:
-    """out/ca.crt (give it to every party), out/server.{pem,key} (the SuperLink's),
-    out/party_<i>{,.pub} (party i's SuperNode key pair; the server registers the .pub)."""
+    """out/ca.crt and out/signing.pub (give both to every party), out/server.{pem,key} (the
+    SuperLink's), out/signing.key (signs the app `fedllm serve` submits), out/party_<i>{,.pub}
+    (party i's SuperNode key pair; the server registers the .pub). The folder is private (0700)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = _certificate("fedllm local CA", "fedllm local CA", ca_key.public_key(), ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP384R1())
@@ -63,6 +65,7 @@ def make_certificates(out: Path, hosts: list[str], parties: int) -> Path:
     _write(out / "ca.crt", ca.public_bytes(serialization.Encoding.PEM), private=False)
     _write(out / "server.pem", server.public_bytes(serialization.Encoding.PEM), private=False)
     _write(out / "server.key", _pem_key(server_key), private=True)
+    write_signing_key(out)
     for i in range(parties):
         key = ec.generate_private_key(ec.SECP384R1())  # a NIST curve, as SuperNode authentication asks
         _write(out / f"party_{i}", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
@@ -70,3 +73,12 @@ def make_certificates(out: Path, hosts: list[str], parties: int) -> Path:
         _write(out / f"party_{i}.pub", key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                      serialization.PublicFormat.OpenSSH), private=False)
     return out
+
+
+def write_signing_key(out: Path) -> None:
+    """out/signing.key and out/signing.pub: the Ed25519 pair the served app is signed with."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    _write(Path(out) / "signing.key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                        serialization.NoEncryption()), private=True)
+    _write(Path(out) / "signing.pub", key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                  serialization.PublicFormat.OpenSSH), private=False)

@@ -8,6 +8,8 @@ join: the party's worker (one base-model load), then a SuperNode that connects o
 SuperLink with the party's key and relays each message to that worker."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedllm.deploy import processes
+from fedllm.deploy.processes import descendants, free_port, listens_on, port_taken, start, stop  # noqa: F401 (re-exported)
 from fedllm.metrics import write_atomically
 from fedllm.recipe import Recipe, apply_overrides, dump_recipe, load_recipe
 from fedllm.registry import RecipeError
@@ -55,6 +59,7 @@ clientapp = "fedllm.deploy.flower.client_app:app"
 
 [tool.flwr.app.config]
 run-dir = "{run_dir}"
+fedllm-signature = ""
 """
 
 
@@ -82,12 +87,6 @@ def flower_env(home: Path) -> dict:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_port(host: str, port: int, seconds: float, process: subprocess.Popen, what: str) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -99,53 +98,6 @@ def wait_for_port(host: str, port: int, seconds: float, process: subprocess.Pope
         except OSError:
             time.sleep(0.2)
     raise RecipeError(f"{what} did not listen on {host}:{port} within {seconds:g} s")
-
-
-def start(command: list[str], env: dict, log_file: Path) -> subprocess.Popen:
-    """A process in its own session, so that stopping it stops what it started too."""
-    with open(log_file, "ab") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Flower detaches some of its helpers into their own sessions)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def stop(process: subprocess.Popen, seconds: float = 10.0) -> None:
-    """Stops a process we started and everything it started, by their ids (and its process
-    group, which holds the helpers its exit left behind)."""
-    pids = [process.pid, *descendants(process.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for kill, target in [(os.killpg, process.pid)] + [(os.kill, pid) for pid in pids]:
-            try:
-                kill(target, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.time() + seconds
-        while time.time() < deadline and (process.poll() is None or any(alive(pid) for pid in pids[1:])):
-            time.sleep(0.2)
-        if process.poll() is not None and not any(alive(pid) for pid in pids[1:]):
-            return
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # ---- the server's side ------------------------------------------------------------------
@@ -224,17 +176,45 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
     certs = Path(certs)
     if not party_keys:
         raise RecipeError("no --party-key: register each party's public key with its client id, KEY.pub=CLIENT_ID")
-    for name in ("ca.crt", "server.pem", "server.key"):
+    for name in ("ca.crt", "server.pem", "server.key", "signing.key"):
         if not (certs / name).exists():
-            raise RecipeError(f"{certs / name} is missing: make the certificates with `fedllm certs {certs}`")
+            raise RecipeError(f"{certs / name} is missing: make the certificates with `fedllm certs {certs}` (and give "
+                              "ca.crt and signing.pub to every party)")
     if resume:
         run_dir = Path(resume)
         if not (run_dir / "recipe.yaml").exists():
             raise RecipeError(f"{run_dir} is not a fedllm run directory (no recipe.yaml)")
     else:
         run_dir = prepare_run(recipe_path, overrides)
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    app, home = write_app(run_dir, f"{local}:{port}", certs / "ca.crt")
+    with serving(run_dir):
+        return serve_run(run_dir, certs, party_keys, host, port, eval_data)
+
+
+@contextlib.contextmanager
+def serving(run_dir: Path):
+    """Holds run_dir/flower/serve.lock while this process serves the run: a second `fedllm serve`
+    of the same run is refused (the lock goes with its holder, kill -9 included)."""
+    (run_dir / "flower").mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "flower" / "serve.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise RecipeError(f"{run_dir} is being served already (by process {lock.read().strip() or '?'}): stop that "
+                              "`fedllm serve` first") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str, port: int, eval_data: str | None) -> Path:
+    if port_taken(host, port):
+        raise RecipeError(f"{host}:{port} is in use (another SuperLink, or one left over from an earlier run?): stop it, "
+                          "or serve on another --port")
+    internal = free_port()  # the Control and Runtime APIs: loopback only, a port of this run's own
+    app, home = write_app(run_dir, f"127.0.0.1:{internal}", certs / "ca.crt")
     bind_parties(run_dir, party_keys, load_recipe(run_dir / "recipe.yaml").federation.num_clients)
     if eval_data is not None:  # kept for a resumed run
         if not Path(eval_data).exists():
@@ -243,26 +223,51 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
     env = flower_env(home)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperLink on the way out
     superlink = start([
-        flower_command("flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
-        "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-        "--enable-supernode-auth", "--host", host, "--port", str(port),
+        sys.executable, "-m", "fedllm.deploy.superlink", host, str(port), str(os.getpid()),
+        "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+        "--ssl-keyfile", str(certs / "server.key"), "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(internal),
         "--database", str(home / "superlink.db"),  # registered parties survive a restart of the server
         "--disable-runtime-dependency-installation",  # the ServerApp runs in this environment, beside fedllm
     ], env, run_dir / "superlink.log")
     try:
-        wait_for_port(local, port, 120, superlink, "the SuperLink")
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        wait_for_port("127.0.0.1", internal, 120, superlink, "the SuperLink")
+        wait_for_port(local, port, 30, superlink, "the SuperLink")
+        if not listens_on(superlink.pid, port):
+            raise RecipeError(f"another process answers on {host}:{port}, not the SuperLink just started: stop it, or "
+                              "serve on another --port")
         register(party_keys, env)
-        print(f"SuperLink on {host}:{port} (TLS, {len(party_keys)} registered parties); run directory {run_dir}")
+        print(f"SuperLink on {host}:{port} (TLS, Fleet API only, {len(party_keys)} registered parties); run directory "
+              f"{run_dir}", flush=True)
         outcome = run_dir / "flower" / "outcome.json"  # written by the ServerApp when it ends
         outcome.unlink(missing_ok=True)
-        done = subprocess.run([flower_command("flwr"), "run", str(app), CONNECTION, "--stream"], env=env)
+        done = submit(app, env, certs / "signing.key", run_dir)
         result = json.loads(outcome.read_text()) if outcome.exists() else {}
-        if done.returncode != 0 or not result.get("ok"):
-            raise RecipeError(result.get("error") or f"the run ended without a result (`flwr run` exit code "
-                              f"{done.returncode}): see {run_dir}/server.log and superlink.log")
+        if done != 0 or not result.get("ok"):
+            raise RecipeError(result.get("error") or ended_why(run_dir, done))
     finally:
         stop(superlink)
     return run_dir
+
+
+def submit(app: Path, env: dict, signing_key: Path, run_dir: Path) -> int:
+    """`flwr run` of the app, signed: the parties answer only runs whose FAB and config signing.key signed."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedllm.deploy.signing import SIGNATURE, sign_app
+
+    signature = sign_app(signing_key, build_fab_from_disk(app), {"run-dir": str(run_dir.resolve())})
+    return processes.run_with_parent([flower_command("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config",
+                                      f"{SIGNATURE}='{signature}'"], env)
+
+
+def ended_why(run_dir: Path, code: int) -> str:
+    """Why a run ended without the ServerApp's result, from what its logs say."""
+    log_text = (run_dir / "superlink.log").read_text(errors="replace") if (run_dir / "superlink.log").exists() else ""
+    if "stop-run" in log_text or "StopRun" in log_text:
+        return f"the run was stopped from outside its ServerApp (`flwr stop`): see {run_dir}/superlink.log"
+    return (f"the run ended without a result (`flwr run` exit code {code}; the SuperLink or its ServerApp went away?): "
+            f"see {run_dir}/server.log and superlink.log")
 
 
 def register(party_keys: dict[int, Path], env: dict) -> None:
@@ -279,23 +284,28 @@ def register(party_keys: dict[int, Path], env: dict) -> None:
 
 # ---- a party's side ----------------------------------------------------------------------
 def join(recipe_path: str, overrides: list[str], data: str, client_id: int, superlink: str, ca: Path, key: Path,
-         state_dir: Path, port: int | None = None, eval_data: str | None = None) -> None:
+         state_dir: Path, port: int | None = None, eval_data: str | None = None, signer: Path | None = None) -> None:
     """Starts this party's worker (its one base-model load), then a SuperNode that connects to
-    the SuperLink; keeps both running (each is started again if it dies) until stopped."""
+    the SuperLink; keeps both running (each is started again if it dies, or if the SuperNode
+    stays cut off from the SuperLink) until stopped. The SuperNode answers only runs whose app
+    the server's signing key (`signer`, default: signing.pub beside `ca`) signed."""
     from fedllm.deploy.relay import SOCKET, worker_key
 
-    for path in (ca, key):
+    signer = Path(signer) if signer is not None else Path(ca).with_name("signing.pub")
+    for path in (ca, key, signer):
         if not Path(path).exists():
-            raise RecipeError(f"{path} does not exist: the server's operator gives each party ca.crt and its key pair")
+            raise RecipeError(f"{path} does not exist: the server's operator gives each party ca.crt, signing.pub and "
+                              "its key pair")
+    refuse_shared_key(Path(key))
     for flag, path in (("--data", data), ("--eval-data", eval_data)):
         if path is not None and not Path(path).exists():
             raise RecipeError(f"{flag} {path} does not exist: give your rows in the recipe's format")
     recipe = party_recipe(recipe_path, overrides)  # the worker checks its plugins and pairings (and says what is wrong)
-    state_dir = Path(state_dir).resolve()
+    os.umask(0o077)  # what the party writes (its state, its logs, and its worker's) is its user's alone
+    state_dir = private_dir(Path(state_dir).resolve())
     sock = state_dir / SOCKET
     if len(str(sock)) > 100:  # AF_UNIX paths are limited to ~108 bytes
         raise RecipeError(f"--state-dir {state_dir} is too long a path for the worker's socket: use a shorter one")
-    state_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(state_dir / "recipe.yaml", dump_recipe(recipe))  # what the worker trains with
     worker_key(state_dir)
     home = state_dir / "flower"
@@ -303,11 +313,11 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
     command = [
         flower_command("flower-supernode"), "--root-certificates", str(Path(ca).resolve()), "--superlink", superlink,
         "--auth-supernode-private-key", str(Path(key).resolve()),
-        "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}'",
+        "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}' app-signer='{signer.resolve()}'",
         "--port", str(port or free_port()),  # the SuperNode's local API for its ClientApps
     ]
     worker = Worker(state_dir, str(Path(data).resolve()), client_id, str(Path(eval_data).resolve()) if eval_data else None)
-    supernode = SuperNode(command, flower_env(home), state_dir / "supernode.log")
+    supernode = SuperNode(command, pinned_env(home), state_dir / "supernode.log")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both on the way out
     try:
         worker.start()
@@ -318,6 +328,37 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
     finally:
         supernode.stop()
         worker.stop()
+
+
+def private_dir(path: Path) -> Path:
+    """The party's state folder, made or kept private to this user (0700): it holds the worker's key and the
+    party's per-round state. One that another user owns is refused."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid != os.getuid():
+        raise RecipeError(f"--state-dir {path} belongs to another user: use a folder of your own")
+    os.chmod(path, 0o700)
+    return path
+
+
+def refuse_shared_key(key: Path) -> None:
+    """A private key others can read is no longer private (as ssh refuses it)."""
+    info = key.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RecipeError(f"--key {key} can be read by others (mode {oct(info.st_mode & 0o777)}, owner uid {info.st_uid}):"
+                          f" make it yours alone, `chmod 600 {key}`")
+
+
+def pinned_env(home: Path) -> dict:
+    """The SuperNode's environment, whose `flwr-clientapp` is fedllm's pinned one (flower/pinned.py):
+    it runs this party's installed relay for runs the server signed, and no code from a submitted app."""
+    shims = home / "bin"
+    shims.mkdir(parents=True, exist_ok=True)
+    shim = shims / "flwr-clientapp"
+    shim.write_text(f"#!{sys.executable}\nfrom fedllm.deploy.flower.pinned import main\nmain()\n")
+    os.chmod(shim, 0o700)
+    env = flower_env(home)
+    env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
+    return env
 
 
 def party_recipe(path: str, overrides: list[str]) -> Recipe:

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from fedllm.deploy.certs import make_certificates
-from fedllm.deploy.launch import descendants, eval_file, free_port, split_for_parties, stop
+from fedllm.deploy.launch import eval_file, split_for_parties
+from fedllm.deploy.processes import descendants, free_port, stop
 
 
 class LocalFederation:
@@ -22,7 +23,7 @@ class LocalFederation:
         self.data = split_for_parties(recipe, self.overrides, self.root / "data")
         self.server: subprocess.Popen | None = None
         self.party: dict[int, subprocess.Popen] = {}
-        self.env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        self.env = dict(os.environ)  # the threads each process chooses itself, as a user's would
 
     def fedllm(self, args: list[str], log: Path) -> subprocess.Popen:
         with open(log, "ab") as out:

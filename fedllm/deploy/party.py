@@ -30,6 +30,7 @@ from fedllm.recipe import Recipe
 from fedllm.registry import CODECS, STRATEGIES, RecipeError
 from fedllm.state import ClientRecord, State, save_state
 from fedllm.strategies.base import RunInfo
+from fedllm.threads import set_threads
 from fedllm.wire import MalformedMessage, WireContext
 
 log = logging.getLogger("fedllm")
@@ -64,6 +65,7 @@ class Party:
         self.recipe, self.client_id, self.state_dir = recipe, client_id, Path(state_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer, self.model, self.adapter = build_model(recipe, self.device)
+        set_threads(recipe.client.threads, self.model)  # as `fedllm run` chooses them: the same numbers
         self.count_load()
         self.params = self.adapter.trainable(self.model)
         self.template = self.adapter.state(self.model)  # what a downloaded x^t must look like

@@ -4,14 +4,17 @@ relay starts in a moment: it imports neither torch nor the model."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
+import stat
 import struct
 import threading
 from multiprocessing.connection import Client as Connect
 from pathlib import Path
 
 
+log = logging.getLogger("fedllm")
 SOCKET = "worker.sock"  # the worker's socket, in the party's state directory
 
 
@@ -27,14 +30,25 @@ def recv_frame(conn) -> tuple[dict, bytes]:
 
 
 def worker_key(state_dir: Path) -> bytes:
-    """The relay's key to the worker: made once, readable by the party's user only."""
+    """The relay's key to the worker: made once, readable by the party's user only. A key file
+    that another user owns, that others may read or write, or that is a link is made anew."""
     path = Path(state_dir) / "worker.key"
+    if os.path.lexists(path) and not private_file(path):
+        log.warning("%s was not private to this user (a link, another owner, or mode %s): made a new one", path,
+                    oct(path.lstat().st_mode & 0o777))
+        path.unlink()
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
     return path.read_bytes()
+
+
+def private_file(path: Path) -> bool:
+    """A regular file (not a link) of this user's that nobody else may read or write."""
+    info = os.lstat(path)
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
 class WorkerDown(RuntimeError):

@@ -1,0 +1,52 @@
+"""The `flwr-clientapp` a party's SuperNode starts for each message (found first on the
+SuperNode's PATH, which `fedllm join` sets): Flower's own ClientApp process, except that
+
+- the run must be signed by the server's key (signing.py) before anything is done with it,
+  so a run that someone else submitted to the SuperLink gets an error reply and no answer;
+- the app it runs is this party's installed fedllm relay (client_app.py), never code from
+  the submitted FAB, which is neither unpacked nor imported.
+
+Flower's `run_clientapp` does the rest (Runtime API, heartbeats, replies); the three names
+replaced below are its module's own, pinned with the flwr minor version (pyproject)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SIGNER = "app-signer"  # the node-config key: the server's signing.pub, as `fedllm join` was given it
+
+
+def checked_pull(original):
+    def pull_task_input(client):
+        from fedllm.deploy.signing import verify_app
+
+        message, context, run, fab = original(client)
+        signer = context.node_config.get(SIGNER)
+        if not signer or not Path(str(signer)).exists():
+            raise RuntimeError("this SuperNode has no server signing key: start the party with `fedllm join`")
+        verify_app(Path(str(signer)), fab.content, dict(context.run_config))
+        return message, context, run, fab
+
+    return pull_task_input
+
+
+def load_relay(**_):
+    def load(*_):
+        from fedllm.deploy.flower.client_app import app
+
+        return app
+
+    return load
+
+
+def main() -> None:
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from flwr.supernode.runtime import run_clientapp as flower
+
+    flower.pull_task_input = checked_pull(flower.pull_task_input)
+    flower.install_from_fab = lambda *args, **kwargs: None  # the submitted app's files are never unpacked
+    flower.get_load_client_app_fn = load_relay
+    flwr_clientapp()
+
+
+if __name__ == "__main__":
+    main()
