@@ -39,6 +39,8 @@ def tampered(wire: bytes, how: str) -> bytes:
         tensors["padding"] = torch.zeros(100 * sum(t.numel() for t in tensors.values()))
     elif how == "not a message":
         return b"\x00" * 64
+    elif how.startswith("all "):  # every entry of the update one large, finite number: "all 1e6"
+        tensors = {k: torch.full_like(t, float(how[4:])) if t.is_floating_point() else t for k, t in tensors.items()}
     return save(tensors, metadata={"fedllm": json.dumps(message.meta)} if message.meta else None)
 
 
@@ -53,10 +55,11 @@ class NodeInfo:  # what Grid.get_nodes() tells the ServerApp about a node (Flowe
 
 class StandInGrid:
     """Nodes 10 and 11 whose parties are real `Party` workers, each authenticated by a key;
-    node 11 misbehaves as `how` says: a tampered upload, silence, a late answer, a failure."""
+    node 11 misbehaves as `how` says: a tampered upload, silence, a late answer, a failure;
+    and reports the numbers in `forged` instead of its own."""
 
     def __init__(self, parties: dict, keys: dict, how: str = "none"):
-        self.parties, self.keys, self.how = parties, keys, how
+        self.parties, self.keys, self.how, self.forged = parties, keys, how, {}
         self.replies, self.pushed = {}, {node: 0 for node in parties}  # message id -> (due time, reply)
         self.asked, self.reports = [], {}  # (node, message type) of other messages; forged size reports
 
@@ -99,6 +102,8 @@ class StandInGrid:
                 self.how = "none"
                 self.replies[m.metadata.message_id] = (due, Message(Error(code, reason), reply_to=m))
                 continue
+            if node == 11:
+                stats = {**stats, **self.forged}
             if node == 11 and self.how == "late":
                 due += 1.5
             elif node == 11 and self.how != "none":
@@ -359,3 +364,97 @@ def test_ferret_deploys_and_trains_what_the_simulation_trains(recipe_file, tmp_p
     assert max(float((fed.global_state[k] - start[k]).abs().max()) for k in start) > 1e-4  # it trained
     for k in start:  # as the compact and the generic path agree in simulation
         torch.testing.assert_close(fed.global_state[k], simulated.global_state[k], rtol=1e-5, atol=1e-7)
+
+
+def spy_weights(fed, monkeypatch) -> dict:
+    """Client id -> the weight its last upload was offered to the round's aggregate with."""
+    seen, admit = {}, fed.admit
+
+    def spy(t, cid, collect, message, weight):
+        seen[cid] = weight
+        return admit(t, cid, collect, message, weight)
+
+    monkeypatch.setattr(fed, "admit", spy)
+    return seen
+
+
+@pytest.mark.slow
+def test_a_party_weighs_what_its_reported_size_gives_whatever_weight_it_claims(recipe_file, tmp_path, monkeypatch,
+                                                                              certs):
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs)
+    sizes, weights = fed.run_info().client_sizes, spy_weights(fed, monkeypatch)
+    fed.grid.forged = {"weight": 1e300}  # before: party 1 was the whole mean
+    result = fed.run_round(0)
+    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+    assert weights == {0: sizes[0], 1: sizes[1]}  # as the simulation weighs them: their sample counts
+    fed.global_state, fed.server_state = result.global_state, result.server_state
+    # the largest finite weight on an update of 1e6: before, Σ w·u overflowed to inf and the run "finished"
+    fed.grid.forged, fed.grid.how = {"weight": 1.7e308}, "all 1e6"
+    before = {k: v.clone() for k, v in fed.global_state.items()}
+    result = fed.run_round(1)
+    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)] and weights[1] == sizes[1]
+    share = 1e6 * sizes[1] / sum(sizes)  # party 0's own update is about 1e-3: lost in float32 beside this
+    for k, v in result.global_state.items():
+        assert torch.isfinite(v).all()
+        torch.testing.assert_close(v - before[k], torch.full_like(v, share), rtol=1e-5, atol=0.1)
+
+
+@pytest.mark.slow
+def test_a_reply_with_numbers_a_party_cannot_have_is_refused_and_the_run_goes_on(recipe_file, tmp_path, monkeypatch,
+                                                                                certs, caplog):
+    import math
+
+    from fedllm.metrics import rejection_code
+
+    fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs)
+    forged = [("steps", math.inf), ("num_samples", math.nan), ("train_loss", math.nan), ("weight", -1.0),
+              ("split_bytes_up", 2**62), ("num_samples", fed.run_info().client_sizes[1] + 1)]
+    for t, (field, value) in enumerate(forged):
+        fed.grid.forged = {field: value}
+        before = {k: v.clone() for k, v in fed.global_state.items()}
+        with caplog.at_level(logging.WARNING, logger="fedllm"):
+            result = fed.run_round(t)  # before: `steps: Infinity` stopped the server (cannot convert float infinity)
+        zeroed = {"num_samples": 0, "train_loss": 0.0, "steps": 0, "split_bytes_up": 0, "accepted": False,
+                  "rejected": rejection_code("malformed")}
+        assert {k: result.stats[1][k] for k in zeroed} == zeroed, field
+        assert result.stats[0]["accepted"] and result.stats[0]["num_samples"] > 0
+        assert f"round {t + 1}: client 1 sent a malformed update (its {field} {value!r} is not" in caplog.text
+        assert any(not torch.equal(before[k], result.global_state[k]) for k in before)  # party 0's update went in
+        row = fed.metrics.log_round(t + 1, result.stats, {})
+        assert row["rejected"] == {"malformed": [1]} and math.isfinite(row["train_loss"])
+        fed.global_state, fed.server_state = result.global_state, result.server_state
+        caplog.clear()
+    assert "NaN" not in (fed.run_dir / "metrics.jsonl").read_text()
+    assert fed.state_round(1) == -1
+    fed.grid.forged = {}
+    assert all(s["accepted"] for s in fed.run_round(len(forged)).stats)
+
+
+@pytest.mark.slow
+def test_a_round_whose_aggregate_overflows_is_refused_and_the_global_state_kept(recipe_file, tmp_path, monkeypatch,
+                                                                               certs, caplog):
+    from fedllm.deploy.flower.server_app import DeployedFederation
+    from fedllm.metrics import rejection_code
+
+    recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs,
+                                             strategy={"name": "fedavg", "server_lr": 10.0})
+    fed = DeployedFederation(recipe, run_dir, grid)
+    fed.start()
+    sizes = fed.run_info().client_sizes
+    # party 1's upload is finite (3e38 < float32's 3.4e38), and so is the weighted mean; x + 10·mean is not
+    assert 10 * 3e38 * sizes[1] / sum(sizes) > 3.5e38
+    grid.how = "all 3e38"
+    before = {k: v.clone() for k, v in fed.global_state.items()}
+    with caplog.at_level(logging.WARNING, logger="fedllm"):
+        result = fed.run_round(0)
+    refused = rejection_code("non_finite_aggregate")
+    assert [(s["client"], s["accepted"], s["rejected"]) for s in result.stats] == [(0, False, refused), (1, False, refused)]
+    assert all(torch.equal(before[k], result.global_state[k]) for k in before)
+    assert "round 1: the aggregate of clients [0, 1] is not finite (NaN/Inf); refused" in caplog.text
+    assert fed.state_round(0) == fed.state_round(1) == -1  # neither party's state advanced with the refused round
+    assert fed.metrics.log_round(1, result.stats, {})["rejected"] == {"non_finite_aggregate": [0, 1]}
+    fed.global_state, fed.server_state = result.global_state, result.server_state
+    grid.how = "none"  # the run goes on
+    result = fed.run_round(1)
+    assert all(s["accepted"] for s in result.stats) and fed.state_round(0) == fed.state_round(1) == 1
+    assert all(torch.isfinite(v).all() for v in result.global_state.values())

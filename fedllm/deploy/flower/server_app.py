@@ -1,7 +1,10 @@
 """The ServerApp: fedllm's Federation — strategy, collectors, the codecs' server side,
 metrics, ledger, checkpoints and resume — with its clients behind Flower's Grid. Each round
 sends the Channel's download bytes to the sampled parties and validates what comes back
-exactly as the simulation validates its own uploads; a party that does not answer within
+exactly as the simulation validates its own uploads, and every number of a reply against what
+the server knows (reports.check_train_report: a party's weight is recomputed as the simulation
+gives it, never above its reported size); a round whose aggregate is not finite is refused (the
+engine's, collectors.finite_or_previous); a party that does not answer within
 `federation.round_timeout_s` is recorded as missing and the round goes on without it.
 The server holds no party's data: before round 0 each party reports its counts (the run's
 client sizes), and evaluation is federated (each party scores the global adapter on its own
@@ -25,7 +28,7 @@ from fedllm.data import PreparedData
 from fedllm.data.prepare import prepare_local_data
 from fedllm.deploy.launch import PARTIES, SERVER_EVAL
 from fedllm.deploy.party import recipe_digests
-from fedllm.deploy.reports import check_eval, check_sizes, pooled_eval
+from fedllm.deploy.reports import TrainLimits, check_eval, check_sizes, check_train_report, pooled_eval
 from fedllm.engine import Federation, RoundResult
 from fedllm.metrics import rejection_code
 from fedllm.recipe import load_recipe
@@ -37,6 +40,10 @@ log = logging.getLogger("fedllm")
 STATE_ROUND = "state_round"  # the server's record of a party: the last round whose upload it accepted
 POLL_S = 0.2  # how often the server asks the SuperLink for replies (a local call)
 OUTCOME = "flower/outcome.json"  # how the ServerApp ended, for `fedllm serve`
+# An adapter's own loop takes steps its options set beyond client.max_steps (SFPrompt's local-loss
+# and split steps): a reported step count may exceed the recipe's by this much
+OWN_LOOP_STEPS = 10_000
+PROMPT_TOKENS = 2**10  # room for the virtual tokens an adapter prepends to a split step's hidden states
 
 
 class DeployedFederation(Federation):
@@ -60,6 +67,7 @@ class DeployedFederation(Federation):
         self.own_aggregation = None
         # an upload is at most its decoded elements in float64 plus a header; past that it is refused unread
         self.max_upload_bytes = 8 * self.max_elements + 2**20
+        self.split_step_bytes = split_step_bytes(self.model, self.run_info().batch_size, recipe.data.max_length)
 
     # ---- what the server knows of the parties' data ------------------------------------
     def load_data(self) -> PreparedData:
@@ -229,11 +237,10 @@ class DeployedFederation(Federation):
                 stats.append(missing_row(cid, len(wire) if cid in sent else 0, answer))
                 continue
             info, up = answer
-            message, size = self.receive(t, cid, up, info)
-            rejection = self.admit(t, cid, collect, message, info.get("weight", 0.0))
-            if rejection is None:
-                self.store.put(cid, {STATE_ROUND: torch.tensor(t)})
-            stats.append(answer_row(cid, info, size, len(wire), rejection))
+            numbers = info["malformed"] if "malformed" in info else check_train_report(info, self.train_limits(cid))
+            message, size = self.receive(t, cid, up, numbers)
+            rejection = self.admit(t, cid, collect, message, numbers["weight"] if isinstance(numbers, dict) else 0.0)
+            stats.append(answer_row(cid, numbers, size, len(wire), rejection))
         answered = sum("missing" not in s for s in stats)
         if answered < r.federation.min_clients:
             raise RecipeError(
@@ -242,7 +249,20 @@ class DeployedFederation(Federation):
                 f"retries (federation.round_retries), fewer than federation.min_clients={r.federation.min_clients}; "
                 f"the run stopped at its last checkpoint: when the parties are back, continue it with "
                 f"`fedllm serve --resume {self.run_dir}`")
-        return self.aggregate(t, collect, stats, lr, start)
+        result = self.aggregate(t, collect, stats, lr, start)
+        for s in result.stats:  # a party's state advances only with a round that applied its upload
+            if s["accepted"]:
+                self.store.put(s["client"], {STATE_ROUND: torch.tensor(t)})
+        return result
+
+    def train_limits(self, client_id: int) -> TrainLimits:
+        """What the client's train reply may say, from what the server knows: the size it reported
+        before round 0, and the local steps the recipe gives it (RunInfo.local_steps) in this round
+        and, for a strategy that has a client catch up on missed rounds (noise-robust ADMM), in
+        every round before."""
+        run = self.run_info()
+        steps = (run.rounds + 1) * run.local_steps[client_id] + OWN_LOOP_STEPS
+        return TrainLimits(run.client_sizes[client_id], steps, self.split_step_bytes, self.strategy.uniform_weights)
 
     def exchange(self, t: int, sampled: list[int], lr: float, wire: bytes) -> tuple[dict, set]:
         """Round t's download to each sampled party as soon as it is connected (one that reconnects
@@ -308,14 +328,12 @@ class DeployedFederation(Federation):
         except (KeyError, TypeError, ValueError) as err:
             return {"malformed": f"its reply is not an upload ({type(err).__name__}: {err})"}, b""
 
-    def receive(self, t: int, client_id: int, wire: bytes, info: dict):
-        """The server's half of the Channel on an untrusted upload: what it decodes to, or why not, and its size."""
+    def receive(self, t: int, client_id: int, wire: bytes, numbers: dict | str):
+        """The server's half of the Channel on an untrusted upload: what it decodes to, or why not,
+        and its size. `numbers`: the reply's checked numbers, or why they were refused."""
         size = len(wire)
-        if "malformed" in info:
-            return MalformedMessage(info["malformed"]), size
-        weight = info.get("weight")
-        if not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
-            return MalformedMessage(f"its weight {weight!r} is not a positive number"), size
+        if isinstance(numbers, str):
+            return MalformedMessage(numbers), size
         if size > self.max_upload_bytes:
             return MalformedMessage(f"it has {size} bytes, more than the {self.max_upload_bytes} this model's update can take"), size
         ctx = WireContext(t, client_id, self.recipe.seed, max_elements=self.max_elements)
@@ -349,13 +367,22 @@ def missing_row(client_id: int, bytes_down: int, reason: str) -> dict:
             "accepted": False, "steps": 0, "split_bytes_up": 0, "split_bytes_down": 0, "rejected": 0, "missing": reason}
 
 
-def answer_row(client_id: int, info: dict, size: int, bytes_down: int, rejection: str | None) -> dict:
-    """The engine's per-client stat row (engine.STAT_COLUMNS) from a party's reported numbers."""
-    number = lambda key: float(info.get(key, 0)) if isinstance(info.get(key, 0), (int, float)) else 0.0  # noqa: E731
-    split_up, split_down = int(number("split_bytes_up")), int(number("split_bytes_down"))
-    return {"client": client_id, "num_samples": int(number("num_samples")), "train_loss": number("train_loss"),
+def split_step_bytes(model: torch.nn.Module, batch_size: int, max_length: int) -> int:
+    """The most bytes one local step may exchange with the server (split learning): each way,
+    two tensors of the batch's hidden states (activations and their gradients), no wider than
+    the model's widest dimension, at 8 bytes an element, and their headers."""
+    width = max((max(p.shape, default=1) for p in model.parameters()), default=1)
+    return 2 * batch_size * (max_length + PROMPT_TOKENS) * width * 8 + 2**20
+
+
+def answer_row(client_id: int, numbers: dict | str, size: int, bytes_down: int, rejection: str | None) -> dict:
+    """The engine's per-client stat row (engine.STAT_COLUMNS) from a party's checked numbers;
+    zeros where they were refused (`numbers` is then why)."""
+    n = numbers if isinstance(numbers, dict) else {}
+    split_up, split_down = n.get("split_bytes_up", 0), n.get("split_bytes_down", 0)
+    return {"client": client_id, "num_samples": n.get("num_samples", 0), "train_loss": n.get("train_loss", 0.0),
             "bytes_up": size + split_up, "bytes_down": bytes_down + split_down, "accepted": rejection is None,
-            "steps": int(number("steps")), "split_bytes_up": split_up, "split_bytes_down": split_down,
+            "steps": n.get("steps", 0), "split_bytes_up": split_up, "split_bytes_down": split_down,
             "rejected": rejection_code(rejection)}
 
 
