@@ -98,9 +98,12 @@ def run_deploy_verb(args) -> None:
     if args.command == "serve":
         if not args.recipe and not args.resume:
             raise RecipeError("give a recipe, or --resume RUN_DIR")
+        from fedllm.summary import run_summary
+
+        began = time.perf_counter()
         run_dir = launch.serve(args.recipe, args.overrides, args.certs, launch.parse_party_keys(args.party_key), args.host,
                                args.port, args.resume, args.eval_data)
-        print(f"run directory: {run_dir}")
+        print(run_summary(run_dir, time.perf_counter() - began))
     elif args.command == "join":
         launch.join(args.recipe, args.overrides, args.data, args.client_id, args.superlink, args.ca, args.key, args.state_dir,
                     eval_data=args.eval_data, signer=args.signer)

@@ -241,7 +241,8 @@ def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str
               f"{run_dir}", flush=True)
         outcome = run_dir / "flower" / "outcome.json"  # written by the ServerApp when it ends
         outcome.unlink(missing_ok=True)
-        done = submit(app, env, certs / "signing.key", run_dir)
+        with RoundLines(run_dir):
+            done = submit(app, env, certs / "signing.key", run_dir)
         result = json.loads(outcome.read_text()) if outcome.exists() else {}
         if done != 0 or not result.get("ok"):
             raise RecipeError(result.get("error") or ended_why(run_dir, done))
@@ -257,8 +258,51 @@ def submit(app: Path, env: dict, signing_key: Path, run_dir: Path) -> int:
     from fedllm.deploy.signing import SIGNATURE, sign_app
 
     signature = sign_app(signing_key, build_fab_from_disk(app), {"run-dir": str(run_dir.resolve())})
-    return processes.run_with_parent([flower_command("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config",
-                                      f"{SIGNATURE}='{signature}'"], env)
+    with open(run_dir / "serverapp.log", "ab") as out:  # Flower's stream of the ServerApp's logs, beside server.log
+        return processes.run_with_parent([flower_command("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config",
+                                          f"{SIGNATURE}='{signature}'"], env, out)
+
+
+class RoundLines:
+    """While the run goes on: one console line per round the ServerApp logs to metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, every_s: float = 1.0):
+        self.path, self.every_s, self.done = Path(run_dir) / "metrics.jsonl", every_s, threading.Event()
+        self.seen = self.count()
+        self.rounds = load_recipe(Path(run_dir) / "recipe.yaml").federation.rounds
+
+    def count(self) -> int:
+        return len(self.path.read_text().splitlines()) if self.path.exists() else 0
+
+    def __enter__(self):
+        threading.Thread(target=self.follow, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.show()
+
+    def follow(self) -> None:
+        while not self.done.wait(self.every_s):
+            self.show()
+
+    def show(self) -> None:
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        for line in lines[self.seen:]:
+            try:
+                print(round_line(json.loads(line), self.rounds), flush=True)
+            except ValueError:  # a line being written: read again next time
+                break
+            self.seen += 1
+
+
+def round_line(row: dict, rounds: int) -> str:
+    parts = [f"round {row['round']}/{rounds}"]
+    parts += [f"{k} {row[k]:.4f}" for k in ("train_loss", "eval_loss", "token_accuracy") if row.get(k) is not None]
+    answered = row.get("clients", 0) - row.get("dropped", 0)
+    parts.append(f"{answered}/{row.get('clients', 0)} parties" + (f" (missing {row['missing_clients']})"
+                                                                    if row.get("missing_clients") else ""))
+    return ", ".join(parts) + f", {row.get('seconds', 0):.1f} s"
 
 
 def ended_why(run_dir: Path, code: int) -> str:
@@ -445,25 +489,51 @@ def last_error(log_file: Path) -> str:
 
 class SuperNode:
     """The party's SuperNode, started again whenever it exits (it gives up when the SuperLink
-    is unreachable for a while): the party rejoins by itself once the server is back."""
+    is unreachable for a while), or when it stays alive but cut off: it said it is leaving
+    (the SuperLink no longer knows its node: 401 on its heartbeat, e.g. after the server
+    restarted) and has not exited STUCK_AFTER_S later. The party rejoins by itself."""
 
     RESTART_AFTER_S = 1.0
+    STUCK_AFTER_S = 20.0
+    LEAVING = ("terminated gracefully", "401 Unauthorized", "does not recognize this SuperNode")
 
     def __init__(self, command: list[str], env: dict, log_file: Path):
-        self.command, self.env, self.log_file = command, env, log_file
+        self.command, self.env, self.log_file = command, env, Path(log_file)
         self.process, self.stopped = None, threading.Event()
+        self.read_to, self.leaving_since = 0, None
 
     def start(self) -> None:
-        self.process = start(self.command, self.env, self.log_file)
+        self.launch()
         threading.Thread(target=self.watch, daemon=True).start()
+
+    def launch(self) -> None:
+        self.read_to = self.log_file.stat().st_size if self.log_file.exists() else 0
+        self.leaving_since = None
+        self.process = start(self.command, self.env, self.log_file)
 
     def watch(self) -> None:
         while not self.stopped.wait(self.RESTART_AFTER_S):
             if self.process.poll() is not None:
-                stop(self.process)  # its helpers too
-                log.warning("the SuperNode exited (code %s: %s); starting it again", self.process.returncode,
-                            last_error(self.log_file))
-                self.process = start(self.command, self.env, self.log_file)
+                why = f"exited (code {self.process.returncode}: {last_error(self.log_file)})"
+            elif self.stuck():
+                why = f"said it was leaving {self.STUCK_AFTER_S:g} s ago and is still running"
+            else:
+                continue
+            stop(self.process)  # its helpers too
+            if self.stopped.is_set():
+                return
+            log.warning("the SuperNode %s; starting it again", why)
+            self.launch()
+
+    def stuck(self) -> bool:
+        if self.leaving_since is None and self.log_file.exists():
+            with open(self.log_file, "rb") as f:
+                f.seek(self.read_to)
+                new = f.read()
+            self.read_to += len(new)
+            if any(marker in new.decode(errors="replace") for marker in self.LEAVING):
+                self.leaving_since = time.time()
+        return self.leaving_since is not None and time.time() - self.leaving_since > self.STUCK_AFTER_S
 
     def stop(self) -> None:
         self.stopped.set()

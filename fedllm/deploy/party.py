@@ -203,7 +203,7 @@ class Party:
                 began = time.perf_counter()
                 stats, out = self.train(header, payload)
                 send_frame(conn, {"ok": True, **stats}, out)
-                log.info("round %d: trained %d steps in %.1f s", header["round"], stats["steps"],
+                log.info("round %d: trained %d steps in %.1f s", header["round"] + 1, stats["steps"],  # from 1, as metrics
                          time.perf_counter() - began)
         except (MalformedMessage, RecipeError, KeyError, ValueError) as err:
             log.warning("refused the server's %s message: %s", header.get("kind"), err)

@@ -123,15 +123,22 @@ def listening_inodes(port: int) -> set[str]:
 
 def listens_on(pid: int, port: int) -> bool:
     """Whether process `pid` holds the socket listening on `port` (it is ours, not a stale one)."""
-    inodes = listening_inodes(port)
+    inodes = {f"socket:[{inode}]" for inode in listening_inodes(port)}
     try:
-        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return False
-    return any(link.startswith("socket:[") and link[8:-1] in inodes for link in links)
+    for fd in fds:
+        try:
+            if os.readlink(fd) in inodes:
+                return True
+        except OSError:  # closed since the listing (the listing's own descriptor, for one)
+            continue
+    return False
 
 
-def run_with_parent(command: list[str], env: dict) -> int:
-    """subprocess.run that the child does not outlive (it gets SIGTERM if we are killed)."""
+def run_with_parent(command: list[str], env: dict, out=None) -> int:
+    """subprocess.run that the child does not outlive (it gets SIGTERM if we are killed); output to `out`."""
     parent = os.getpid()
-    return subprocess.run(command, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent)).returncode
+    return subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                          preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent)).returncode

@@ -175,3 +175,35 @@ def test_a_bound_key_is_read_as_the_superlink_stores_it_and_a_bad_one_is_named(t
     (tmp_path / "k.pub").write_text("not a key")
     with pytest.raises(RecipeError, match="k.pub: not a readable OpenSSH public key"):
         bind_parties(tmp_path / "run", {0: tmp_path / "k.pub"}, num_clients=2)
+
+
+def test_a_supernode_alive_but_cut_off_is_started_again(tmp_path):
+    """As seen after a server restart: the SuperLink answers its heartbeat with 401, it says it
+    is leaving, and then hangs instead of exiting. A SuperNode that keeps running is left alone."""
+    import sys
+    import time
+
+    from fedllm.deploy.launch import SuperNode
+
+    def supernode(says: str) -> SuperNode:
+        starts = tmp_path / f"starts_{len(says)}"
+        code = (f"import sys, time; open({str(starts)!r}, 'a').write('x'); print({says!r}, flush=True); "
+                "time.sleep(300)")
+        node = SuperNode([sys.executable, "-c", code], {}, tmp_path / f"supernode_{len(says)}.log")
+        node.RESTART_AFTER_S, node.STUCK_AFTER_S = 0.2, 1.0
+        return node
+
+    cut_off = supernode("ERROR: Client error '401 Unauthorized' ... SuperNode terminated gracefully.")
+    healthy = supernode("INFO: Receiving: train message")
+    try:
+        cut_off.start()
+        healthy.start()
+        deadline = time.time() + 20
+        while len((tmp_path / "starts_75").read_text() if (tmp_path / "starts_75").exists() else "") < 2:
+            assert time.time() < deadline, "the cut-off SuperNode was not started again"
+            time.sleep(0.2)
+        assert (tmp_path / f"starts_{len('INFO: Receiving: train message')}").read_text() == "x"
+    finally:
+        cut_off.stop()
+        healthy.stop()
+    assert cut_off.process.poll() is not None and healthy.process.poll() is not None

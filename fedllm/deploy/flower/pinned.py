@@ -1,8 +1,9 @@
 """The `flwr-clientapp` a party's SuperNode starts for each message (found first on the
 SuperNode's PATH, which `fedllm join` sets): Flower's own ClientApp process, except that
 
-- the run must be signed by the server's key (signing.py) before anything is done with it,
-  so a run that someone else submitted to the SuperLink gets an error reply and no answer;
+- the run must be signed by the server's key (signing.py) before anything is done with it:
+  a run that someone else submitted to the SuperLink gets an error reply, and the worker
+  is never asked;
 - the app it runs is this party's installed fedllm relay (client_app.py), never code from
   the submitted FAB, which is neither unpacked nor imported.
 
@@ -13,17 +14,23 @@ from __future__ import annotations
 from pathlib import Path
 
 SIGNER = "app-signer"  # the node-config key: the server's signing.pub, as `fedllm join` was given it
+REFUSED: list[str] = []  # why this process's run is refused (one message, one run per process)
 
 
 def checked_pull(original):
+    """Flower's pull of the task's message, context, run and FAB, then the run's signature
+    checked; a refusal is raised when the app is loaded, so that Flower replies with it."""
     def pull_task_input(client):
-        from fedllm.deploy.signing import verify_app
+        from fedllm.deploy.signing import AppNotSigned, verify_app
 
         message, context, run, fab = original(client)
         signer = context.node_config.get(SIGNER)
-        if not signer or not Path(str(signer)).exists():
-            raise RuntimeError("this SuperNode has no server signing key: start the party with `fedllm join`")
-        verify_app(Path(str(signer)), fab.content, dict(context.run_config))
+        try:
+            if not signer or not Path(str(signer)).exists():
+                raise AppNotSigned("this SuperNode has no server signing key: start the party with `fedllm join`")
+            verify_app(Path(str(signer)), fab.content, dict(context.run_config))
+        except AppNotSigned as err:
+            REFUSED.append(f"{err}")
         return message, context, run, fab
 
     return pull_task_input
@@ -32,7 +39,10 @@ def checked_pull(original):
 def load_relay(**_):
     def load(*_):
         from fedllm.deploy.flower.client_app import app
+        from fedllm.deploy.signing import AppNotSigned
 
+        if REFUSED:
+            raise AppNotSigned(REFUSED[0])
         return app
 
     return load

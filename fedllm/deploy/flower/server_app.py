@@ -97,9 +97,10 @@ class DeployedFederation(Federation):
         if recorded is not None:
             for cid, (n, _) in reports.items():
                 if n != recorded[0][cid]:
+                    more = " (while it trains on more, its uploads are refused)" if n > recorded[0][cid] else ""
                     log.warning("client %d now reports %d training examples; the run started with %d and keeps that "
-                                "number (its DP accounting and local steps): start a new run to use the new count",
-                                cid, n, recorded[0][cid])
+                                "number (its DP accounting, local steps and the most its upload weighs)%s: start a new "
+                                "run to use the new count", cid, n, recorded[0][cid], more)
             return recorded[0], [reports[c][1] if c in reports else recorded[1][c] for c in wanted]
         if problems:
             (cid, why), more = next(iter(problems.items())), " (and others: see server.log)" if len(problems) > 1 else ""
