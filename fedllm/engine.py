@@ -22,7 +22,9 @@ from fedllm.balance import split_by_cost
 from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel, Downlink
 from fedllm.client import Client, Upload
-from fedllm.collectors import default_collector, finite_or_previous, message_template, misfit, refuse_rows
+from fedllm.collectors import (
+    default_collector, finite_or_previous, message_template, misfit, refuse_rows,
+)
 from fedllm.data import PreparedData
 from fedllm.data.shared import prepare_data_once
 from fedllm.devices import Devices

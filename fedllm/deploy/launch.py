@@ -361,7 +361,13 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
         "--port", str(port or free_port()),  # the SuperNode's local API for its ClientApps
     ]
     worker = Worker(state_dir, str(Path(data).resolve()), client_id, str(Path(eval_data).resolve()) if eval_data else None)
-    supernode = SuperNode(command, pinned_env(home), state_dir / "supernode.log")
+    supernode = SuperNode(command, pinned_env(home), state_dir / "supernode.log", hints={
+        "CERTIFICATE_VERIFY_FAILED": f"the server's TLS certificate does not verify with --ca {ca}: ask the server's "
+                                     "operator for the CA certificate (ca.crt) that signed it",
+        "Failed to activate SuperNode": f"the server refused this party's key {key}: its operator registers {key}.pub "
+                                        f"for client {client_id} (fedllm serve --party-key {Path(key).name}.pub="
+                                        f"{client_id})",
+    })
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both on the way out
     try:
         worker.start()
@@ -497,10 +503,11 @@ class SuperNode:
     STUCK_AFTER_S = 20.0
     LEAVING = ("terminated gracefully", "401 Unauthorized", "does not recognize this SuperNode")
 
-    def __init__(self, command: list[str], env: dict, log_file: Path):
+    def __init__(self, command: list[str], env: dict, log_file: Path, hints: dict[str, str] | None = None):
         self.command, self.env, self.log_file = command, env, Path(log_file)
         self.process, self.stopped = None, threading.Event()
-        self.read_to, self.leaving_since = 0, None
+        self.read_to, self.leaving_since, self.seen = 0, None, ""
+        self.hints, self.said = dict(hints or {}), set()  # log marker -> what to tell the party's user, once
 
     def start(self) -> None:
         self.launch()
@@ -508,13 +515,13 @@ class SuperNode:
 
     def launch(self) -> None:
         self.read_to = self.log_file.stat().st_size if self.log_file.exists() else 0
-        self.leaving_since = None
+        self.leaving_since, self.seen = None, ""  # this process's log only
         self.process = start(self.command, self.env, self.log_file)
 
     def watch(self) -> None:
         while not self.stopped.wait(self.RESTART_AFTER_S):
             if self.process.poll() is not None:
-                why = f"exited (code {self.process.returncode}: {last_error(self.log_file)})"
+                why = f"exited (code {self.process.returncode}: {self.explain()})"
             elif self.stuck():
                 why = f"said it was leaving {self.STUCK_AFTER_S:g} s ago and is still running"
             else:
@@ -526,14 +533,32 @@ class SuperNode:
             self.launch()
 
     def stuck(self) -> bool:
-        if self.leaving_since is None and self.log_file.exists():
-            with open(self.log_file, "rb") as f:
-                f.seek(self.read_to)
-                new = f.read()
-            self.read_to += len(new)
-            if any(marker in new.decode(errors="replace") for marker in self.LEAVING):
-                self.leaving_since = time.time()
+        if self.leaving_since is None and any(marker in self.new_log() for marker in self.LEAVING):
+            self.leaving_since = time.time()
         return self.leaving_since is not None and time.time() - self.leaving_since > self.STUCK_AFTER_S
+
+    def new_log(self) -> str:
+        """What the SuperNode logged since the last look."""
+        if not self.log_file.exists():
+            return ""
+        with open(self.log_file, "rb") as f:
+            f.seek(self.read_to)
+            new = f.read()
+        self.read_to += len(new)
+        self.seen = self.seen[-20000:] + new.decode(errors="replace")
+        return new.decode(errors="replace")
+
+    def explain(self) -> str:
+        """Why it exited, in the party's terms where its log says (a CA that does not verify the
+        server, a key the server did not register): said once as a warning, then shortened."""
+        self.new_log()
+        for marker, hint in self.hints.items():
+            if marker in self.seen:
+                if marker not in self.said:
+                    self.said.add(marker)
+                    log.warning("%s", hint)
+                return hint.split(":")[0]
+        return last_error(self.log_file)
 
     def stop(self) -> None:
         self.stopped.set()

@@ -18,7 +18,9 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child o
 def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
     """This process gets `sig` when its parent exits (SIGKILL included). If the parent is
     already gone (it died between fork and here), the signal is raised at once."""
-    _LIBC.prctl(PR_SET_PDEATHSIG, int(sig))
+    prctl = getattr(_LIBC, "prctl", None)  # Linux; elsewhere a killed supervisor may leave its children
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, int(sig))
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)
 

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from fedllm.deploy.certs import make_certificates
-from fedllm.deploy.processes import alive, listens_on, port_taken, start
-from fedllm.deploy.relay import private_file, worker_key
-from fedllm.deploy.signing import SIGNATURE, AppNotSigned, sign_app, verify_app
-from fedllm.registry import RecipeError
+pytest.importorskip("cryptography", reason="the deployment's certificates need the Flower extra: pip install 'fedllm[flower]'")
+
+from fedllm.deploy.certs import make_certificates  # noqa: E402
+from fedllm.deploy.processes import alive, listens_on, port_taken, start  # noqa: E402
+from fedllm.deploy.relay import private_file, worker_key  # noqa: E402
+from fedllm.deploy.signing import SIGNATURE, AppNotSigned, sign_app, verify_app  # noqa: E402
+from fedllm.registry import RecipeError  # noqa: E402
 
 
 def asgi_get(app, path: str, kind: str = "http") -> int:
