@@ -220,7 +220,7 @@ def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str
         if not Path(eval_data).exists():
             raise RecipeError(f"--eval-data {eval_data} does not exist: give a held-out file in the recipe's format")
         write_atomically(run_dir / SERVER_EVAL, json.dumps({"path": str(Path(eval_data).resolve())}))
-    env = flower_env(home)
+    env = shimmed_env(home, "flwr-serverapp", "fedllm.deploy.flower.bound")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperLink on the way out
     superlink = start([
         sys.executable, "-m", "fedllm.deploy.superlink", host, str(port), str(os.getpid()),
@@ -245,7 +245,10 @@ def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str
             done = submit(app, env, certs / "signing.key", run_dir)
         result = json.loads(outcome.read_text()) if outcome.exists() else {}
         if done != 0 or not result.get("ok"):
-            raise RecipeError(result.get("error") or ended_why(run_dir, done))
+            why = result.get("error") or ended_why(run_dir, done, superlink)
+            if not result.get("error"):  # the ServerApp could not say it: server.log says it for the record
+                note_in_server_log(run_dir, why)
+            raise RecipeError(why)
     finally:
         stop(superlink)
     return run_dir
@@ -305,13 +308,23 @@ def round_line(row: dict, rounds: int) -> str:
     return ", ".join(parts) + f", {row.get('seconds', 0):.1f} s"
 
 
-def ended_why(run_dir: Path, code: int) -> str:
-    """Why a run ended without the ServerApp's result, from what its logs say."""
-    log_text = (run_dir / "superlink.log").read_text(errors="replace") if (run_dir / "superlink.log").exists() else ""
-    if "stop-run" in log_text or "StopRun" in log_text:
-        return f"the run was stopped from outside its ServerApp (`flwr stop`): see {run_dir}/superlink.log"
-    return (f"the run ended without a result (`flwr run` exit code {code}; the SuperLink or its ServerApp went away?): "
-            f"see {run_dir}/server.log and superlink.log")
+def ended_why(run_dir: Path, code: int, superlink: subprocess.Popen) -> str:
+    """Why a run ended without the ServerApp's result: the SuperLink went, the run was stopped, or the ServerApp died."""
+    resume = f"continue it with `fedllm serve --resume {run_dir}`"
+    if superlink.poll() is not None:
+        how = (f"was killed (signal {-superlink.returncode})" if superlink.returncode < 0 else
+               f"exited with code {superlink.returncode}")
+        return f"the SuperLink {how} while the run was going (see {run_dir}/superlink.log): {resume}"
+    access = (run_dir / "superlink.log").read_text(errors="replace") if (run_dir / "superlink.log").exists() else ""
+    if '"POST /v1/control/stop-run' in access:
+        return f"the run was stopped with `flwr stop` on this machine (the Control API is on loopback): {resume}"
+    return (f"the ServerApp ended without a result (`flwr run` exit code {code}; see {run_dir}/serverapp.log and "
+            f"server.log): {resume}")
+
+
+def note_in_server_log(run_dir: Path, why: str) -> None:
+    with open(run_dir / "server.log", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ERROR fedllm: {why}\n")
 
 
 def register(party_keys: dict[int, Path], env: dict) -> None:
@@ -361,7 +374,7 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
         "--port", str(port or free_port()),  # the SuperNode's local API for its ClientApps
     ]
     worker = Worker(state_dir, str(Path(data).resolve()), client_id, str(Path(eval_data).resolve()) if eval_data else None)
-    supernode = SuperNode(command, pinned_env(home), state_dir / "supernode.log", hints={
+    supernode = SuperNode(command, shimmed_env(home, "flwr-clientapp", "fedllm.deploy.flower.pinned"), state_dir / "supernode.log", hints={
         "CERTIFICATE_VERIFY_FAILED": f"the server's TLS certificate does not verify with --ca {ca}: ask the server's "
                                      "operator for the CA certificate (ca.crt) that signed it",
         "Failed to activate SuperNode": f"the server refused this party's key {key}: its operator registers {key}.pub "
@@ -398,13 +411,14 @@ def refuse_shared_key(key: Path) -> None:
                           f" make it yours alone, `chmod 600 {key}`")
 
 
-def pinned_env(home: Path) -> dict:
-    """The SuperNode's environment, whose `flwr-clientapp` is fedllm's pinned one (flower/pinned.py):
-    it runs this party's installed relay for runs the server signed, and no code from a submitted app."""
+def shimmed_env(home: Path, command: str, module: str) -> dict:
+    """Flower's environment under FLWR_HOME `home`, where the Flower process `command` (which a
+    SuperExec starts by name) is fedllm's `module`: on the server, a ServerApp that dies with its
+    SuperExec (flower/bound.py); on a party, the pinned ClientApp (flower/pinned.py)."""
     shims = home / "bin"
     shims.mkdir(parents=True, exist_ok=True)
-    shim = shims / "flwr-clientapp"
-    shim.write_text(f"#!{sys.executable}\nfrom fedllm.deploy.flower.pinned import main\nmain()\n")
+    shim = shims / command
+    shim.write_text(f"#!{sys.executable}\nfrom {module} import main\nmain()\n")
     os.chmod(shim, 0o700)
     env = flower_env(home)
     env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
