@@ -346,7 +346,7 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
     the SuperLink; keeps both running (each is started again if it dies, or if the SuperNode
     stays cut off from the SuperLink) until stopped. The SuperNode answers only runs whose app
     the server's signing key (`signer`, default: signing.pub beside `ca`) signed."""
-    from fedllm.deploy.relay import SOCKET, worker_key
+    from fedllm.deploy.relay import SOCKET, private_secret, worker_key
 
     signer = Path(signer) if signer is not None else Path(ca).with_name("signing.pub")
     for path in (ca, key, signer):
@@ -367,14 +367,21 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
     worker_key(state_dir)
     home = state_dir / "flower"
     home.mkdir(parents=True, exist_ok=True)
+    private_secret(state_dir / "superexec.secret")
+    local_api = f"127.0.0.1:{port or free_port()}"  # the SuperNode's local API for its ClientApps
     command = [
         flower_command("flower-supernode"), "--root-certificates", str(Path(ca).resolve()), "--superlink", superlink,
         "--auth-supernode-private-key", str(Path(key).resolve()),
         "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}' app-signer='{signer.resolve()}'",
-        "--port", str(port or free_port()),  # the SuperNode's local API for its ClientApps
+        "--host", "127.0.0.1", "--port", local_api.rsplit(":", 1)[1],
+        # its tasks go only to the SuperExec that holds the secret (started beside it), not to any local user who asks
+        "--isolation", "process", "--superexec-auth-secret-file", str(state_dir / "superexec.secret"),
     ]
+    superexec = [flower_command("flower-superexec"), "--runtime-api-address", local_api, "--insecure",
+                 "--superexec-auth-secret-file", str(state_dir / "superexec.secret")]
     worker = Worker(state_dir, str(Path(data).resolve()), client_id, str(Path(eval_data).resolve()) if eval_data else None)
-    supernode = SuperNode(command, shimmed_env(home, "flwr-clientapp", "fedllm.deploy.flower.pinned"), state_dir / "supernode.log", hints={
+    supernode = SuperNode(command, shimmed_env(home, "flwr-clientapp", "fedllm.deploy.flower.pinned"),
+                          state_dir / "supernode.log", superexec=superexec, hints={
         "CERTIFICATE_VERIFY_FAILED": f"the server's TLS certificate does not verify with --ca {ca}: ask the server's "
                                      "operator for the CA certificate (ca.crt) that signed it",
         "Failed to activate SuperNode": f"the server refused this party's key {key}: its operator registers {key}.pub "
@@ -517,9 +524,11 @@ class SuperNode:
     STUCK_AFTER_S = 20.0
     LEAVING = ("terminated gracefully", "401 Unauthorized", "does not recognize this SuperNode")
 
-    def __init__(self, command: list[str], env: dict, log_file: Path, hints: dict[str, str] | None = None):
+    def __init__(self, command: list[str], env: dict, log_file: Path, hints: dict[str, str] | None = None,
+                 superexec: list[str] | None = None):
         self.command, self.env, self.log_file = command, env, Path(log_file)
-        self.process, self.stopped = None, threading.Event()
+        self.superexec_command = superexec  # its SuperExec, where the SuperNode runs in process isolation
+        self.process, self.superexec, self.stopped = None, None, threading.Event()
         self.read_to, self.leaving_since, self.seen = 0, None, ""
         self.hints, self.said = dict(hints or {}), set()  # log marker -> what to tell the party's user, once
 
@@ -531,16 +540,21 @@ class SuperNode:
         self.read_to = self.log_file.stat().st_size if self.log_file.exists() else 0
         self.leaving_since, self.seen = None, ""  # this process's log only
         self.process = start(self.command, self.env, self.log_file)
+        if self.superexec_command:  # it ends with its SuperNode (Flower's parent poll); both start again together
+            self.superexec = start([*self.superexec_command, "--parent-pid", str(self.process.pid)], self.env,
+                                   self.log_file)
 
     def watch(self) -> None:
         while not self.stopped.wait(self.RESTART_AFTER_S):
             if self.process.poll() is not None:
                 why = f"exited (code {self.process.returncode}: {self.explain()})"
+            elif self.superexec is not None and self.superexec.poll() is not None:
+                why = f"lost its SuperExec (code {self.superexec.returncode})"
             elif self.stuck():
                 why = f"said it was leaving {self.STUCK_AFTER_S:g} s ago and is still running"
             else:
                 continue
-            stop(self.process)  # its helpers too
+            self.stop_processes()
             if self.stopped.is_set():
                 return
             log.warning("the SuperNode %s; starting it again", why)
@@ -574,10 +588,14 @@ class SuperNode:
                 return hint.split(":")[0]
         return last_error(self.log_file)
 
+    def stop_processes(self) -> None:
+        for process in (self.process, self.superexec):
+            if process is not None:
+                stop(process)  # its helpers too
+
     def stop(self) -> None:
         self.stopped.set()
-        if self.process is not None:
-            stop(self.process)
+        self.stop_processes()
 
 
 def split_for_parties(recipe_path: str, overrides: list[str], out: Path) -> list[Path]:

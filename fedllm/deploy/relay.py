@@ -30,9 +30,14 @@ def recv_frame(conn) -> tuple[dict, bytes]:
 
 
 def worker_key(state_dir: Path) -> bytes:
-    """The relay's key to the worker: made once, readable by the party's user only. A key file
-    that another user owns, that others may read or write, or that is a link is made anew."""
-    path = Path(state_dir) / "worker.key"
+    """The relay's key to the worker: made once, readable by the party's user only."""
+    return private_secret(Path(state_dir) / "worker.key")
+
+
+def private_secret(path: Path) -> bytes:
+    """32 random bytes kept in `path`, made once, readable by this user only. A file that
+    another user owns, that others may read or write, or that is a link is made anew."""
+    path = Path(path)
     if os.path.lexists(path) and not private_file(path):
         log.warning("%s was not private to this user (a link, another owner, or mode %s): made a new one", path,
                     oct(path.lstat().st_mode & 0o777))

@@ -239,3 +239,58 @@ def test_a_run_being_served_or_a_taken_port_is_refused(waiting_federation, tmp_p
                            capture_output=True, text=True, timeout=120)
     assert other.returncode != 0 and "is in use" in other.stderr, other.stderr
     assert "Traceback" not in again.stderr + other.stderr
+
+
+def local_api_port(state_dir: Path) -> int:
+    """The port of a party's SuperNode local API, as any user of that machine can read it from `ps`."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(a.endswith("flower-supernode") for a in args) and any(str(state_dir) in a for a in args):
+            return int(args[args.index("--port") + 1])
+    raise AssertionError(f"no SuperNode of {state_dir} is running")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT_S)
+def test_a_local_user_of_a_partys_machine_is_handed_no_task(waiting_federation):
+    """In subprocess isolation Flower's SuperNode hands its ClientApp tasks (and their run
+    tokens) to whoever asks on 127.0.0.1; `join` runs it in process isolation with its own
+    SuperExec holding a secret (0600), so asking without it is refused."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    fed, _ = waiting_federation
+    port = local_api_port(fed.state_dir(0))
+    client = RuntimeHttpClient.from_server_address(f"127.0.0.1:{port}", insecure=True, root_certificates=None,
+                                                   interceptors=[])
+    with pytest.raises(Exception) as refused:
+        client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+    assert any(code in str(refused.value) for code in ("401", "403", "nauthenticated", "ermission")), refused.value
+    secret = fed.state_dir(0) / "superexec.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600 and fed.state_dir(0).stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TIMEOUT_S)
+def test_kill_9_of_join_leaves_no_process_of_that_party(tmp_path):
+    fed = LocalFederation(QUICKSTART, SHARED, tmp_path, parties=1)
+    fed.join(0)  # no server: its SuperNode keeps trying, and is started again each time it gives up
+    try:
+        def names() -> list[str]:
+            return [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in descendants(fed.party[0].pid)
+                    if Path(f"/proc/{pid}/cmdline").exists()]
+        fed.until(lambda: "ready on" in fed.log_of("party_0/worker.log") and any("flower-superexec" in n for n in names()),
+                  TIMEOUT_S, "the party's worker, SuperNode and SuperExec")
+        tree = [fed.party[0].pid, *descendants(fed.party[0].pid)]
+        os.kill(fed.party[0].pid, signal.SIGKILL)
+        fed.party.pop(0).wait()
+        deadline = time.time() + 30
+        while any(alive(pid) for pid in tree) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in tree if alive(pid)], "processes outlived their killed `fedllm join`"
+    finally:
+        fed.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -192,7 +193,7 @@ class DeployedFederation(Federation):
     def stats(reply: Message) -> dict | str:
         """A party's JSON numbers from its reply, or why there are none."""
         if reply.has_error():
-            return str(reply.error.reason)
+            return error_reason(reply)
         try:
             stats = json.loads(reply.content["stats"]["stats"])
         except (KeyError, TypeError, ValueError) as err:
@@ -322,7 +323,7 @@ class DeployedFederation(Federation):
     @staticmethod
     def answer(reply: Message) -> tuple[dict, bytes] | str:
         if reply.has_error():  # its ClientApp failed, or Flower could not deliver
-            return str(reply.error.reason)
+            return error_reason(reply)
         try:
             stats = json.loads(reply.content["stats"]["stats"])
             return stats if isinstance(stats, dict) else {}, read_bytes(reply.content["up"])
@@ -342,6 +343,17 @@ class DeployedFederation(Federation):
             return self.channel.decode(deserialize(wire), ctx), size
         except Exception as err:  # any failure to parse untrusted bytes is the sender's: refuse them, go on
             return MalformedMessage(f"it does not decode ({type(err).__name__}: {err})"), size
+
+
+def error_reason(reply: Message) -> str:
+    """A failed reply's reason as the party said it: Flower wraps a ClientApp's exception as
+    "<class 'module.Error'>:<'text'>"; the class is Flower's plumbing, the text is the party's."""
+    reason = str(reply.error.reason)
+    wrapped = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", reason, flags=re.DOTALL)
+    if wrapped is None:
+        return reason
+    kind, text = wrapped.groups()
+    return text if kind in ("RuntimeError", "AppNotSigned", "WorkerDown") else f"{kind}: {text}"
 
 
 def normal_key(pem) -> bytes | None:
