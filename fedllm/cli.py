@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         return execute(args)
     except USER_ERRORS as err:
         return report(err, args)
+    except KeyboardInterrupt:  # Ctrl-C: how a user stops `join` (what it started is stopped on the way out)
+        if getattr(args, "debug", False):
+            raise
+        print(f"fedllm {args.command}: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 def execute(args) -> int:

@@ -83,6 +83,8 @@ def flower_env(home: Path) -> dict:
     """The environment of Flower's processes: their own FLWR_HOME, this Python's executables first
     (the SuperLink starts `flower-superexec` by name)."""
     env = dict(FLOWER_DEFAULTS) | dict(os.environ, FLWR_HOME=str(home))
+    for name in [n for n in env if n.startswith("FLWR_INTERNAL_GRPC_")]:  # would open Flower's old gRPC APIs on 0.0.0.0
+        del env[name]
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -176,7 +178,7 @@ def serve(recipe_path: str | None, overrides: list[str], certs: Path, party_keys
     certs = Path(certs)
     if not party_keys:
         raise RecipeError("no --party-key: register each party's public key with its client id, KEY.pub=CLIENT_ID")
-    for name in ("ca.crt", "server.pem", "server.key", "signing.key"):
+    for name in ("ca.crt", "server.pem", "server.key", "signing.key", "signing.pub"):
         if not (certs / name).exists():
             raise RecipeError(f"{certs / name} is missing: make the certificates with `fedllm certs {certs}` (and give "
                               "ca.crt and signing.pub to every party)")
@@ -220,7 +222,8 @@ def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str
         if not Path(eval_data).exists():
             raise RecipeError(f"--eval-data {eval_data} does not exist: give a held-out file in the recipe's format")
         write_atomically(run_dir / SERVER_EVAL, json.dumps({"path": str(Path(eval_data).resolve())}))
-    env = shimmed_env(home, "flwr-serverapp", "fedllm.deploy.flower.bound")
+    env = shimmed_env(home, {"flwr-serverapp": "fedllm.deploy.flower.pinned_server"})
+    env["FEDLLM_APP_SIGNER"] = str((certs / "signing.pub").resolve())  # what its ServerApp checks the run with
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperLink on the way out
     superlink = start([
         sys.executable, "-m", "fedllm.deploy.superlink", host, str(port), str(os.getpid()),
@@ -233,9 +236,10 @@ def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str
         local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         wait_for_port("127.0.0.1", internal, 120, superlink, "the SuperLink")
         wait_for_port(local, port, 30, superlink, "the SuperLink")
-        if not listens_on(superlink.pid, port):
-            raise RecipeError(f"another process answers on {host}:{port}, not the SuperLink just started: stop it, or "
-                              "serve on another --port")
+        for where, number in ((host, port), ("127.0.0.1", internal)):
+            if not listens_on(superlink.pid, number):
+                raise RecipeError(f"another process answers on {where}:{number}, not the SuperLink just started: stop "
+                                  "it, or serve on another --port")
         register(party_keys, env)
         print(f"SuperLink on {host}:{port} (TLS, Fleet API only, {len(party_keys)} registered parties); run directory "
               f"{run_dir}", flush=True)
@@ -354,6 +358,7 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
             raise RecipeError(f"{path} does not exist: the server's operator gives each party ca.crt, signing.pub and "
                               "its key pair")
     refuse_shared_key(Path(key))
+    check_signer(signer)
     for flag, path in (("--data", data), ("--eval-data", eval_data)):
         if path is not None and not Path(path).exists():
             raise RecipeError(f"{flag} {path} does not exist: give your rows in the recipe's format")
@@ -380,7 +385,7 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
     superexec = [flower_command("flower-superexec"), "--runtime-api-address", local_api, "--insecure",
                  "--superexec-auth-secret-file", str(state_dir / "superexec.secret")]
     worker = Worker(state_dir, str(Path(data).resolve()), client_id, str(Path(eval_data).resolve()) if eval_data else None)
-    supernode = SuperNode(command, shimmed_env(home, "flwr-clientapp", "fedllm.deploy.flower.pinned"),
+    supernode = SuperNode(command, shimmed_env(home, {"flwr-clientapp": "fedllm.deploy.flower.pinned_client"}),
                           state_dir / "supernode.log", superexec=superexec, hints={
         "CERTIFICATE_VERIFY_FAILED": f"the server's TLS certificate does not verify with --ca {ca}: ask the server's "
                                      "operator for the CA certificate (ca.crt) that signed it",
@@ -410,6 +415,20 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def check_signer(path: Path) -> None:
+    """The server's app-signing key must be an Ed25519 OpenSSH public key (fedllm certs' signing.pub)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    try:
+        key = serialization.load_ssh_public_key(Path(path).read_bytes())
+    except Exception as err:  # noqa: BLE001 (any unreadable key is the same mistake)
+        raise RecipeError(f"--signer {path} is not an OpenSSH public key ({type(err).__name__}): give the server's "
+                          "signing.pub (fedllm certs makes it)") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise RecipeError(f"--signer {path} is not an Ed25519 key: give the server's signing.pub (fedllm certs makes it)")
+
+
 def refuse_shared_key(key: Path) -> None:
     """A private key others can read is no longer private (as ssh refuses it)."""
     info = key.stat()
@@ -418,15 +437,22 @@ def refuse_shared_key(key: Path) -> None:
                           f" make it yours alone, `chmod 600 {key}`")
 
 
-def shimmed_env(home: Path, command: str, module: str) -> dict:
-    """Flower's environment under FLWR_HOME `home`, where the Flower process `command` (which a
-    SuperExec starts by name) is fedllm's `module`: on the server, a ServerApp that dies with its
-    SuperExec (flower/bound.py); on a party, the pinned ClientApp (flower/pinned.py)."""
+def shimmed_env(home: Path, allowed: dict[str, str]) -> dict:
+    """Flower's environment under FLWR_HOME `home`, where every task process a SuperExec starts
+    by name is fedllm's: `allowed` maps a command to the module that runs it (on the server,
+    the pinned ServerApp; on a party, the pinned ClientApp), and every other task type Flower
+    knows (an AgentApp, a model, a connector, a simulation) refuses to run, so a submitted app
+    of another kind cannot bring its own code either."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
     shims = home / "bin"
     shims.mkdir(parents=True, exist_ok=True)
-    shim = shims / command
-    shim.write_text(f"#!{sys.executable}\nfrom {module} import main\nmain()\n")
-    os.chmod(shim, 0o700)
+    for command in sorted(set(TASK_TYPE_TO_COMMAND.values()) | set(allowed)):
+        body = (f"from {allowed[command]} import main\nmain()\n" if command in allowed else
+                f"import sys\nsys.exit('fedllm: a {command} task is not run here: fedllm runs its own signed "
+                f"{' and '.join(sorted(allowed))} only')\n")
+        (shims / command).write_text(f"#!{sys.executable}\n{body}")
+        os.chmod(shims / command, 0o700)
     env = flower_env(home)
     env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
     return env

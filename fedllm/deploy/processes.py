@@ -12,15 +12,15 @@ import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: the child only calls it
+# looked up before any fork: a forked child of a threaded parent must not enter the dynamic loader
+_PRCTL = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)  # Linux; elsewhere a killed supervisor may leave its children
 
 
 def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
     """This process gets `sig` when its parent exits (SIGKILL included). If the parent is
     already gone (it died between fork and here), the signal is raised at once."""
-    prctl = getattr(_LIBC, "prctl", None)  # Linux; elsewhere a killed supervisor may leave its children
-    if prctl is not None:
-        prctl(PR_SET_PDEATHSIG, int(sig))
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(sig))
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), sig)
 

@@ -3,7 +3,7 @@ answers a message of that run. Flower verifies FABs only when they come from Flo
 (`--trusted-entities` needs the SuperLink's "valid_license" mark, which a locally submitted
 FAB never gets), so fedllm signs its own: `fedllm certs` makes an Ed25519 key pair,
 `fedllm serve` signs sha256(FAB) and the run's config with signing.key, and a party's
-ClientApp (pinned.py) refuses any run whose signature signing.pub does not verify."""
+ClientApp (flower/pinned_client.py) and the ServerApp (flower/pinned_server.py) refuse any run whose signature signing.pub does not verify."""
 from __future__ import annotations
 
 import base64

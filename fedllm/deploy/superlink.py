@@ -24,6 +24,9 @@ import sys
 from fedllm.deploy.processes import descendants, die_with_parent, kill_all
 
 FLEET_PREFIX = "/v1/fleet/"
+# Flower sends a message's arrays in chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (5 MiB): a Fleet
+# request above this is no SuperNode's, and is refused before Flower reads it into memory
+MAX_REQUEST_BYTES = max(32 * 2**20, 4 * int(os.environ.get("FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE", 5 * 2**20)))
 
 
 class FleetOnly:
@@ -41,15 +44,45 @@ class FleetOnly:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("path") in self.paths:
-            return await self.app(scope, receive, send)
+            if declared_length(scope) > MAX_REQUEST_BYTES:
+                return await answer(send, 413, f"a request body is at most {MAX_REQUEST_BYTES} bytes here")
+            return await self.app(scope, capped(receive), send)
         if scope["type"] == "lifespan":  # the internal server runs the app's lifespan, once
             return
         if scope["type"] != "http":
             return await send({"type": "websocket.close", "code": 1008})
-        body = json.dumps({"detail": "not served on this address"}).encode()
-        await send({"type": "http.response.start", "status": 404,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await answer(send, 404, "not served on this address")
+
+
+def declared_length(scope) -> int:
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else MAX_REQUEST_BYTES + 1
+    return 0
+
+
+def capped(receive):
+    """`receive` that ends the request (as a client disconnect) once its body passes MAX_REQUEST_BYTES:
+    Flower parses a request's whole body before it authenticates the node that sent it."""
+    received = 0
+
+    async def receive_capped():
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > MAX_REQUEST_BYTES:
+                return {"type": "http.disconnect"}
+        return message
+
+    return receive_capped
+
+
+async def answer(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def servers(public_host: str, public_port: int):
@@ -121,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     public_host, public_port, parent, *flower_args = argv
     die_with_parent(signal.SIGTERM, int(parent))
+    for name in [n for n in os.environ if n.startswith("FLWR_INTERNAL_GRPC_")]:  # Flower's old gRPC APIs: not opened
+        del os.environ[name]
     sys.argv = ["flower-superlink", *flower_args]  # Flower's parser reads them from there
     internal, public = servers(public_host, int(public_port))
     return asyncio.run(serve_both(internal, public))

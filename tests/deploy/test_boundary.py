@@ -20,17 +20,20 @@ from fedllm.deploy.signing import SIGNATURE, AppNotSigned, sign_app, verify_app 
 from fedllm.registry import RecipeError  # noqa: E402
 
 
-def asgi_get(app, path: str, kind: str = "http") -> int:
-    """The status `app` answers a POST to `path` with (an in-process ASGI call)."""
-    sent = []
+def asgi_get(app, path: str, kind: str = "http", length: int | None = None, chunks: int = 1) -> int:
+    """The status `app` answers a POST to `path` with (an in-process ASGI call), whose body is
+    `chunks` chunks of 1 MiB (its content-length header says `length`, if given)."""
+    sent, left = [], [chunks]
 
     async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
+        left[0] -= 1
+        return {"type": "http.request", "body": b"x" * 2**20 if chunks > 1 else b"", "more_body": left[0] > 0}
 
     async def send(message):
         sent.append(message)
 
-    scope = {"type": kind, "path": path, "method": "POST", "headers": [], "query_string": b"", "root_path": "",
+    headers = [(b"content-length", str(length).encode())] if length is not None else []
+    scope = {"type": kind, "path": path, "method": "POST", "headers": headers, "query_string": b"", "root_path": "",
              "scheme": "https", "server": ("127.0.0.1", 1), "client": ("203.0.113.9", 5), "http_version": "1.1"}
     asyncio.run(app(scope, receive, send))
     return next((m["status"] for m in sent if m["type"] == "http.response.start"), sent[0]["type"] if sent else None)
@@ -44,12 +47,17 @@ def test_the_served_address_passes_on_exactly_the_fleet_routes():
 
     reached = []
 
-    class Recorder:  # Flower's routes, recording what reaches them
+    class Recorder:  # Flower's routes, recording what reaches them and how much body they read
         routes = create_app().routes
 
         async def __call__(self, scope, receive, send):
+            body, message = 0, {"type": "http.request", "more_body": True}
+            while message.get("more_body") and message["type"] != "http.disconnect":
+                message = await receive()
+                body += len(message.get("body", b""))
             reached.append(scope["path"])
-            await send({"type": "http.response.start", "status": 200, "headers": []})
+            status = 499 if message["type"] == "http.disconnect" else 200
+            await send({"type": "http.response.start", "status": status, "headers": []})
             await send({"type": "http.response.body", "body": b""})
 
     public = FleetOnly(Recorder())
@@ -63,6 +71,13 @@ def test_the_served_address_passes_on_exactly_the_fleet_routes():
     assert {path: asgi_get(public, path) for path in refused} == {path: 404 for path in refused}
     assert asgi_get(public, "/v1/fleet/pull-messages", kind="websocket") == "websocket.close"
     assert reached == ["/v1/fleet/pull-messages", "/v1/fleet/send-node-heartbeat"]
+    # a body larger than any SuperNode sends is refused before Flower reads it: declared, or streamed (chunked)
+    from fedllm.deploy.superlink import MAX_REQUEST_BYTES
+
+    assert asgi_get(public, "/v1/fleet/push-object", length=MAX_REQUEST_BYTES + 1) == 413
+    assert asgi_get(public, "/v1/fleet/push-object", length=2**20, chunks=1) == 200
+    assert asgi_get(public, "/v1/fleet/push-object", chunks=MAX_REQUEST_BYTES // 2**20 + 2) == 499  # cut off
+    assert reached[-1] == "/v1/fleet/push-object" and len(reached) == 4
 
 
 def test_a_run_verifies_only_with_the_servers_key_its_fab_and_its_config(tmp_path):
@@ -155,3 +170,86 @@ def test_a_port_is_known_taken_and_known_to_be_whose(tmp_path):
         finally:
             other.kill()
     assert not port_taken("127.0.0.1", port)
+
+
+def test_every_flower_task_but_fedllms_own_refuses_to_run_on_a_party_and_on_the_server(tmp_path):
+    pytest.importorskip("flwr", reason="needs the Flower extra")
+    import shutil
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    from fedllm.deploy.launch import shimmed_env
+
+    for side, ours in (("party", "flwr-clientapp"), ("server", "flwr-serverapp")):
+        home = tmp_path / side
+        env = shimmed_env(home, {ours: f"fedllm.deploy.flower.pinned_{side.replace('party', 'client')}"})
+        for command in TASK_TYPE_TO_COMMAND.values():  # an AgentApp's, a model's, a connector's, a simulation's, ...
+            found = Path(shutil.which(command, path=env["PATH"]))
+            assert found.parent == home / "bin" and found.stat().st_mode & 0o777 == 0o700, command
+            if command == ours:
+                assert f"fedllm.deploy.flower.pinned_" in found.read_text()
+                continue
+            done = subprocess.run([str(found), "--runtime-api-address", "127.0.0.1:9", "--token", "t"], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0 and "is not run here" in done.stderr, (side, command, done.stderr)
+
+
+class Context:  # the fields of Flower's Context the pinned processes read
+    def __init__(self, run_config: dict, node_config: dict | None = None):
+        self.run_config, self.node_config = run_config, node_config or {}
+
+
+class Fab:
+    def __init__(self, content: bytes):
+        self.content = content
+
+
+def test_a_partys_clientapp_runs_its_own_relay_for_a_signed_run_and_refuses_any_other(tmp_path):
+    pytest.importorskip("flwr", reason="needs the Flower extra")
+    from fedllm.deploy.flower import pinned_client
+    from fedllm.deploy.flower.client_app import app as relay
+
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"], 1)
+    fab, config = b"a fab", {"run-dir": "/srv/run"}
+    signed = {**config, SIGNATURE: sign_app(certs / "signing.key", fab, config)}
+    node = {pinned_client.SIGNER: str(certs / "signing.pub")}
+    cases = {"signed": (signed, node), "unsigned": (config, node), "no signer": (signed, {}),
+             "a signer that is no key": (signed, {pinned_client.SIGNER: str(certs / "ca.crt")})}
+    for what, (run_config, node_config) in cases.items():
+        pinned_client.REFUSED.clear()
+        pull = pinned_client.checked_pull(lambda client: ("message", Context(run_config, node_config), "run", Fab(fab)))
+        assert pull(None)[0] == "message"  # the message is pulled either way: Flower can then reply with the refusal
+        load = pinned_client.load_relay()
+        if what == "signed":
+            assert load("fab-id", "1.0", "hash") is relay  # fedllm's relay, whatever the FAB names
+        else:
+            with pytest.raises(AppNotSigned):
+                load("fab-id", "1.0", "hash")
+
+
+def test_the_servers_serverapp_runs_fedllms_app_for_a_signed_run_once_per_run_dir(tmp_path, monkeypatch):
+    pytest.importorskip("flwr", reason="needs the Flower extra")
+    from fedllm.deploy.flower import pinned_server
+    from fedllm.deploy.flower.server_app import app
+
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"], 1)
+    run_dir = tmp_path / "run"
+    (run_dir / "flower").mkdir(parents=True)
+    fab, config = b"the fab serve built", {"run-dir": str(run_dir)}
+    signed = {**config, SIGNATURE: sign_app(certs / "signing.key", fab, config)}
+    monkeypatch.setenv(pinned_server.SIGNER, str(certs / "signing.pub"))
+    ran = []
+    run = pinned_server.checked_run(lambda **kw: ran.append(kw["loaded_server_app"]))
+    pinned_server.keep_fab(lambda *a, **k: None)(fab, skip_prompt=True)
+    with pytest.raises(AppNotSigned):
+        run(grid=None, context=Context(config), server_app_dir="/apps/x", server_app_attr="evil:app")
+    pinned_server.keep_fab(lambda *a, **k: None)(fab + b"!", skip_prompt=True)  # another FAB under the signature
+    with pytest.raises(AppNotSigned):
+        run(grid=None, context=Context(signed), server_app_dir="/apps/x", server_app_attr="evil:app")
+    assert ran == []
+    pinned_server.keep_fab(lambda *a, **k: None)(fab, skip_prompt=True)
+    run(grid=None, context=Context(signed), server_app_dir="/apps/x", server_app_attr="evil:app")
+    assert ran == [app]  # fedllm's own ServerApp, not the one the FAB names
+    with pytest.raises(RuntimeError, match="another ServerApp is running"):  # the same signed run, submitted again
+        run(grid=None, context=Context(signed), server_app_dir="/apps/x", server_app_attr="evil:app")
+    pinned_server._LOCKS.clear()

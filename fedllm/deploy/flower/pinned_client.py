@@ -5,10 +5,13 @@ SuperNode's PATH, which `fedllm join` sets): Flower's own ClientApp process, exc
   a run that someone else submitted to the SuperLink gets an error reply, and the worker
   is never asked;
 - the app it runs is this party's installed fedllm relay (client_app.py), never code from
-  the submitted FAB, which is neither unpacked nor imported.
+  the submitted FAB, which is neither unpacked nor imported, nor are its dependencies
+  installed.
 
-Flower's `run_clientapp` does the rest (Runtime API, heartbeats, replies); the three names
-replaced below are its module's own, pinned with the flwr minor version (pyproject)."""
+Flower's `run_clientapp` does the rest (Runtime API, heartbeats, replies); the four names
+replaced below are its module's own, pinned with the flwr minor version (pyproject). The
+SuperNode's other task commands (an AgentApp's, a model's, ...) refuse to run on a party
+(launch.shimmed_env)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,6 +34,8 @@ def checked_pull(original):
             verify_app(Path(str(signer)), fab.content, dict(context.run_config))
         except AppNotSigned as err:
             REFUSED.append(f"{err}")
+        except Exception as err:  # an unreadable key, a config that is not a dict: refused all the same
+            REFUSED.append(f"the run's signature could not be checked ({type(err).__name__}: {err})")
         return message, context, run, fab
 
     return pull_task_input
@@ -54,6 +59,7 @@ def main() -> None:
 
     flower.pull_task_input = checked_pull(flower.pull_task_input)
     flower.install_from_fab = lambda *args, **kwargs: None  # the submitted app's files are never unpacked
+    flower.install_app_dependencies = lambda *args, **kwargs: None  # nor its dependencies installed
     flower.get_load_client_app_fn = load_relay
     flwr_clientapp()
 
