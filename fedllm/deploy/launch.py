@@ -389,9 +389,10 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
                           state_dir / "supernode.log", superexec=superexec, hints={
         "CERTIFICATE_VERIFY_FAILED": f"the server's TLS certificate does not verify with --ca {ca}: ask the server's "
                                      "operator for the CA certificate (ca.crt) that signed it",
-        "Failed to activate SuperNode": f"the server refused this party's key {key}: its operator registers {key}.pub "
-                                        f"for client {client_id} (fedllm serve --party-key {Path(key).name}.pub="
-                                        f"{client_id})",
+        "Failed to activate SuperNode": f"the server does not know this party's key {key} (yet: a server that is "
+                                        f"starting registers its parties' keys first): if this goes on, its operator "
+                                        f"registers {Path(key).name}.pub for client {client_id} (fedllm serve "
+                                        f"--party-key {Path(key).name}.pub={client_id})",
     })
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both on the way out
     try:

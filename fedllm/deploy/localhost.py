@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fedllm.deploy.certs import make_certificates
 from fedllm.deploy.launch import eval_file, split_for_parties
-from fedllm.deploy.processes import descendants, free_port, stop
+from fedllm.deploy.processes import descendants, die_with_parent, free_port, stop
 
 
 class LocalFederation:
@@ -26,9 +26,11 @@ class LocalFederation:
         self.env = dict(os.environ)  # the threads each process chooses itself, as a user's would
 
     def fedllm(self, args: list[str], log: Path) -> subprocess.Popen:
+        parent = os.getpid()  # a killed test run (or bench) leaves no federation behind
         with open(log, "ab") as out:
             return subprocess.Popen([sys.executable, "-m", "fedllm", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env, start_new_session=True)
+                                    env=self.env, start_new_session=True,
+                                    preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent))
 
     def serve(self, resume: Path | None = None, overrides: list[str] = ()) -> None:
         """A run of the server side (the recipe with the parties' overrides, then `overrides`: a
