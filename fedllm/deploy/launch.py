@@ -246,7 +246,7 @@ def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str
         outcome = run_dir / "flower" / "outcome.json"  # written by the ServerApp when it ends
         outcome.unlink(missing_ok=True)
         with RoundLines(run_dir):
-            done = submit(app, env, certs / "signing.key", run_dir)
+            done = submit(app, env, certs / "signing.key", run_dir, superlink)
         result = json.loads(outcome.read_text()) if outcome.exists() else {}
         if done != 0 or not result.get("ok"):
             why = result.get("error") or ended_why(run_dir, done, superlink)
@@ -258,16 +258,31 @@ def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str
     return run_dir
 
 
-def submit(app: Path, env: dict, signing_key: Path, run_dir: Path) -> int:
-    """`flwr run` of the app, signed: the parties answer only runs whose FAB and config signing.key signed."""
+SERVERAPP_START_S = 120.0  # how long a submitted run may go without a ServerApp process before serve gives up
+
+
+def submit(app: Path, env: dict, signing_key: Path, run_dir: Path, superlink: subprocess.Popen) -> int:
+    """`flwr run` of the app, signed (the server's and the parties' pinned processes run only runs
+    signing.key signed), until the run ends; its exit code. A run whose ServerApp is not running
+    for SERVERAPP_START_S (it failed at its start: Flower then never ends the run) is ended here."""
     from flwr.cli.build import build_fab_from_disk
 
     from fedllm.deploy.signing import SIGNATURE, sign_app
 
     signature = sign_app(signing_key, build_fab_from_disk(app), {"run-dir": str(run_dir.resolve())})
     with open(run_dir / "serverapp.log", "ab") as out:  # Flower's stream of the ServerApp's logs, beside server.log
-        return processes.run_with_parent([flower_command("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config",
-                                          f"{SIGNATURE}='{signature}'"], env, out)
+        process = processes.start_with_parent([flower_command("flwr"), "run", str(app), CONNECTION, "--stream",
+                                               "--run-config", f"{SIGNATURE}='{signature}'"], env, out)
+    seen = time.time()
+    while process.poll() is None:
+        time.sleep(1.0)
+        if processes.running(superlink.pid, "flwr-serverapp"):
+            seen = time.time()
+        elif time.time() - seen > SERVERAPP_START_S:
+            stop(process)
+            raise RecipeError(f"the run's ServerApp has not been running for {SERVERAPP_START_S:g} s (it failed as it "
+                              f"started?): see {run_dir}/superlink.log")
+    return process.returncode
 
 
 class RoundLines:

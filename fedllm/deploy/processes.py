@@ -139,8 +139,19 @@ def listens_on(pid: int, port: int) -> bool:
     return False
 
 
-def run_with_parent(command: list[str], env: dict, out=None) -> int:
-    """subprocess.run that the child does not outlive (it gets SIGTERM if we are killed); output to `out`."""
+def start_with_parent(command: list[str], env: dict, out=None) -> subprocess.Popen:
+    """Popen of a child that does not outlive us (it gets SIGTERM if we are killed); output to `out`."""
     parent = os.getpid()
-    return subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                          preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent)).returncode
+    return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                            preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent))
+
+
+def running(ancestor: int, name: str) -> bool:
+    """Whether a live process below `ancestor` has `name` in its command line."""
+    for pid in descendants(ancestor):
+        try:
+            if name in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") and alive(pid):
+                return True
+        except OSError:
+            continue
+    return False

@@ -253,3 +253,33 @@ def test_the_servers_serverapp_runs_fedllms_app_for_a_signed_run_once_per_run_di
     with pytest.raises(RuntimeError, match="another ServerApp is running"):  # the same signed run, submitted again
         run(grid=None, context=Context(signed), server_app_dir="/apps/x", server_app_attr="evil:app")
     pinned_server._LOCKS.clear()
+
+
+def test_the_pinned_processes_replace_the_names_flowers_own_process_calls():
+    pytest.importorskip("flwr", reason="needs the Flower extra")
+    import inspect
+
+    from fedllm.deploy.flower import pinned_client, pinned_server
+
+    server = pinned_server.patched()
+    assert "keep_fab" in server.install_from_fab.__qualname__ and "checked_run" in server.run_.__qualname__
+    source = inspect.getsource(server.run_serverapp)  # Flower's function calls them through its module's globals
+    assert "install_from_fab(fab.content" in source and "context = run_(" in source
+    client = pinned_client.patched()
+    assert "checked_pull" in client.pull_task_input.__qualname__ and client.get_load_client_app_fn is pinned_client.load_relay
+    source = inspect.getsource(client.run_clientapp)
+    assert all(name in source for name in ("pull_task_input(client)", "install_from_fab(", "get_load_client_app_fn(",
+                                           "install_app_dependencies("))
+
+
+def test_a_process_below_another_is_found_by_name_while_it_lives(tmp_path):
+    from fedllm.deploy.processes import running
+
+    child = start([sys.executable, "-c", "import time; time.sleep(60)", "flwr-serverapp-look-alike"], dict(os.environ),
+                  tmp_path / "log")
+    try:
+        assert running(os.getpid(), "flwr-serverapp-look-alike") and not running(os.getpid(), "no-such-name")
+    finally:
+        child.kill()
+        child.wait()
+    assert not running(os.getpid(), "flwr-serverapp-look-alike")

@@ -14,6 +14,7 @@ SuperNode's other task commands (an AgentApp's, a model's, ...) refuse to run on
 (launch.shimmed_env)."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 SIGNER = "app-signer"  # the node-config key: the server's signing.pub, as `fedllm join` was given it
@@ -53,14 +54,20 @@ def load_relay(**_):
     return load
 
 
-def main() -> None:
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-    from flwr.supernode.runtime import run_clientapp as flower
-
+def patched():
+    """Flower's ClientApp process module, with the run's signature checked and the relay as its app."""
+    flower = importlib.import_module("flwr.supernode.runtime.run_clientapp")  # the module, whatever the package exports
     flower.pull_task_input = checked_pull(flower.pull_task_input)
     flower.install_from_fab = lambda *args, **kwargs: None  # the submitted app's files are never unpacked
     flower.install_app_dependencies = lambda *args, **kwargs: None  # nor its dependencies installed
     flower.get_load_client_app_fn = load_relay
+    return flower
+
+
+def main() -> None:
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    patched()
     flwr_clientapp()
 
 

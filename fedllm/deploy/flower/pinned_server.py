@@ -15,6 +15,7 @@ pinned with the flwr minor version (pyproject)."""
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import signal
 import sys
@@ -62,15 +63,21 @@ def hold_run(run_dir: Path) -> None:
     _LOCKS.append(lock)
 
 
+def patched():
+    """Flower's ServerApp process module, with its FAB kept for the check and its app run checked."""
+    flower = importlib.import_module("flwr.superlink.runtime.run_serverapp")  # the package re-exports a function by that name
+    flower.install_from_fab = keep_fab(flower.install_from_fab)
+    flower.run_ = checked_run(flower.run_)
+    return flower
+
+
 def main() -> None:
     from fedllm.deploy.processes import die_with_parent
 
     die_with_parent(signal.SIGKILL, parent_pid(sys.argv))
     from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
-    from flwr.superlink.runtime import run_serverapp as flower
 
-    flower.install_from_fab = keep_fab(flower.install_from_fab)
-    flower.run_ = checked_run(flower.run_)
+    patched()
     flwr_serverapp()
 
 
