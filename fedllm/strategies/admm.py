@@ -93,7 +93,7 @@ class ConsensusServer(Strategy):
 
     def aggregate(self, global_state: State, updates, server_state: State, info: RoundInfo):
         table = dict(server_state)
-        last = table[LAST]
+        last = table[LAST].clone()  # the kept state must stay as it was if this round's aggregate is refused
         for client_id, update, _ in updates:
             for k, t in update.delta.items():  # the upload is the model itself (see the hooks)
                 table[f"u{client_id}.{k}"] = t.float()
