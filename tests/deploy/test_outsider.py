@@ -200,31 +200,42 @@ def test_an_app_the_server_did_not_sign_runs_no_code_on_the_server_or_any_party(
         assert not any(fed.state_dir(i).joinpath("flower", "home", "apps").glob("mallory*"))  # nor reached a party
 
 
+def killed_leaves_nothing(fed: LocalFederation, victim: str) -> None:
+    """kill -9 of `serve` itself or of its SuperLink alone: afterwards no process of the run is left."""
+    tree = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            for pid in [fed.server.pid, *descendants(fed.server.pid)] if Path(f"/proc/{pid}/cmdline").exists()}
+    assert any("flwr-serverapp" in c for c in tree.values()) and any("fedllm.deploy.superlink" in c for c in tree.values())
+    target = fed.server.pid if victim == "serve" else next(p for p, c in tree.items() if "fedllm.deploy.superlink" in c)
+    os.kill(target, signal.SIGKILL)
+    fed.server.wait(TIMEOUT_S)
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in tree) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not [c for pid, c in tree.items() if alive(pid)], f"processes outlived the killed {victim}"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2 * TIMEOUT_S)
-def test_kill_9_of_serve_leaves_no_flower_process_and_resume_runs_each_round_once(tmp_path):
+def test_kill_9_of_serve_or_its_superlink_leaves_no_process_and_resume_runs_each_round_once(tmp_path):
     fed = LocalFederation(QUICKSTART, SHARED, tmp_path)
     run_dir = tmp_path / "runs" / "killed"
+    done = lambda n: lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= n if (run_dir / "metrics.jsonl").exists() else False  # noqa: E731
     try:
         for i in range(2):
             fed.join(i)
-        fed.serve(overrides=["federation.rounds=4", f"output.dir={tmp_path / 'runs'}", "output.name=killed",
+        fed.serve(overrides=["federation.rounds=5", f"output.dir={tmp_path / 'runs'}", "output.name=killed",
                              "output.progress=false", "output.checkpoint_every=1"])
-        fed.until(lambda: (run_dir / "checkpoints" / "round_1").exists(), TIMEOUT_S, "the round-1 checkpoint")
-        tree = [fed.server.pid, *descendants(fed.server.pid)]
-        assert len(tree) >= 3  # serve, its SuperLink, the SuperExec (and the ServerApp below it)
-        os.kill(fed.server.pid, signal.SIGKILL)
-        fed.server.wait()
-        deadline = time.time() + 30
-        while any(alive(pid) for pid in tree) and time.time() < deadline:
-            time.sleep(0.5)
-        assert not [pid for pid in tree if alive(pid)], "processes outlived their killed `fedllm serve`"
+        fed.until(done(1), TIMEOUT_S, "round 1")
+        killed_leaves_nothing(fed, "superlink")  # the SuperLink alone: its ServerApp must not go on polling
+        assert fed.server.returncode == 2 and "the SuperLink was killed (signal 9)" in fed.log_of("serve.log")
+        assert "the SuperLink was killed (signal 9)" in fed.log_of("runs/killed/server.log")
+        fed.serve(resume=run_dir)  # at once: the ports are free again, the run's lock went with its holder
+        fed.until(done(3), TIMEOUT_S, "round 3")
+        killed_leaves_nothing(fed, "serve")
         assert our_processes(run_dir) == []
-        rows_before = len(read_jsonl(run_dir / "metrics.jsonl"))
-        fed.serve(resume=run_dir)  # at once: the port is free again, the run's lock went with its holder
+        fed.serve(resume=run_dir)
         assert fed.wait(TIMEOUT_S) == 0, fed.log_of("serve.log")[-3000:]
-        rounds = [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")]
-        assert rounds == [1, 2, 3, 4] and rows_before >= 1
+        assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     finally:
         fed.stop()
 
