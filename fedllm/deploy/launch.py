@@ -565,6 +565,8 @@ class SuperNode:
     RESTART_AFTER_S = 1.0
     STUCK_AFTER_S = 20.0
     LEAVING = ("terminated gracefully", "401 Unauthorized", "does not recognize this SuperNode")
+    # a party that starts before its server has registered the keys is refused once or twice: not worth a word
+    SAY_AFTER = {"Failed to activate SuperNode": 3}
 
     def __init__(self, command: list[str], env: dict, log_file: Path, hints: dict[str, str] | None = None,
                  superexec: list[str] | None = None):
@@ -572,7 +574,7 @@ class SuperNode:
         self.superexec_command = superexec  # its SuperExec, where the SuperNode runs in process isolation
         self.process, self.superexec, self.stopped = None, None, threading.Event()
         self.read_to, self.leaving_since, self.seen = 0, None, ""
-        self.hints, self.said = dict(hints or {}), set()  # log marker -> what to tell the party's user, once
+        self.hints, self.said, self.times = dict(hints or {}), set(), {}  # log marker -> what to tell the user, once
 
     def start(self) -> None:
         self.launch()
@@ -624,10 +626,12 @@ class SuperNode:
         self.new_log()
         for marker, hint in self.hints.items():
             if marker in self.seen:
-                if marker not in self.said:
+                self.times[marker] = self.times.get(marker, 0) + 1
+                if marker not in self.said and self.times[marker] >= self.SAY_AFTER.get(marker, 1):
                     self.said.add(marker)
                     log.warning("%s", hint)
                 return hint.split(":")[0]
+        self.times.clear()
         return last_error(self.log_file)
 
     def stop_processes(self) -> None:
