@@ -2,20 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import sys
 import time
 import traceback
 
-from safetensors import SafetensorError
-
 from fedllm import eval_cli
-from fedllm.registry import PluginError, RecipeError
-
-# failures a user can cause and fix (a recipe, a path, a damaged file, a full disk): one line,
-# the traceback only with --debug
-USER_ERRORS = (RecipeError, PluginError, OSError, ValueError, SafetensorError)
+from fedllm.errors import USER_ERRORS, describe
+from fedllm.registry import RecipeError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,13 +203,3 @@ def summarize(run_dir, start: float) -> None:
     if process_state().is_main_process:
         print(run_summary(run_dir, time.perf_counter() - start))
 
-
-def describe(err: Exception) -> str:
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        where = err.strerror if "checkpoint of round" in (err.strerror or "") else \
-            f"no space left on the device while writing {err.filename or 'the run directory'}"
-        return f"{where}: free some space and continue with `fedllm resume`"
-    if isinstance(err, SafetensorError):
-        return f"a tensor file does not read back ({err}): it is damaged"
-    text = str(err).strip() or type(err).__name__
-    return text if isinstance(err, (RecipeError, PluginError, OSError)) else f"{text} (--debug shows where)"

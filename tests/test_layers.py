@@ -9,7 +9,7 @@ from pathlib import Path
 LAYERS = {
     "fedllm.wire": 0, "fedllm.state": 0, "fedllm.distributed": 0, "fedllm.metrics": 0, "fedllm.seeds": 0,
     "fedllm.rundir": 0, "fedllm.threads": 0, "fedllm.summary": 0, "fedllm.lazy": 0, "fedllm.balance": 0,
-    "fedllm.registry": 1, "fedllm.recipe": 1,
+    "fedllm.registry": 1, "fedllm.recipe": 1, "fedllm.errors": 1,
     "fedllm.data": 2, "fedllm.models": 2, "fedllm.placement": 2, "fedllm.zero": 2,
     "fedllm.strategies": 3, "fedllm.codecs": 3, "fedllm.privacy": 3, "fedllm.samplers": 3, "fedllm.attacks": 3,
     "fedllm.training": 3, "fedllm.devices": 3,
@@ -164,3 +164,11 @@ def test_checker_finds_a_cycle_an_upward_import_an_unmapped_module_and_fed(tmp_p
         "import cycle: pkg.sub.a -> pkg.sub.b -> pkg.sub.a",
         "pkg/high.py:1 run takes `fed`",
     ])
+
+
+def test_only_the_entry_point_imports_the_cli():
+    """The one-line error reporting every command shares lives in fedllm.errors; nothing but
+    `python -m fedllm` reaches into the CLI (a party's worker once imported it for that)."""
+    found = modules(PACKAGE)
+    users = sorted(name for name, path in found.items() if "fedllm.cli" in imports(name, path, set(found)))
+    assert users == ["fedllm.__main__"], users

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     starts (and starts again if it dies), on the recipe join wrote to STATE_DIR/recipe.yaml."""
     import sys
 
-    from fedllm.cli import USER_ERRORS, describe
+    from fedllm.errors import USER_ERRORS, describe
     from fedllm.deploy.relay import SOCKET
     from fedllm.recipe import load_recipe
 
