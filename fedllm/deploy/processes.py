@@ -26,12 +26,18 @@ def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> Non
 
 
 def start(command: list[str], env: dict, log_file: Path) -> subprocess.Popen:
-    """A process in its own session (stopping it stops what it started too) that gets
-    SIGTERM when the thread that started it exits, so a killed supervisor leaves no orphan."""
-    parent = os.getpid()
+    """A process in its own session (stopping it stops what it started too), logging to
+    `log_file`, that does not outlive the thread that started it (start_with_parent)."""
     with open(log_file, "ab") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent))
+        return start_with_parent(command, env, out, new_session=True)
+
+
+def start_with_parent(command: list[str], env: dict, out=None, new_session: bool = False) -> subprocess.Popen:
+    """Popen of a child that gets SIGTERM when the thread that started it exits (kill -9 of
+    this process included), so a killed supervisor leaves no orphan; output to `out`."""
+    parent = os.getpid()
+    return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                            start_new_session=new_session, preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent))
 
 
 def descendants(pid: int) -> list[int]:
@@ -52,18 +58,24 @@ def descendants(pid: int) -> list[int]:
 
 
 def alive(pid: int) -> bool:
+    """Running, or still exiting: a process whose main thread is a zombie is not gone while its
+    other threads (torch's, say) are still running their exit."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except OSError:
         return False
 
 
-def kill_all(pids: list[int], seconds: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL to whichever of `pids` is still alive after `seconds`."""
+def kill_all(pids: list[int], seconds: float = 10.0, group: int | None = None) -> None:
+    """SIGTERM, then SIGKILL to whichever of `pids` (and of process group `group`) is still
+    alive after `seconds`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+        targets = ([(os.killpg, group)] if group is not None else []) + [(os.kill, pid) for pid in pids]
+        for kill, target in targets:
             try:
-                os.kill(pid, sig)
+                kill(target, sig)
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.time() + seconds
@@ -76,18 +88,8 @@ def kill_all(pids: list[int], seconds: float = 10.0) -> None:
 def stop(process: subprocess.Popen, seconds: float = 10.0) -> None:
     """Stops a process we started and everything it started, by their ids (and its process
     group, which holds the helpers its exit left behind)."""
-    pids = [process.pid, *descendants(process.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for kill, target in [(os.killpg, process.pid)] + [(os.kill, pid) for pid in pids]:
-            try:
-                kill(target, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.time() + seconds
-        while time.time() < deadline and (process.poll() is None or any(alive(pid) for pid in pids[1:])):
-            time.sleep(0.2)
-        if process.poll() is not None and not any(alive(pid) for pid in pids[1:]):
-            return
+    kill_all([process.pid, *descendants(process.pid)], seconds, group=process.pid)
+    process.poll()  # reaps it: alive() already counts a zombie as gone
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -137,13 +139,6 @@ def listens_on(pid: int, port: int) -> bool:
         except OSError:  # closed since the listing (the listing's own descriptor, for one)
             continue
     return False
-
-
-def start_with_parent(command: list[str], env: dict, out=None) -> subprocess.Popen:
-    """Popen of a child that does not outlive us (it gets SIGTERM if we are killed); output to `out`."""
-    parent = os.getpid()
-    return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
-                            preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent))
 
 
 def running(ancestor: int, name: str) -> bool:
