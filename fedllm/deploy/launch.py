@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from fedllm.deploy import processes
-from fedllm.deploy.processes import descendants, free_port, listens_on, port_taken, start, stop  # noqa: F401 (re-exported)
+from fedllm.deploy.processes import free_port, listens_on, port_taken, start, stop
+from fedllm.deploy.signing import SIGNER_ENV, SIGNER_NODE_CONFIG
 from fedllm.metrics import write_atomically
 from fedllm.recipe import Recipe, apply_overrides, dump_recipe, load_recipe
 from fedllm.registry import RecipeError
@@ -223,7 +224,7 @@ def serve_run(run_dir: Path, certs: Path, party_keys: dict[int, Path], host: str
             raise RecipeError(f"--eval-data {eval_data} does not exist: give a held-out file in the recipe's format")
         write_atomically(run_dir / SERVER_EVAL, json.dumps({"path": str(Path(eval_data).resolve())}))
     env = shimmed_env(home, {"flwr-serverapp": "fedllm.deploy.flower.pinned_server"})
-    env["FEDLLM_APP_SIGNER"] = str((certs / "signing.pub").resolve())  # what its ServerApp checks the run with
+    env[SIGNER_ENV] = str((certs / "signing.pub").resolve())  # what its ServerApp checks the run with
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the SuperLink on the way out
     superlink = start([
         sys.executable, "-m", "fedllm.deploy.superlink", host, str(port), str(os.getpid()),
@@ -388,16 +389,17 @@ def join(recipe_path: str, overrides: list[str], data: str, client_id: int, supe
     home = state_dir / "flower"
     home.mkdir(parents=True, exist_ok=True)
     private_secret(state_dir / "superexec.secret")
-    local_api = f"127.0.0.1:{port or free_port()}"  # the SuperNode's local API for its ClientApps
+    local_port = port or free_port()  # the SuperNode's local API for its ClientApps
     command = [
         flower_command("flower-supernode"), "--root-certificates", str(Path(ca).resolve()), "--superlink", superlink,
         "--auth-supernode-private-key", str(Path(key).resolve()),
-        "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}' app-signer='{signer.resolve()}'",
-        "--host", "127.0.0.1", "--port", local_api.rsplit(":", 1)[1],
+        "--node-config", f"worker-socket='{sock}' worker-key='{state_dir / 'worker.key'}' "
+                         f"{SIGNER_NODE_CONFIG}='{signer.resolve()}'",
+        "--host", "127.0.0.1", "--port", str(local_port),
         # its tasks go only to the SuperExec that holds the secret (started beside it), not to any local user who asks
         "--isolation", "process", "--superexec-auth-secret-file", str(state_dir / "superexec.secret"),
     ]
-    superexec = [flower_command("flower-superexec"), "--runtime-api-address", local_api, "--insecure",
+    superexec = [flower_command("flower-superexec"), "--runtime-api-address", f"127.0.0.1:{local_port}", "--insecure",
                  "--superexec-auth-secret-file", str(state_dir / "superexec.secret")]
     worker = Worker(state_dir, str(Path(data).resolve()), client_id, str(Path(eval_data).resolve()) if eval_data else None)
     supernode = SuperNode(command, shimmed_env(home, {"flwr-clientapp": "fedllm.deploy.flower.pinned_client"}),
@@ -433,22 +435,20 @@ def private_dir(path: Path) -> Path:
 
 def check_signer(path: Path) -> None:
     """The server's app-signing key must be an Ed25519 OpenSSH public key (fedllm certs' signing.pub)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from fedllm.deploy.signing import AppNotSigned, load_signer
 
     try:
-        key = serialization.load_ssh_public_key(Path(path).read_bytes())
-    except Exception as err:  # noqa: BLE001 (any unreadable key is the same mistake)
-        raise RecipeError(f"--signer {path} is not an OpenSSH public key ({type(err).__name__}): give the server's "
-                          "signing.pub (fedllm certs makes it)") from None
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise RecipeError(f"--signer {path} is not an Ed25519 key: give the server's signing.pub (fedllm certs makes it)")
+        load_signer(path)
+    except AppNotSigned as err:
+        raise RecipeError(f"--signer {err}: give the server's signing.pub (fedllm certs makes it)") from None
 
 
 def refuse_shared_key(key: Path) -> None:
     """A private key others can read is no longer private (as ssh refuses it)."""
+    from fedllm.deploy.relay import only_mine
+
     info = key.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+    if not only_mine(info):
         raise RecipeError(f"--key {key} can be read by others (mode {oct(info.st_mode & 0o777)}, owner uid {info.st_uid}):"
                           f" make it yours alone, `chmod 600 {key}`")
 
@@ -617,8 +617,9 @@ class SuperNode:
             f.seek(self.read_to)
             new = f.read()
         self.read_to += len(new)
-        self.seen = self.seen[-20000:] + new.decode(errors="replace")
-        return new.decode(errors="replace")
+        text = new.decode(errors="replace")
+        self.seen = self.seen[-20000:] + text
+        return text
 
     def explain(self) -> str:
         """Why it exited, in the party's terms where its log says (a CA that does not verify the

@@ -53,7 +53,12 @@ def private_secret(path: Path) -> bytes:
 def private_file(path: Path) -> bool:
     """A regular file (not a link) of this user's that nobody else may read or write."""
     info = os.lstat(path)
-    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077
+    return stat.S_ISREG(info.st_mode) and only_mine(info)
+
+
+def only_mine(info: os.stat_result) -> bool:
+    """Owned by this user, and no group or other permission bits."""
+    return info.st_uid == os.getuid() and not info.st_mode & 0o077
 
 
 class WorkerDown(RuntimeError):

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 SIGNATURE = "fedllm-signature"  # the run-config key that carries the signature (empty in the FAB itself)
+SIGNER_NODE_CONFIG = "app-signer"  # a party's node-config key: the server's signing.pub, as `fedllm join` was given it
+SIGNER_ENV = "FEDLLM_APP_SIGNER"  # the server's: the environment variable serve sets to its signing.pub
 
 
 class AppNotSigned(RuntimeError):
@@ -31,12 +33,26 @@ def sign_app(private_key: Path, fab: bytes, run_config: dict) -> str:
     return base64.b64encode(key.sign(signed_bytes(fab, run_config))).decode()
 
 
+def load_signer(public_key: Path):
+    """The server's Ed25519 public key from an OpenSSH .pub file (signing.pub); AppNotSigned
+    saying why when the file is no such key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    try:
+        key = serialization.load_ssh_public_key(Path(public_key).read_bytes())
+    except Exception as err:  # noqa: BLE001 (unreadable, not OpenSSH, an unsupported algorithm: one mistake)
+        raise AppNotSigned(f"{public_key} is not an OpenSSH public key ({type(err).__name__})") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise AppNotSigned(f"{public_key} is not an Ed25519 key")
+    return key
+
+
 def verify_app(public_key: Path, fab: bytes, run_config: dict) -> None:
     """Returns if the run's signature verifies with `public_key`; AppNotSigned saying why if not."""
     from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
 
-    key = serialization.load_ssh_public_key(Path(public_key).read_bytes())
+    key = load_signer(public_key)
     signature = run_config.get(SIGNATURE)
     if not isinstance(signature, str) or not signature:
         raise AppNotSigned("the run's app carries no fedllm signature: it was not submitted by `fedllm serve`")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 pytest.importorskip("flwr", reason="the Flower deployment tests need the extra: pip install 'fedllm[flower]'")
 
-from fedllm.deploy.launch import stop  # noqa: E402
+from fedllm.deploy.processes import stop  # noqa: E402
 from fedllm.deploy.localhost import LocalFederation  # noqa: E402
 from fedllm.engine import run_recipe  # noqa: E402
 from fedllm.metrics import read_jsonl  # noqa: E402

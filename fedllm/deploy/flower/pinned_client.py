@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-SIGNER = "app-signer"  # the node-config key: the server's signing.pub, as `fedllm join` was given it
+from fedllm.deploy.signing import SIGNER_NODE_CONFIG as SIGNER
+
 REFUSED: list[str] = []  # why this process's run is refused (one message, one run per process)
 
 

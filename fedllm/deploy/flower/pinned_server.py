@@ -21,7 +21,8 @@ import signal
 import sys
 from pathlib import Path
 
-SIGNER = "FEDLLM_APP_SIGNER"  # the environment variable serve sets: its signing.pub
+from fedllm.deploy.signing import SIGNER_ENV as SIGNER
+
 _FABS: list[bytes] = []
 _LOCKS: list = []  # held for the process's life
 
