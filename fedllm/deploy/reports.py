@@ -15,9 +15,7 @@ MAX_EXAMPLES = 10**9  # a reported count past this is not a count of examples
 
 
 def count_problem(value, what: str, low: int) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_EXAMPLES:
-        return f"its {what} {value!r} is not a whole number from {low} to {MAX_EXAMPLES:,}"
-    return None
+    return number_problem(value, what, low, MAX_EXAMPLES)
 
 
 def check_sizes(report: dict) -> tuple[int, int] | str:
@@ -84,8 +82,8 @@ def check_eval(report: dict, max_tokens: int) -> tuple[float, int, int] | str:
         return problem
     if tokens > max_tokens or correct > tokens:
         return f"it reports {tokens} tokens ({correct} correct), more than its held-out examples can have ({max_tokens})"
-    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not 0 <= loss < math.inf:
-        return f"its summed loss {loss!r} is not a finite number >= 0"
+    if problem := number_problem(loss, "summed loss", 0, math.inf, whole=False):
+        return problem
     return float(loss), tokens, correct
 
 
