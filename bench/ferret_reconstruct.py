@@ -77,7 +77,7 @@ def measure(overrides: list[str], rounds: int) -> dict:
         params = sum(p.numel() for p in fed.params.values())
         per_round = {k: v / rounds for k, v in clock.items()}
         return {**per_round, "params": params, "bases": fed.adapter.bases.generated / rounds,
-                "bytes": result.stats[0]["bytes_up"], "clients": len(result.stats)}
+                "bytes": result.stats[0].bytes_up, "clients": len(result.stats)}
 
 
 def main() -> None:

@@ -218,7 +218,7 @@ def compare(check: str, args) -> bool:
     dp = {"clip": 1.0, "sigma": 1e-6} if check == "dp_sgd" else None
     clients = fed.participation.sampled(0)
     x_t = {k: v.clone() for k, v in fed.global_state.items()}
-    ours = {s["client"]: s["train_loss"] for s in fed.run_round(0).stats}
+    ours = {s.client: s.train_loss for s in fed.run_round(0).stats}
     theirs, tokens = bare_round(model, accelerator, fed, 0, clients, x_t, dp)
     tolerance = TOLERANCE.get(check, 2e-2)
     same = all(abs(ours[c] - b) <= tolerance * max(1.0, abs(b)) for c, b in zip(clients, theirs))

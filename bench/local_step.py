@@ -53,7 +53,7 @@ def use(fed: Federation, options: dict) -> None:
 def timed_round(fed: Federation) -> tuple[float, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     stats = fed.run_round(0).stats
-    return time.perf_counter() - wall, time.process_time() - cpu, statistics.mean(s["train_loss"] for s in stats)
+    return time.perf_counter() - wall, time.process_time() - cpu, statistics.mean(s.train_loss for s in stats)
 
 
 def main() -> None:

@@ -116,7 +116,7 @@ def bench_time(tmp: Path, num_clients: int, reps: int, profile: bool) -> dict:
     fed.start()
     clients = fed.participation.sampled(0)
     # Same batches: from x^t, the bare loop's first client must see the engine's first loss.
-    engine_loss = next(s["train_loss"] for s in fed.run_round(0).stats if s["client"] == clients[0])
+    engine_loss = next(s.train_loss for s in fed.run_round(0).stats if s.client == clients[0])
     fed.adapter.load(fed.model, fed.global_state)
     bare_loss = bare_round(fed, 0, clients[:1])[0]
     if abs(engine_loss - bare_loss) > 1e-5 * max(1.0, abs(engine_loss)):

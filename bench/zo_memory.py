@@ -107,7 +107,7 @@ def one_timed(overrides: list[str], seconds: float) -> dict:
         while time.perf_counter() - start < seconds:
             result = fed.run_round(rounds)
             fed.global_state, fed.server_state = result.global_state, result.server_state
-            losses.append(sum(s["train_loss"] for s in result.stats) / len(result.stats))
+            losses.append(sum(s.train_loss for s in result.stats) / len(result.stats))
             rounds += 1
         spent = time.perf_counter() - start
         final = fed.evaluate(fed.data.eval)

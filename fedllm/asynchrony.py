@@ -36,26 +36,22 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fedllm.collectors import AGGREGATE_NOT_FINITE, StreamedMean, finite_or_previous, flat, unflat
+from fedllm.collectors import flat, unflat
 from fedllm.devices import Devices
-from fedllm.metrics import rejection_code
 from fedllm.registry import STALENESS, RecipeError
 from fedllm.samplers import Uniform
 from fedllm.seeds import derive
+from fedllm.server import ClientRow, Server
 from fedllm.state import State, is_finite
-from fedllm.strategies.base import ALL, RoundInfo, Strategy, Update
+from fedllm.strategies.base import Update
 from fedllm.training import round_learning_rate
 
-# indices in a stat row (fedllm.engine.STAT_COLUMNS)
-BYTES_UP, BYTES_DOWN, ACCEPTED, REJECTED = 3, 4, 5, 9
 
+class ClientRunner(Protocol):
+    """Where an asynchronous run's clients train (fedllm.fleet.LocalFleet): one client-round,
+    from the download to `admit`, and its row."""
 
-class Server(Protocol):
-    """What the event loop asks of the engine for one client-round."""
-
-    def collector(self, version: int) -> StreamedMean: ...
-
-    def client_round(self, t: int, client_id: int, down, collect, lr: float, progress=None) -> list: ...
+    def client_round(self, t: int, client_id: int, down, admit, lr: float, progress=None) -> ClientRow: ...
 
 
 def check_sampler(devices: Devices, participation) -> None:
@@ -105,10 +101,10 @@ class SyncClock:
     def online_at(self, time: float) -> set[int]:
         return {c for c in range(self.num_clients) if self.devices.online(c, time)}
 
-    def metrics(self, t: int, stats: list[dict]) -> dict:
+    def metrics(self, t: int, stats: list[ClientRow]) -> dict:
         """Round t's simulated end and its clients' time spent waiting for its straggler."""
         self.sampled(t)
-        durations = [self.devices.duration(s["client"], s["bytes_down"], s["bytes_up"]) for s in stats]
+        durations = [self.devices.duration(s.client, s.bytes_down, s.bytes_up) for s in stats]
         longest = max(durations, default=0.0)
         if math.isnan(self.starts[t]):  # always online: the start is the last round's end
             self.starts[t] = self.ends[t - 1] if t else 0.0
@@ -144,7 +140,7 @@ class Flight:
     version: int = field(compare=False)  # the server version it started from
     round: int = field(compare=False)  # the logged round at dispatch (its learning rate)
     start: float = field(compare=False)
-    row: list = field(compare=False, default_factory=list)  # its stat row (fedllm.engine.STAT_COLUMNS)
+    row: ClientRow | None = field(compare=False, default=None)  # its row in the round it arrives in
     message: Update | None = field(compare=False, default=None)  # its decoded upload; None: rejected
     weight: float = field(compare=False, default=0.0)
 
@@ -178,8 +174,11 @@ class Adjusted:
 
 
 class AsyncRounds:
-    def __init__(self, fed_cfg, client_cfg, rounds: int, participation, devices: Devices, strategy: Strategy,
-                 channel, reducer, device):
+    """Rounds on the simulated clock; the `server` aggregates (its one round tail), `clients`
+    (the fleet) train each dispatched client."""
+
+    def __init__(self, fed_cfg, client_cfg, rounds: int, participation, devices: Devices, server: Server,
+                 clients: ClientRunner, device):
         check_sampler(devices, participation)
         self.mode, self.client_cfg, self.rounds = fed_cfg.mode, client_cfg, rounds
         self.k, self.num_clients = fed_cfg.sampled_per_round(), fed_cfg.num_clients
@@ -187,11 +186,8 @@ class AsyncRounds:
         self.buffer_size = fed_cfg.buffer_size or self.k  # buffered only: async applies each event
         self.staleness = STALENESS.build(fed_cfg.staleness, "federation.staleness")
         self.mixing = fed_cfg.async_mixing if self.mode == "async" else 1.0
-        self.participation, self.devices, self.strategy = participation, devices, strategy
-        self.channel, self.reducer, self.device = channel, reducer, device
-        if strategy.needs == ALL and self.mode == "async":
-            raise RecipeError("federation.mode=async applies each arrival alone; a strategy that needs every update "
-                              "(robust rules) runs in federation.mode=buffered (over each buffer of K) or sync")
+        self.participation, self.devices, self.server, self.clients = participation, devices, server, clients
+        self.device = device
         self.now = 0.0
         self.version = self.arrivals = self.seq = self.wave = self.pos = 0
         self.flights: list[Flight] = []  # a heap
@@ -199,12 +195,12 @@ class AsyncRounds:
         self.versions: dict[int, State] = {}  # async: the global states in-flight clients started from (x_τ)
 
     # ---- one logged round -------------------------------------------------------------
-    def round(self, t: int, global_state: State, server_state: State, server: Server, progress=None):
+    def round(self, t: int, progress=None) -> tuple[list[ClientRow], dict]:
         """Round t: arrivals until (t + 1)·clients_per_round have arrived (at least one event).
-        Returns (global, server_state, stat rows, metrics)."""
+        Returns the arrivals' rows and the round's metrics."""
         rows, stale = [], []
         while self.arrivals < (t + 1) * self.k or not rows:
-            self.fill(t, global_state, server_state, server, progress)
+            self.fill(t, progress)
             wake = self.wake_time()
             if not self.flights or wake < self.flights[0].finish:
                 if math.isinf(wake):
@@ -217,14 +213,14 @@ class AsyncRounds:
                 self.arrivals += 1
                 self.pending.append(flight)
                 if self.mode == "buffered" and len(self.pending) >= self.buffer_size:
-                    global_state, server_state = self.apply(t, global_state, server_state, server)
+                    self.apply(t)
             if self.pending and self.mode == "async":  # simultaneous arrivals: one FedAsync event
-                global_state, server_state = self.apply(t, global_state, server_state, server)
+                self.apply(t)
         extra = {"sim_time": self.now, "server_version": self.version, "staleness_mean": sum(stale) / len(stale),
                  "staleness_max": max(stale), "in_flight": len(self.flights), "buffered": len(self.pending)}
         if not self.devices.always_online:
             extra["online_clients"] = sum(self.devices.online(c, self.now) for c in range(self.num_clients))
-        return global_state, server_state, rows, extra
+        return rows, extra
 
     def adjusted(self, collect, tau: int, start: State | None, current: State):
         scale = self.mixing * self.staleness.weight(tau)
@@ -233,37 +229,26 @@ class AsyncRounds:
             shift = {k: start[k].float() - current[k].float() for k in current}
         return collect if scale == 1.0 and shift is None else Adjusted(collect, scale, shift)
 
-    def apply(self, t: int, global_state: State, server_state: State, server: Server):
+    def apply(self, t: int) -> None:
         """The pending arrivals, each weighed by its staleness, become one new server version
-        (none if their aggregate is not finite: refused, the arrivals recorded rejected)."""
+        through the server's round tail (none if their aggregate is not finite: refused, the
+        arrivals' rows recorded rejected — a buffer filled across two logged rounds updates the
+        rows of the earlier one after they were logged)."""
         arrived, self.pending = self.pending, []
-        collect = server.collector(self.version)
+        lr = round_learning_rate(self.client_cfg, arrived[-1].round, self.rounds)
+        round = self.server.open(t, lr, version=self.version)
+        current = self.server.global_state
         for f in arrived:
             if f.message is not None:
                 tau = self.version - f.version
-                self.adjusted(collect, tau, self.versions.get(f.version), global_state).add(f.client, f.message, f.weight)
-        accepted = [f.client for f in arrived if f.message is not None]
-        if not accepted and not self.strategy.releases_when_empty:
-            collect.unchanged()
-            return global_state, server_state
-        lr = round_learning_rate(self.client_cfg, arrived[-1].round, self.rounds)
-        info = lambda weight: RoundInfo(self.version, accepted, weight, self.num_clients, lr=lr,  # noqa: E731
-                                        local_steps=self.client_cfg.max_steps or 0)
-        new = collect.finish(self.strategy, global_state, server_state, info, self.reducer)
-        where = f"round {t + 1} (server version {self.version + 1})"
-        new_global, server_state, applied = finite_or_previous(where, new, (global_state, server_state), accepted)
-        if not applied:
-            # a buffer filled across two logged rounds: its rows of the earlier one were logged accepted already
-            for f in arrived:
-                if f.message is not None:
-                    f.row[ACCEPTED], f.row[REJECTED] = False, rejection_code(AGGREGATE_NOT_FINITE)
-            return global_state, server_state
-        self.version += 1
-        self.prune()
-        return new_global, server_state
+                self.adjusted(round.collect, tau, self.versions.get(f.version), current).add(f.client, f.message, f.weight)
+        held = [f for f in arrived if f.message is not None]
+        if round.close([f.row for f in held], where=f"round {t + 1} (server version {self.version + 1})"):
+            self.version += 1
+            self.prune()
 
     # ---- the event queue ----------------------------------------------------------------
-    def fill(self, t: int, global_state: State, server_state: State, server: Server, progress=None) -> None:
+    def fill(self, t: int, progress=None) -> None:
         """Dispatches online clients into the free slots, now: each downloads the current
         version and its broadcast, trains, and is scheduled to arrive when its upload ends."""
         down = None
@@ -274,13 +259,15 @@ class AsyncRounds:
                 return
             client, wave = picked
             if down is None:
-                server.collector(self.version)  # fixes what a decoded upload must look like
-                down = self.channel.down(global_state, self.strategy.broadcast(server_state), self.device)
+                self.server.open(t, lr, version=self.version)  # fixes what a decoded upload must look like
+                down = self.server.channel.down(self.server.global_state,
+                                                self.server.strategy.broadcast(self.server.server_state), self.device)
                 if self.mode == "async":
-                    self.versions.setdefault(self.version, global_state)
+                    self.versions.setdefault(self.version, self.server.global_state)
             hold = Hold()
-            row = server.client_round(wave, client, down, hold, lr, progress)
-            finish = self.now + self.devices.duration(client, row[BYTES_DOWN], row[BYTES_UP])
+            row = self.clients.client_round(wave, client, down, lambda c, m, w: self.server.admit(t, c, m, w, hold), lr,
+                                            progress)
+            finish = self.now + self.devices.duration(client, row.bytes_down, row.bytes_up)
             heapq.heappush(self.flights, Flight(finish, self.seq, client, wave, self.version, t, self.now, row,
                                                 hold.message, hold.weight))
             self.seq += 1
@@ -337,7 +324,7 @@ class AsyncRounds:
             "flights": torch.tensor([[f.seq, f.client, f.wave, f.version, f.round, f.message is not None] for f in flights],
                                     dtype=torch.int64).reshape(-1, 6),
             "flight_times": torch.tensor([[f.finish, f.start, f.weight] for f in flights], dtype=torch.float64).reshape(-1, 3),
-            "rows": torch.tensor([f.row for f in flights], dtype=torch.float64).reshape(len(flights), -1 if flights else 0),
+            "rows": torch.tensor([f.row.numbers() for f in flights], dtype=torch.float64).reshape(len(flights), -1 if flights else 0),
         }
         for f in flights:
             if f.message is not None:
@@ -347,7 +334,7 @@ class AsyncRounds:
             out.update({f"version/{v}/{k}": t.detach().clone() for k, t in self.versions[v].items()})
         return out
 
-    def load_state(self, state: State, global_state: State) -> None:
+    def load_state(self, state: State) -> None:
         if "rows" not in state:
             raise RecipeError("this checkpoint's asynchronous clock was written by an older fedllm, whose in-flight "
                               "clients trained at arrival: resume it with that version, or start again with `fedllm run`")
@@ -362,10 +349,11 @@ class AsyncRounds:
         for (seq, client, wave, version, round, held), (finish, start, weight), row in zip(
                 state["flights"].tolist(), state["flight_times"].tolist(), state["rows"].tolist()):
             message = unflat(messages[seq]) if held else None
-            flights.append(Flight(finish, seq, client, wave, version, round, start, row, message, weight))
+            flights.append(Flight(finish, seq, client, wave, version, round, start, ClientRow.from_numbers(row), message,
+                                  weight))
         self.flights, self.pending = flights[:in_flight], flights[in_flight:]
         heapq.heapify(self.flights)
-        self.versions = {}
+        self.versions, global_state = {}, self.server.global_state
         for key, tensor in state.items():
             if key.startswith("version/"):
                 _, v, name = key.split("/", 2)

@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 
 from fedllm.distributed import Reducer, canonical_shapes, pack, slices
-from fedllm.metrics import rejection_code
 from fedllm.state import State, is_finite
 from fedllm.strategies.base import ALL, RoundInfo, Strategy, Update
 
@@ -180,13 +179,6 @@ def finite_or_previous(where: str, new: tuple[State, State], previous: tuple[Sta
     log.warning("%s: the aggregate of clients %s is not finite (NaN/Inf); refused, the global model and server state "
                 "stay as they were", where, clients)
     return previous[0], previous[1], False
-
-
-def refuse_rows(stats: list[dict]) -> None:
-    """Records a refused aggregate's accepted uploads as rejected (metrics.REJECTIONS)."""
-    for s in stats:
-        if s["accepted"]:
-            s["accepted"], s["rejected"] = False, rejection_code(AGGREGATE_NOT_FINITE)
 
 
 def default_collector(strategy: Strategy, template: Callable[[], Update], round: int, attack=None,

@@ -9,7 +9,6 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,57 +17,37 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedllm.asynchrony import AsyncRounds, SyncClock
-from fedllm.balance import split_by_cost
 from fedllm.capabilities import check_pairings, local_loop
-from fedllm.channel import Channel, Downlink
-from fedllm.client import Client, Upload
-from fedllm.collectors import (
-    default_collector, finite_or_previous, message_template, misfit, refuse_rows,
-)
-from fedllm.data import PreparedData
-from fedllm.data.shared import prepare_data_once
+from fedllm.channel import Channel
+from fedllm.client import Client
 from fedllm.devices import Devices
 from fedllm.distributed import (
-    ClientGroup, Reducer, all_gather_rows, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state,
-    shard_base,
+    ClientGroup, Reducer, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state, shard_base,
 )
 from fedllm.evaluation import evaluate
 from fedllm.evaluation.per_client import evaluate_per_client
 from fedllm.export import write_export
-from fedllm.metrics import MetricsLog, check_writable, rejection_code, show_progress, truncate_jsonl, write_atomically
+from fedllm.fleet import Fleet, LocalFleet
+from fedllm.metrics import MetricsLog, check_writable, show_progress, truncate_jsonl, write_atomically
 from fedllm.models import build_model
 from fedllm.recipe import Recipe, check_resume_overrides, dump_recipe, load_recipe, refuse_remote_code
 from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
 from fedllm.rundir import refuse_planted_links
 from fedllm.samplers import Participation
 from fedllm.seeds import derive
-from fedllm.state import (
-    DAMAGE, ClientRecord, ClientStore, State, checkpoint_dirs, read_checkpoint, read_manifest, verify_checkpoint,
-    write_checkpoint,
-)
-from fedllm.strategies.base import RoundInfo, RunInfo
+from fedllm.server import RoundResult, Server
+from fedllm.state import ClientStore, DAMAGE, checkpoint_dirs, read_checkpoint, read_manifest, verify_checkpoint, write_checkpoint
+from fedllm.strategies.base import RunInfo
 from fedllm.threads import set_threads
 from fedllm.training import default_steps, round_learning_rate
-from fedllm.wire import Erased, MalformedMessage, WireContext
 
 log = logging.getLogger("fedllm")
 
-# bytes_up/down are a client's whole traffic; split_bytes_* the part its local round itself
-# exchanged with the server (split learning's activations and gradients), 0 for a plain loop
-# rejected: metrics.rejection_code of why the upload was left out (0: accepted)
-STAT_COLUMNS = (
-    "client", "num_samples", "train_loss", "bytes_up", "bytes_down", "accepted", "steps", "split_bytes_up", "split_bytes_down",
-    "rejected",
-)
-
-
-@dataclass
-class RoundResult:
-    global_state: State
-    server_state: State
-    stats: list[dict]
-    seconds: float
-    extra: dict = field(default_factory=dict)  # e.g. simulated time (fedllm.asynchrony)
+# the optional checkpointed parts a run needs (Federation.checkpointed), and what a checkpoint lacking one lacks
+LACKING = {
+    "asynchrony": "the asynchronous clock and in-flight clients (written by a federation.mode=sync run?)",
+    "clock": "the simulated clock (written without federation.devices, or by an older fedllm)",
+}
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:
@@ -89,23 +68,6 @@ def new_run_dir(recipe: Recipe, recipe_name: str, device) -> Path:
     stamp = broadcast_int(int(time.time()), device)
     when = datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
     return Path(recipe.output.dir) / f"{recipe_name}-{when}"
-
-
-def stat_row(client_id: int, upload: Upload, bytes_up: int, bytes_down: int, rejection: str | None) -> list:
-    r = upload.result
-    split_up, split_down = r.split_bytes_up, r.split_bytes_down
-    return [client_id, r.num_samples, r.train_loss, bytes_up + split_up, bytes_down + split_down, rejection is None,
-            r.steps, split_up, split_down, rejection_code(rejection)]
-
-
-def gather_stats(rows: list, device) -> list[dict]:
-    """Every rank's per-client rows (one value per STAT_COLUMNS entry), as dicts in client order
-    (the same order however the clients split over the ranks)."""
-    table = all_gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, len(STAT_COLUMNS)), device)
-    stats = [dict(zip(STAT_COLUMNS, row)) for row in table.tolist()]
-    for s in stats:
-        s["client"], s["accepted"], s["rejected"] = int(s["client"]), bool(s["accepted"]), int(s["rejected"])
-    return sorted(stats, key=lambda s: s["client"])
 
 
 def base_split(recipe: Recipe, group: ClientGroup) -> str | None:
@@ -131,7 +93,11 @@ def build_for_group(recipe: Recipe, group: ClientGroup, device):
 
 
 class Federation:
-    def __init__(self, recipe: Recipe, run_dir: Path):
+    """A federation: the base model and adapter, the `Server` (the server half of every round),
+    where the clients run (`fleet`: the simulation's `LocalFleet` unless given, e.g. a Flower
+    deployment's parties), the optional simulated clock, checkpoints and metrics."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, fleet: Fleet | None = None):
         self.recipe, self.run_dir = recipe, Path(run_dir)
         self.state = process_state()
         self.device, self.rank, self.world_size = self.state.device, self.state.process_index, self.state.num_processes
@@ -143,7 +109,8 @@ class Federation:
         set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.params = self.adapter.trainable(self.model)
-        self.data = self.load_data()
+        self.fleet = fleet or LocalFleet(self.group, self.device)
+        self.data = self.fleet.load_data(recipe, self.tokenizer, self.run_dir, self.device)
         self.strategy = STRATEGIES.build(recipe.strategy, "strategy")
         fed = recipe.federation
         self.participation = Participation(SAMPLERS.build(fed.sampler, "federation.sampler"), fed.num_clients,
@@ -155,32 +122,45 @@ class Federation:
         for client_id in sorted(self.byzantine):
             self.data.clients[client_id] = self.attack.poison_data(self.data.clients[client_id],
                                                                  derive(recipe.seed, client_id, tag="poison"))
-        self.global_state = self.adapter.state(self.model)  # the one extra copy of the trainable tensors
-        # a decoded upload holds at most Δ and extras the size of the state (SCAFFOLD's Δc), plus small fields
-        self.max_elements = 2 * sum(t.numel() for t in self.global_state.values()) + 2**20
-        # every rank starts from rank 0's server state (e.g. a secret DP noise generator)
-        self.server_state = broadcast_state_(self.strategy.init(self.global_state), self.device)
-        # The adapter's own aggregation and download (Ferret's coordinate space under a plain
-        # mean): no full-size update per client; a simulated attack needs every message.
-        self.own_aggregation = None if self.attack else self.adapter.aggregation(self.strategy, recipe.seed)
+        global_state = self.adapter.state(self.model)  # the one extra copy of the trainable tensors
+        self.channel = Channel(self.adapter, self.codecs, {k: tuple(t.shape) for k, t in global_state.items()})
+        self.server = Server(
+            # every rank starts from rank 0's server state (e.g. a secret DP noise generator)
+            self.strategy, self.channel, global_state, broadcast_state_(self.strategy.init(global_state), self.device),
+            self.reducer, num_clients=fed.num_clients, local_steps=recipe.client.max_steps or 0, seed=recipe.seed,
+            own_aggregation=self.own_aggregation_of(), attack=self.attack, byzantine=frozenset(self.byzantine))
         self.client = Client(self.model, self.params, self.adapter, self.strategy, local_loop(recipe, self.adapter),
-                             recipe.client, self.data.clients, self.pad_token_id, self.device, recipe.seed, self.group)
-        self.channel = Channel(self.adapter, self.codecs, {k: tuple(t.shape) for k, t in self.global_state.items()})
+                             recipe.client, self.data.clients, self.pad_token_id, self.device, recipe.seed,
+                             self.group) if self.fleet.trains_here else None
         # Ranks share per-client state through the run directory (budget 0: the disk is the store).
         budget = 0 if is_distributed() else int(fed.client_store_budget_mb * 2**20)
         self.store = ClientStore(self.run_dir / "client_store", budget)
         self.start_round = 0
         self.last_checkpoint_bytes = 0
         self.devices, self.clock, self.asynchrony = self._timeline()
+        self.fleet.bind(self.server, self.participation, self.store, self.client, self.run_info(), self.model)
         self.accelerator = self._trackers()
         self.metrics = MetricsLog(self.run_dir, self.is_main, self.accelerator)
 
-    def load_data(self) -> PreparedData:
-        """The clients' examples and the eval set (a deployed server's override holds no party's data)."""
-        r = self.recipe
-        # one rank per machine prepares the data, the machine's other ranks map its copy (fedllm.data.shared)
-        return prepare_data_once(r.data, self.tokenizer, r.federation.num_clients, r.seed, r.eval.per_client,
-                                 self.run_dir / "data", self.device)
+    def own_aggregation_of(self):
+        """The adapter's own aggregation and download (Ferret's coordinate space under a plain
+        mean: no full-size update per client), where it can run: a simulated attack needs every
+        message, and remote parties are sent x^t whole (they do not apply compact aggregates)."""
+        if self.attack is not None or not self.fleet.trains_here:
+            return None
+        return self.adapter.aggregation(self.strategy, self.recipe.seed)
+
+    # the server's state, as the run's (checkpoints, export, tests)
+    global_state = property(lambda self: self.server.global_state,
+                            lambda self, value: setattr(self.server, "global_state", value))
+    server_state = property(lambda self: self.server.server_state,
+                            lambda self, value: setattr(self.server, "server_state", value))
+    own_aggregation = property(lambda self: self.server.own_aggregation)
+
+    def checkpointed(self) -> dict:
+        """The optional collaborators whose state a checkpoint keeps, by their name in it."""
+        parts = {"aggregation": self.server.own_aggregation, "asynchrony": self.asynchrony, "clock": self.clock}
+        return {name: part for name, part in parts.items() if part is not None}
 
     def _timeline(self):
         """The simulated devices and clock (fedllm.asynchrony), where the recipe sets them."""
@@ -192,11 +172,8 @@ class Federation:
         if fed.mode == "sync":
             clock = self.participation = SyncClock(devices, self.participation, self.recipe.seed)  # draws among the online
             return devices, clock, None
-        if self.world_size > 1 or self.own_aggregation is not None or self.attack is not None:
-            raise RecipeError(f"federation.mode={fed.mode} runs in one process, with a strategy's plain collector and no "
-                              "simulated attack (use federation.mode=sync for those)")
-        return devices, None, AsyncRounds(fed, self.recipe.client, fed.rounds, self.participation, devices, self.strategy,
-                                          self.channel, self.reducer, self.device)
+        return devices, None, AsyncRounds(fed, self.recipe.client, fed.rounds, self.participation, devices, self.server,
+                                          self.fleet, self.device)
 
     def _trackers(self):
         if not self.recipe.output.report_to:
@@ -221,119 +198,19 @@ class Federation:
 
     # ---- one round ----------------------------------------------------------------------
     def run_round(self, t: int, progress=None) -> RoundResult:
-        """Round t on this rank's share of the sampled clients; `progress` (a tqdm bar) counts local steps."""
-        start, r = time.perf_counter(), self.recipe
+        """Round t: the fleet's clients, the server's tail; `progress` (a tqdm bar) counts local steps."""
+        start = time.perf_counter()
         if self.asynchrony is not None:
-            self.global_state, self.server_state, rows, extra = self.asynchrony.round(t, self.global_state, self.server_state,
-                                                                                      self, progress)
-            return RoundResult(self.global_state, self.server_state, gather_stats(rows, self.device),
-                               time.perf_counter() - start, extra)
-        mine = self.my_clients(t)
-        lr = round_learning_rate(r.client, t, r.federation.rounds)
-        down = self.downlink(t)
-        collect = self.collector(t)
-        rows = []
-        for cid in mine:
-            row = self.client_round(t, cid, down, collect, lr, progress)
-            rows += [row] if row is not None else []
-            if progress is not None and rows:
-                progress.set_postfix(clients=f"{len(rows)}/{len(mine)}", loss=f"{rows[-1][2]:.3f}")
-        return self.aggregate(t, collect, gather_stats(rows, self.device), lr, start)
-
-    def my_clients(self, t: int) -> list[int]:
-        """This group's share of round t's clients: a split that evens out the groups' padded
-        tokens (fedllm.balance), the same on every rank (with G = 1 a group is a rank)."""
-        sampled = self.participation.sampled(t)
-        if self.group.count == 1:
-            return sampled
-        costs = [self.client.planned_tokens(cid, t) for cid in sampled]
-        return split_by_cost(sampled, costs, self.group.count)[self.group.index]
-
-    def aggregate(self, t: int, collect, stats: list[dict], lr: float, start: float) -> RoundResult:
-        """The round's end, wherever its clients ran: the accepted uploads become the new global state."""
-        accepted = [s["client"] for s in stats if s["accepted"]]
-        if not accepted and not self.strategy.releases_when_empty:
-            log.warning("round %d: no client update was accepted; the global model is unchanged", t + 1)
-            collect.unchanged()
-            return RoundResult(self.global_state, self.server_state, stats, time.perf_counter() - start,
-                               self.clock_metrics(t, stats))
-        info = lambda weight: RoundInfo(t, accepted, weight, self.recipe.federation.num_clients, lr=lr,  # noqa: E731
-                                        local_steps=self.recipe.client.max_steps or 0)
-        # an adapter's own aggregation applies its aggregate to the global state in place: nothing to keep
-        previous = (self.global_state, self.server_state) if self.own_aggregation is None else None
-        new = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
-        for s in stats:  # a forged message is filtered where it arrives: after the gather
-            if s["client"] in getattr(collect, "forged_non_finite", ()):
-                s["accepted"], s["rejected"] = False, rejection_code("non_finite")
-        kept = [s["client"] for s in stats if s["accepted"]]
-        new_global, server_state, applied = finite_or_previous(f"round {t + 1}", new, previous, kept)
-        if not applied:
-            refuse_rows(stats)
-        return RoundResult(new_global, server_state, stats, time.perf_counter() - start, self.clock_metrics(t, stats))
-
-    def client_round(self, t: int, cid: int, down: Downlink, collect, lr: float, progress=None) -> list | None:
-        """One client's round, from x^t to the collector: its stat row (STAT_COLUMNS); None on a
-        client group's other ranks, which train with the leader but send and store nothing."""
-        upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(self.store.get(cid)), lr,
-                                 on_step=progress.update if progress is not None else None)
-        if not self.group.leader:
-            return None
-        message, size = self.send(t, cid, upload)
-        rejection = self.admit(t, cid, collect, message, upload.weight)
-        del message  # summed: it must not stay alive through the next client's training
-        self.keep_record(cid, upload.record, rejection is None)
-        return stat_row(cid, upload, size, down.bytes_for(cid), rejection)
-
-    def clock_metrics(self, t: int, stats: list[dict]) -> dict:
-        return self.clock.metrics(t, stats) if self.clock is not None else {}
-
-    def downlink(self, t: int) -> Downlink:
-        """x^t and the broadcast as clients hold them: one real message, or the adapter's own
-        protocol (clients apply the aggregates of the rounds they missed; x^t is the server's)."""
-        if self.own_aggregation is None:
-            return self.channel.down(self.global_state, self.strategy.broadcast(self.server_state), self.device,
-                                     WireContext(t, -1, self.recipe.seed))
-        last = self.participation.last_round
-        return Downlink(self.global_state, {},
-                        lambda cid: self.own_aggregation.download_bytes(t, last(cid, t), self.global_state, cid))
-
-    def collector(self, t: int):
-        """Round t's collector; also fixes what a decoded upload must look like this round."""
-        if self.own_aggregation is not None:
-            self.expected = None  # the adapter checks its own wire format
-            return self.own_aggregation.collector(t)
-        self.expected = message_template(self.strategy, self.global_state)
-        return default_collector(self.strategy, lambda: self.expected, t, self.attack, frozenset(self.byzantine))
-
-    def send(self, t: int, client_id: int, upload: Upload):
-        """The upload through the channel: what the server decoded (or why it could not), and the bytes."""
-        ctx = WireContext(t, client_id, self.recipe.seed, max_elements=self.max_elements)
-        try:
-            return self.channel.up(upload.update, upload.extras, ctx, upload.record.codecs,
-                                   adapter_space=self.own_aggregation is not None)
-        except MalformedMessage as err:
-            return err, err.bytes
-
-    def admit(self, t: int, client_id: int, collect, message, weight: float) -> str | None:
-        """An untrusted upload enters the aggregate only if it decoded, with the expected keys,
-        shapes and kinds and finite values; else why not (one of metrics.REJECTIONS)."""
-        if isinstance(message, Erased):
-            log.info("round %d: client %d's upload was lost on the simulated link", t, client_id)
-            return "erased"
-        if isinstance(message, MalformedMessage):
-            problem = str(message)
+            rows, extra = self.asynchrony.round(t, progress)
+            rows = sorted(rows, key=lambda row: row.client)
         else:
-            problem = misfit(message, self.expected) if self.expected is not None else None
-        if problem is None and collect.add(client_id, message, weight):
-            return None
-        what = f"a malformed update ({problem})" if problem else "a non-finite update (NaN/Inf)"
-        log.warning("round %d: client %d sent %s; dropped from the round", t + 1, client_id, what)
-        return "malformed" if problem else "non_finite"
-
-    def keep_record(self, client_id: int, record: ClientRecord, accepted: bool) -> None:
-        flat = record.to_flat()
-        if accepted and flat:  # a rejected client's state does not advance either
-            self.store.put(client_id, flat)
+            lr = round_learning_rate(self.recipe.client, t, self.recipe.federation.rounds)
+            round = self.server.open(t, lr)
+            rows = self.fleet.run_round(t, round, lr, progress)
+            round.close(rows)
+            self.fleet.settle(t, rows)
+            extra = self.clock.metrics(t, rows) if self.clock is not None else {}
+        return RoundResult(self.global_state, self.server_state, rows, time.perf_counter() - start, extra)
 
     def evaluate(self, examples: list[dict]) -> dict:
         # a sharded base runs a forward only with its whole group: the groups split the batches,
@@ -351,8 +228,11 @@ class Federation:
         return bool(every and rounds_done % every == 0) or rounds_done == self.recipe.federation.rounds
 
     def round_eval(self, rounds_done: int) -> dict:
-        """The eval metrics after `rounds_done` rounds where the recipe asks for them, else {}."""
-        return self.evaluate(self.data.eval) if self.data.eval and self.eval_due(rounds_done) else {}
+        """The eval metrics after `rounds_done` rounds where the recipe asks for them (the fleet's:
+        a deployment's parties score it on their own rows), else {}."""
+        if not self.eval_due(rounds_done):
+            return {}
+        return self.fleet.evaluate(rounds_done, lambda: self.evaluate(self.data.eval) if self.data.eval else {})
 
     # ---- life cycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -378,6 +258,7 @@ class Federation:
                              "rank0_parameter_bytes": resident_bytes(self.model)},
             # eval.per_client: which sampled rows each client holds out (fedllm.data.holdout)
             **({"client_eval_rows": self.data.client_eval_rows} if self.data.client_eval_rows is not None else {}),
+            **self.fleet.run_meta(),
         }
 
     def resume(self) -> None:
@@ -395,13 +276,9 @@ class Federation:
         path, parts, meta = self.newest_intact(done)
         self.global_state = {k: t.to(self.global_state[k].dtype) for k, t in parts["global"].items()}
         self.server_state = parts.get("server_state", {})
-        if self.own_aggregation is not None:  # checkpoints before 0.1.x kept it under "engine"
-            self.own_aggregation.load_state(parts.get("aggregation", parts.get("engine", {})))
         torch.set_rng_state(parts["rng"]["torch"])
-        if self.asynchrony is not None:
-            self.asynchrony.load_state(parts["asynchrony"], self.global_state)
-        if self.clock is not None:
-            self.clock.load_state(parts["clock"])
+        for name, part in self.checkpointed().items():  # checkpoints before 0.1.x kept an aggregation's under "engine"
+            part.load_state(parts.get(name, parts.get("engine", {})) if name == "aggregation" else parts[name])
         self.start_round = meta["round"]
         if self.is_main:
             self.store.restore(path / "clients", read_manifest(path, under="clients/"))
@@ -435,10 +312,8 @@ class Federation:
             return f"its tensor {bad} has shape {tuple(stored[bad].shape)}, the model's is {tuple(self.global_state[bad].shape)}"
         if "rng" not in parts or not isinstance(meta.get("round"), int) or meta["round"] < 1:
             return "its RNG state or round number is missing"
-        if self.asynchrony is not None and "asynchrony" not in parts:
-            return "it lacks the asynchronous clock and in-flight clients (written by a federation.mode=sync run?)"
-        if self.clock is not None and "clock" not in parts:
-            return "it lacks the simulated clock (written without federation.devices, or by an older fedllm)"
+        if lacking := next((name for name in self.checkpointed() if name in LACKING and name not in parts), None):
+            return f"it lacks {LACKING[lacking]}"
         if self.server_state and not parts.get("server_state"):
             return f"it lacks the server state strategy '{self.recipe.strategy['name']}' keeps"
         return None
@@ -447,13 +322,8 @@ class Federation:
         if not self.recipe.output.checkpoints:  # the user's choice: no resume, no checkpoint writes
             return
         if self.is_main:
-            parts = {"global": self.global_state, "server_state": self.server_state, "rng": {"torch": torch.get_rng_state()}}
-            if self.own_aggregation is not None:
-                parts["aggregation"] = self.own_aggregation.state()
-            if self.asynchrony is not None:
-                parts["asynchrony"] = self.asynchrony.state()
-            if self.clock is not None:
-                parts["clock"] = self.clock.state()
+            parts = {**self.server.parts(), "rng": {"torch": torch.get_rng_state()},
+                     **{name: part.state() for name, part in self.checkpointed().items()}}
             meta = {"round": rounds_done, "saved_at": time.time()}
             try:
                 cost = write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)

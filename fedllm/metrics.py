@@ -104,7 +104,9 @@ class MetricsLog:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
 
-    def log_round(self, round: int, stats: list[dict], extra: dict) -> dict:
+    def log_round(self, round: int, rows: list, extra: dict) -> dict:
+        """Round `round`'s metrics row from its clients' rows (fedllm.server.ClientRow) and `extra`."""
+        stats = [r.as_dict() for r in rows]
         accepted = [s for s in stats if s["accepted"]]
         trained = [s for s in accepted if s["steps"] > 0]  # e.g. FedAMD's anchors take no step
         weight = sum(s["num_samples"] for s in trained)

@@ -59,15 +59,14 @@ from transformers import Trainer, TrainerCallback
 
 from fedllm import zero
 from fedllm.channel import Channel
-from fedllm.collectors import default_collector, finite_or_previous, refuse_rows
 from fedllm.distributed import (
     Reducer, all_gather_rows, barrier, broadcast_state_, gather_trainable, is_distributed, scatter_trainable_,
 )
-from fedllm.engine import gather_stats
 from fedllm.loops.trainer import ReplayLastBatch
 from fedllm.metrics import rejection_code
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
-from fedllm.strategies.base import ClientContext, ClientHooks, RoundInfo, RunInfo, split_prefix, with_prefix
+from fedllm.server import ClientRow, Server, gather_rows
+from fedllm.strategies.base import ClientContext, ClientHooks, RunInfo, split_prefix, with_prefix
 from fedllm.training import REGRAD, StepDriver, lacking, load_optimizer_state, optimizer_state_to_tensors
 from fedllm.wire import WireContext
 
@@ -183,6 +182,8 @@ class FederatedCallback(TrainerCallback):
             self.server_state = broadcast_state_(self.strategy.init({k: t.float() for k, t in self.global_state.items()}),
                                                  self.device)
             self.client_state = {}
+        self.server = Server(self.strategy, self.channel, self.global_state, self.server_state, self.reducer,
+                             num_clients=self.clients, local_steps=self.local_steps, seed=self.seed)
         self.begin_round()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -221,7 +222,8 @@ class FederatedCallback(TrainerCallback):
 
     @torch.no_grad()
     def synchronise(self) -> dict:
-        """Ends the round on every rank with the identical new global state; returns its metrics."""
+        """Ends the round on every rank with the identical new global state (the server's one
+        round tail, as every driver's); returns its metrics."""
         local = self.adapter_weights()
         update = {k: t.detach().float() - self.x_t[k].float().to(t.device) for k, t in local.items()}
         extras, client_state = self.hooks.finish(self.params, update)
@@ -229,31 +231,24 @@ class FederatedCallback(TrainerCallback):
             self.client_state = {k: t.detach().cpu() for k, t in client_state.items()}
         message, bytes_up = self.channel.up(update, extras, WireContext(self.round, self.client_id, self.seed), {})
         weight = 1.0 if self.strategy.uniform_weights else float(self.num_samples)
-        # the strategy's input: the weighted mean over ranks, or every rank's message
-        collect = default_collector(self.strategy, lambda: message, self.round)
-        accepted = collect.add(self.client_id, message, weight) if self.leader else False  # a group counts once
-        if self.leader and not accepted:
-            log.warning("round %d: client %d has a non-finite update (NaN/Inf); dropped", self.round, self.client_id)
-        row = [self.client_id, self.num_samples, math.nan, bytes_up, self.bytes_down, accepted, self.local_steps, 0, 0,
-               rejection_code(None if accepted else "non_finite")]
-        stats = gather_stats([row] if self.leader else [], self.device)
-        clients = [s["client"] for s in stats if s["accepted"]]
-        if clients:
-            info = lambda total: RoundInfo(self.round, clients, total, self.clients, lr=self.lr, local_steps=self.local_steps)  # noqa: E731
-            new = collect.finish(self.strategy, self.global_state, self.server_state, info, self.reducer)
-            # every rank holds the same aggregate, so every rank takes or refuses it alike
-            new_global, self.server_state, applied = finite_or_previous(
-                f"round {self.round + 1}", new, (self.global_state, self.server_state), clients)
-            self.global_state = {k: t.cpu() for k, t in new_global.items()}
-            if not applied:
-                refuse_rows(stats)
-                clients = []
+        self.server.global_state, self.server.server_state = self.global_state, self.server_state
+        round = self.server.open(self.round, self.lr)
+        rows = []
+        if self.leader:  # a client group counts once
+            rejection = round.admit(self.client_id, message, weight)
+            rows = [ClientRow(self.client_id, self.num_samples, math.nan, bytes_up, self.bytes_down, rejection is None,
+                              self.local_steps, rejected=rejection_code(rejection))]
+        rows = gather_rows(rows, self.device)
+        round.close(rows)  # every rank holds the same aggregate, so every rank takes or refuses it alike
+        self.global_state = {k: t.cpu() for k, t in self.server.global_state.items()}
+        self.server_state = self.server.server_state
         self.load_adapter(self.global_state)
         self.round += 1
         self.begin_round()
         return {
-            "fed/round": self.round, "fed/clients": len(clients), "fed/rejected": sum(not s["accepted"] for s in stats),
-            "fed/bytes_up": sum(s["bytes_up"] for s in stats), "fed/bytes_down": sum(s["bytes_down"] for s in stats),
+            "fed/round": self.round, "fed/clients": sum(r.accepted for r in rows),
+            "fed/rejected": sum(not r.accepted for r in rows),
+            "fed/bytes_up": sum(r.bytes_up for r in rows), "fed/bytes_down": sum(r.bytes_down for r in rows),
             **{f"fed/{k}": v for k, v in self.strategy.metrics(self.server_state).items()},  # e.g. the ε spent
         }
 

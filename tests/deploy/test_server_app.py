@@ -153,10 +153,10 @@ def stand_in_parties(recipe_file, tmp_path, monkeypatch, certs, **sections):
 def stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, node_keys=(0, 1), **federation):
     """Clients 0 and 1 at nodes 10 and 11, bound to keys party_0 and party_1; once the parties
     reported their sizes, node 10+i holds key node_keys[i]."""
-    from fedllm.deploy.flower.server_app import DeployedFederation
+    from fedllm.deploy.flower.server_app import deployed_federation
 
     recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs, federation=federation)
-    fed = DeployedFederation(recipe, run_dir, grid)
+    fed = deployed_federation(recipe, run_dir, grid)
     grid.keys = {10 + i: public_key_pem(certs / f"party_{k}.pub").encode() for i, k in enumerate(node_keys)}
     fed.start()
     return fed
@@ -167,17 +167,17 @@ def test_a_tampered_upload_is_rejected_and_the_round_goes_on(recipe_file, tmp_pa
     fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs)
     kinds = ["wrong shape", "extra key", "nan", "100x too large", "not a message"]
     for t, how in enumerate(kinds):
-        fed.grid.how = how
+        fed.fleet.grid.how = how
         before = {k: v.clone() for k, v in fed.global_state.items()}
         with caplog.at_level(logging.WARNING, logger="fedllm"):
             result = fed.run_round(t)
-        assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, False)], how
+        assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, False)], how
         assert "client 1 sent" in caplog.text  # logged, named
         assert any(not torch.equal(before[k], result.global_state[k]) for k in before)  # party 0's update went in
         assert all(torch.isfinite(v).all() for v in result.global_state.values())
         fed.global_state, fed.server_state = result.global_state, result.server_state
         caplog.clear()
-    assert fed.state_round(0) == len(kinds) - 1 and fed.state_round(1) == -1  # a rejected party's state did not advance
+    assert fed.fleet.state_round(0) == len(kinds) - 1 and fed.fleet.state_round(1) == -1  # a rejected party's state did not advance
 
 
 @pytest.mark.slow
@@ -185,9 +185,9 @@ def test_a_silent_party_is_recorded_missing_and_too_few_answers_stop_the_run_aft
         recipe_file, tmp_path, monkeypatch, certs):
     fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, round_timeout_s=0.5, join_timeout_s=1.0,
                               round_retries=2)
-    fed.grid.how = "silent"
+    fed.fleet.grid.how = "silent"
     result = fed.run_round(0)  # min_clients=1: party 0's answer is enough, no retry
-    assert [(s["client"], s["accepted"], s.get("missing")) for s in result.stats] == [
+    assert [(s.client, s.accepted, s.missing) for s in result.stats] == [
         (0, True, None), (1, False, "no answer within federation.round_timeout_s=0.5")]
     fed.recipe.federation.min_clients = 2
     began = time.time()
@@ -195,7 +195,7 @@ def test_a_silent_party_is_recorded_missing_and_too_few_answers_stop_the_run_aft
                                           "federation.min_clients=2; the run stopped at its last checkpoint"):
         fed.run_round(1)
     assert time.time() - began >= 3 * 0.5  # the round waited round_timeout_s three times: once and 2 retries
-    assert fed.grid.pushed[11] == 2  # a silent party is not sent the round twice: its message is still out
+    assert fed.fleet.grid.pushed[11] == 2  # a silent party is not sent the round twice: its message is still out
 
 
 @pytest.mark.slow
@@ -203,23 +203,23 @@ def test_a_round_short_of_min_clients_is_retried_and_takes_a_late_or_failed_part
                                                                                   certs, caplog):
     fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, round_timeout_s=1.0, join_timeout_s=1.0,
                               min_clients=2, round_retries=1)
-    fed.grid.how = "late"  # answers 1.5 s after its download: past round_timeout_s, within the retry
+    fed.fleet.grid.how = "late"  # answers 1.5 s after its download: past round_timeout_s, within the retry
     with caplog.at_level(logging.WARNING, logger="fedllm"):
         result = fed.run_round(0)
-    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+    assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
     assert "1 of the 2 sampled parties answered, fewer than federation.min_clients=2" in caplog.text
     fed.global_state, fed.server_state = result.global_state, result.server_state
-    fed.grid.how = "fails once"  # its first answer is an error (worker down): the retry sends it the round again
+    fed.fleet.grid.how = "fails once"  # its first answer is an error (worker down): the retry sends it the round again
     result = fed.run_round(1)
-    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
-    assert fed.grid.pushed[11] == 3 and fed.state_round(1) == 1
+    assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
+    assert fed.fleet.grid.pushed[11] == 3 and fed.fleet.state_round(1) == 1
     fed.global_state, fed.server_state = result.global_state, result.server_state
     fed.recipe.federation.min_clients, fed.recipe.federation.round_timeout_s = 1, 30.0
-    fed.grid.how = "unavailable once"  # Flower could not deliver it: sent again within the round, no retry needed
+    fed.fleet.grid.how = "unavailable once"  # Flower could not deliver it: sent again within the round, no retry needed
     began = time.time()
     result = fed.run_round(2)
-    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
-    assert fed.grid.pushed[11] == 5 and time.time() - began < 30
+    assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
+    assert fed.fleet.grid.pushed[11] == 5 and time.time() - began < 30
 
 
 @pytest.mark.slow
@@ -229,18 +229,18 @@ def test_a_party_acts_only_as_the_client_id_its_key_is_bound_to(recipe_file, tmp
                               join_timeout_s=1.0)
     with caplog.at_level(logging.WARNING, logger="fedllm"):
         result = fed.run_round(0)
-    assert [(s["client"], s["accepted"], s.get("missing")) for s in result.stats] == [
+    assert [(s.client, s.accepted, s.missing) for s in result.stats] == [
         (0, True, None), (1, False, "not connected")]
     assert "node 11's key is bound to no client id" in caplog.text
-    assert fed.nodes == {0: 10} and fed.grid.pushed[11] == 0  # it got no download
+    assert fed.fleet.nodes == {0: 10} and fed.fleet.grid.pushed[11] == 0  # it got no download
     # the keys swapped: each node gets the round of the client its key is bound to, and its party
     # (which is the other client) refuses it: both recorded missing, nothing aggregated
-    fed.grid.keys = {10: fed.grid.keys[10], 11: public_key_pem(certs / "party_0.pub").encode()}
-    fed.grid.keys[10] = public_key_pem(certs / "party_1.pub").encode()
+    fed.fleet.grid.keys = {10: fed.fleet.grid.keys[10], 11: public_key_pem(certs / "party_0.pub").encode()}
+    fed.fleet.grid.keys[10] = public_key_pem(certs / "party_1.pub").encode()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fedllm"), pytest.raises(RecipeError, match="0 of the 2 sampled"):
         fed.run_round(1)
-    assert fed.nodes == {0: 11, 1: 10}
+    assert fed.fleet.nodes == {0: 11, 1: 10}
     assert "client 1 dropped out: the server sent client 1's round to client 0" in caplog.text
 
 
@@ -262,13 +262,13 @@ def test_the_server_holds_no_data_its_client_sizes_are_the_parties_reports_and_a
         recipe_file, tmp_path, monkeypatch, certs, caplog):
     from pathlib import Path
 
-    from fedllm.deploy.flower.server_app import DeployedFederation
+    from fedllm.deploy.flower.server_app import deployed_federation
 
     recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs,
                                              strategy={"name": "dp_sgd", "max_grad_norm": 1.0},
                                              privacy={"noise_multiplier": 1.0}, federation={"join_timeout_s": 5.0})
     assert not Path(recipe.data.path).exists()
-    fed = DeployedFederation(recipe, run_dir, grid)
+    fed = deployed_federation(recipe, run_dir, grid)
     sizes = [len(grid.parties[10 + i].examples) for i in (0, 1)]
     assert sorted(grid.asked) == [(10, "query.sizes"), (11, "query.sizes")] and fed.data.clients == []
     assert fed.run_info().client_sizes == sizes and sizes[0] != sizes[1]
@@ -281,12 +281,12 @@ def test_the_server_holds_no_data_its_client_sizes_are_the_parties_reports_and_a
     # resumed, and given a held-out file the server owns (fedllm serve --eval-data): party 0's, here
     own = str(tmp_path / "data" / "client_0.eval.jsonl")
     with caplog.at_level(logging.WARNING, logger="fedllm"):
-        resumed = DeployedFederation(recipe, run_dir, grid, eval_data=own)
+        resumed = deployed_federation(recipe, run_dir, grid, eval_data=own)
     assert resumed.run_info().client_sizes == sizes and resumed.strategy.rates == fed.strategy.rates
     assert f"client 1 now reports {sizes[1] + 7} training examples; the run started with {sizes[1]}" in caplog.text
-    assert resumed.eval_sizes[1] == 3  # what it holds out now is what it will evaluate on
+    assert resumed.fleet.eval_sizes[1] == 3  # what it holds out now is what it will evaluate on
     grid.reports.clear()
-    resumed.eval_sizes[1] = len(grid.parties[11].eval_examples)
+    resumed.fleet.eval_sizes[1] = len(grid.parties[11].eval_examples)
     row = resumed.round_eval(1)
     assert row["server_eval_loss"] == pytest.approx(local_eval(grid.parties[10], resumed.global_state, recipe.eval)[0],
                                                     rel=1e-6)
@@ -296,7 +296,7 @@ def test_the_server_holds_no_data_its_client_sizes_are_the_parties_reports_and_a
 @pytest.mark.slow
 def test_a_size_report_that_is_not_a_count_or_none_at_all_stops_the_run_before_round_0(
         recipe_file, tmp_path, monkeypatch, certs, caplog):
-    from fedllm.deploy.flower.server_app import DeployedFederation
+    from fedllm.deploy.flower.server_app import deployed_federation
 
     recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs,
                                              federation={"join_timeout_s": 0.5})
@@ -305,14 +305,14 @@ def test_a_size_report_that_is_not_a_count_or_none_at_all_stops_the_run_before_r
         with caplog.at_level(logging.WARNING, logger="fedllm"), pytest.raises(
                 RecipeError, match=r"client 1 did not report its data size \(its training example count .* is not a "
                                    r"whole number from 1 to 1,000,000,000\): a run needs every party's size"):
-            DeployedFederation(recipe, run_dir, grid)
+            deployed_federation(recipe, run_dir, grid)
         assert f"client 1's size report refused: its training example count {bad!r}" in caplog.text
         caplog.clear()
     grid.reports.clear()
     grid.how = "silent query.sizes"
     with pytest.raises(RecipeError, match=r"client 1 did not report its data size \(no answer within "
                                           r"federation.join_timeout_s=0.5\).* or raise federation.join_timeout_s"):
-        DeployedFederation(recipe, run_dir, grid)
+        deployed_federation(recipe, run_dir, grid)
     assert not (run_dir / "run_meta.json").exists()  # nothing started
 
 
@@ -323,7 +323,7 @@ def test_federated_eval_is_the_token_weighted_mean_of_the_parties_own_evals(reci
     result = fed.run_round(0)
     fed.global_state, fed.server_state = result.global_state, result.server_state
     row = fed.round_eval(1)
-    by_hand = [local_eval(fed.grid.parties[10 + i], fed.global_state, fed.recipe.eval) for i in (0, 1)]
+    by_hand = [local_eval(fed.fleet.grid.parties[10 + i], fed.global_state, fed.recipe.eval) for i in (0, 1)]
     assert all(tokens > 0 for _, tokens, _ in by_hand) and by_hand[0][0] != by_hand[1][0]
     tokens = sum(t for _, t, _ in by_hand)
     assert row["eval_loss"] == pytest.approx(sum(loss * t for loss, t, _ in by_hand) / tokens, rel=1e-5)
@@ -334,7 +334,7 @@ def test_federated_eval_is_the_token_weighted_mean_of_the_parties_own_evals(reci
     assert [c["tokens"] for c in clients] == [t for _, t, _ in by_hand]
     assert [c["eval_loss"] for c in clients] == pytest.approx([loss for loss, _, _ in by_hand], rel=1e-5)
     fed.recipe.eval.per_client = False
-    fed.grid.how = "silent evaluate"  # party 1 does not answer its eval: left out, logged
+    fed.fleet.grid.how = "silent evaluate"  # party 1 does not answer its eval: left out, logged
     with caplog.at_level(logging.WARNING, logger="fedllm"):
         row = fed.round_eval(1)
     assert row["eval_loss"] == pytest.approx(by_hand[0][0], rel=1e-5) and row["eval_missing_clients"] == [1]
@@ -343,22 +343,22 @@ def test_federated_eval_is_the_token_weighted_mean_of_the_parties_own_evals(reci
 
 @pytest.mark.slow
 def test_ferret_deploys_and_trains_what_the_simulation_trains(recipe_file, tmp_path, monkeypatch, certs):
-    from fedllm.deploy.flower.server_app import DeployedFederation
+    from fedllm.deploy.flower.server_app import deployed_federation
     from fedllm.engine import Federation
     from fedllm.recipe import load_recipe
 
     sections = {"adapter": {"name": "ferret", "k": 6}, "client": {"max_steps": 1, "optim": "sgd", "learning_rate": 0.05}}
     recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs, **sections)
-    fed = DeployedFederation(recipe, run_dir, grid)
+    fed = deployed_federation(recipe, run_dir, grid)
     fed.start()
     simulated = Federation(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "simulated")
     assert simulated.own_aggregation is not None and fed.own_aggregation is None  # compact there, decoded here
     start = {k: t.clone() for k, t in fed.global_state.items()}
     for t in range(2):
         result = fed.run_round(t)
-        assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+        assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
         full_bytes = 4 * sum(v.numel() for v in start.values())
-        assert all(s["bytes_up"] < full_bytes / 100 for s in result.stats)  # a party uploads Ferret's coordinates
+        assert all(s.bytes_up < full_bytes / 100 for s in result.stats)  # a party uploads Ferret's coordinates
         fed.global_state, fed.server_state = result.global_state, result.server_state
         simulated.global_state = simulated.run_round(t).global_state
     assert max(float((fed.global_state[k] - start[k]).abs().max()) for k in start) > 1e-4  # it trained
@@ -368,13 +368,13 @@ def test_ferret_deploys_and_trains_what_the_simulation_trains(recipe_file, tmp_p
 
 def spy_weights(fed, monkeypatch) -> dict:
     """Client id -> the weight its last upload was offered to the round's aggregate with."""
-    seen, admit = {}, fed.admit
+    seen, admit = {}, fed.server.admit
 
-    def spy(t, cid, collect, message, weight):
+    def spy(t, cid, message, weight, sink):
         seen[cid] = weight
-        return admit(t, cid, collect, message, weight)
+        return admit(t, cid, message, weight, sink)
 
-    monkeypatch.setattr(fed, "admit", spy)
+    monkeypatch.setattr(fed.server, "admit", spy)
     return seen
 
 
@@ -383,16 +383,16 @@ def test_a_party_weighs_what_its_reported_size_gives_whatever_weight_it_claims(r
                                                                               certs):
     fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs)
     sizes, weights = fed.run_info().client_sizes, spy_weights(fed, monkeypatch)
-    fed.grid.forged = {"weight": 1e300}  # before: party 1 was the whole mean
+    fed.fleet.grid.forged = {"weight": 1e300}  # before: party 1 was the whole mean
     result = fed.run_round(0)
-    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)]
+    assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
     assert weights == {0: sizes[0], 1: sizes[1]}  # as the simulation weighs them: their sample counts
     fed.global_state, fed.server_state = result.global_state, result.server_state
     # the largest finite weight on an update of 1e6: before, Σ w·u overflowed to inf and the run "finished"
-    fed.grid.forged, fed.grid.how = {"weight": 1.7e308}, "all 1e6"
+    fed.fleet.grid.forged, fed.fleet.grid.how = {"weight": 1.7e308}, "all 1e6"
     before = {k: v.clone() for k, v in fed.global_state.items()}
     result = fed.run_round(1)
-    assert [(s["client"], s["accepted"]) for s in result.stats] == [(0, True), (1, True)] and weights[1] == sizes[1]
+    assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)] and weights[1] == sizes[1]
     share = 1e6 * sizes[1] / sum(sizes)  # party 0's own update is about 1e-3: lost in float32 beside this
     for k, v in result.global_state.items():
         assert torch.isfinite(v).all()
@@ -410,14 +410,14 @@ def test_a_reply_with_numbers_a_party_cannot_have_is_refused_and_the_run_goes_on
     forged = [("steps", math.inf), ("num_samples", math.nan), ("train_loss", math.nan), ("weight", -1.0),
               ("split_bytes_up", 2**62), ("num_samples", fed.run_info().client_sizes[1] + 1)]
     for t, (field, value) in enumerate(forged):
-        fed.grid.forged = {field: value}
+        fed.fleet.grid.forged = {field: value}
         before = {k: v.clone() for k, v in fed.global_state.items()}
         with caplog.at_level(logging.WARNING, logger="fedllm"):
             result = fed.run_round(t)  # before: `steps: Infinity` stopped the server (cannot convert float infinity)
         zeroed = {"num_samples": 0, "train_loss": 0.0, "steps": 0, "split_bytes_up": 0, "accepted": False,
                   "rejected": rejection_code("malformed")}
-        assert {k: result.stats[1][k] for k in zeroed} == zeroed, field
-        assert result.stats[0]["accepted"] and result.stats[0]["num_samples"] > 0
+        assert {k: getattr(result.stats[1], k) for k in zeroed} == zeroed, field
+        assert result.stats[0].accepted and result.stats[0].num_samples > 0
         assert f"round {t + 1}: client 1 sent a malformed update (its {field} {value!r} is not" in caplog.text
         assert any(not torch.equal(before[k], result.global_state[k]) for k in before)  # party 0's update went in
         row = fed.metrics.log_round(t + 1, result.stats, {})
@@ -425,20 +425,20 @@ def test_a_reply_with_numbers_a_party_cannot_have_is_refused_and_the_run_goes_on
         fed.global_state, fed.server_state = result.global_state, result.server_state
         caplog.clear()
     assert "NaN" not in (fed.run_dir / "metrics.jsonl").read_text()
-    assert fed.state_round(1) == -1
-    fed.grid.forged = {}
-    assert all(s["accepted"] for s in fed.run_round(len(forged)).stats)
+    assert fed.fleet.state_round(1) == -1
+    fed.fleet.grid.forged = {}
+    assert all(s.accepted for s in fed.run_round(len(forged)).stats)
 
 
 @pytest.mark.slow
 def test_a_round_whose_aggregate_overflows_is_refused_and_the_global_state_kept(recipe_file, tmp_path, monkeypatch,
                                                                                certs, caplog):
-    from fedllm.deploy.flower.server_app import DeployedFederation
+    from fedllm.deploy.flower.server_app import deployed_federation
     from fedllm.metrics import rejection_code
 
     recipe, grid, run_dir = stand_in_parties(recipe_file, tmp_path, monkeypatch, certs,
                                              strategy={"name": "fedavg", "server_lr": 10.0})
-    fed = DeployedFederation(recipe, run_dir, grid)
+    fed = deployed_federation(recipe, run_dir, grid)
     fed.start()
     sizes = fed.run_info().client_sizes
     # party 1's upload is finite (3e38 < float32's 3.4e38), and so is the weighted mean; x + 10·mean is not
@@ -448,13 +448,13 @@ def test_a_round_whose_aggregate_overflows_is_refused_and_the_global_state_kept(
     with caplog.at_level(logging.WARNING, logger="fedllm"):
         result = fed.run_round(0)
     refused = rejection_code("non_finite_aggregate")
-    assert [(s["client"], s["accepted"], s["rejected"]) for s in result.stats] == [(0, False, refused), (1, False, refused)]
+    assert [(s.client, s.accepted, s.rejected) for s in result.stats] == [(0, False, refused), (1, False, refused)]
     assert all(torch.equal(before[k], result.global_state[k]) for k in before)
     assert "round 1: the aggregate of clients [0, 1] is not finite (NaN/Inf); refused" in caplog.text
-    assert fed.state_round(0) == fed.state_round(1) == -1  # neither party's state advanced with the refused round
+    assert fed.fleet.state_round(0) == fed.fleet.state_round(1) == -1  # neither party's state advanced with the refused round
     assert fed.metrics.log_round(1, result.stats, {})["rejected"] == {"non_finite_aggregate": [0, 1]}
     fed.global_state, fed.server_state = result.global_state, result.server_state
     grid.how = "none"  # the run goes on
     result = fed.run_round(1)
-    assert all(s["accepted"] for s in result.stats) and fed.state_round(0) == fed.state_round(1) == 1
+    assert all(s.accepted for s in result.stats) and fed.fleet.state_round(0) == fed.fleet.state_round(1) == 1
     assert all(torch.isfinite(v).all() for v in result.global_state.values())

@@ -1,17 +1,21 @@
-"""The engine's round stays readable on one screen: sample → down → clients → up → collect
-→ aggregate, each role a call (DESIGN §10)."""
+"""The engine's round stays readable on one screen: the server opens the round, the fleet's
+clients train and their uploads are admitted, the server's one tail closes it (DESIGN §12)."""
 import inspect
 
 from fedllm.engine import Federation
+from fedllm.fleet import LocalFleet
+from fedllm.server import Round, Server
 
 
 def test_the_round_fits_on_one_screen_and_calls_each_role():
     source = inspect.getsource(Federation.run_round)
-    assert len(source.splitlines()) <= 40, len(source.splitlines())
-    assert "self.aggregate(" in source  # the round's end, shared with a deployed federation's round
-    source += inspect.getsource(Federation.aggregate)
-    source += inspect.getsource(Federation.client_round)  # one client's path, shared with the asynchronous loop
-    source += inspect.getsource(Federation.my_clients)  # the sampled clients, split over the client groups
-    for role in ("self.participation.sampled(", "self.downlink(", "self.collector(", "self.client.run(",
-                 "self.send(", "self.admit(", "collect.finish("):
+    assert len(source.splitlines()) <= 20, len(source.splitlines())
+    for role in ("self.server.open(", "self.fleet.run_round(", "round.close(", "self.asynchrony.round("):
         assert role in source, role
+    fleet = inspect.getsource(LocalFleet.run_round) + inspect.getsource(LocalFleet.client_round)
+    fleet += inspect.getsource(LocalFleet.my_clients)  # the sampled clients, split over the client groups
+    for role in ("self.participation.sampled(", "self.server.downlink(", "self.client.run(", "self.send(", "admit("):
+        assert role in fleet, role
+    server = inspect.getsource(Server.admit) + inspect.getsource(Round.close)
+    for role in ("misfit(", "sink.add(", "collect.finish(", "finite_or_previous("):
+        assert role in server, role

@@ -72,7 +72,7 @@ def test_composes_with_fedprox_and_scaffold(tmp_path, inner):
         for k in far:
             torch.testing.assert_close(far_upload.extras[f"dc.{k}"], -scale * far[k])
     result = strong.run_round(0)  # and a whole round through the engine
-    assert all(s["accepted"] for s in result.stats)
+    assert all(s.accepted for s in result.stats)
 
 
 def test_dp_sgd_refuses_to_wrap_it_and_it_refuses_a_dp_inner():
