@@ -84,7 +84,7 @@ class Client:
         self.adapter.prepare_local_round(self.model)
         x_t = self.adapter.for_client(self.model, self.params, x_t, client_id)
         examples = self.data[client_id]
-        hooks = self.strategy.client_hooks(round, client_id) or ClientHooks()
+        hooks = self.hooks(client_id, round)
         job = LocalJob(
             self.model, self.params, x_t, examples, self.cfg, lr, client_seed(self.seed, round, client_id),
             hooks.num_steps(default_steps(self.cfg, len(examples), self.group.size if self.group is not None else 1)),
@@ -93,11 +93,33 @@ class Client:
         )
         gradient = (lambda limit=None: self.loop.full_gradient(job, limit)) if FULL_GRADIENT in self.loop.supports else None
         embed = lambda: self.model.get_input_embeddings()  # noqa: E731  (a Hugging Face model's)
-        hooks.begin(self.params, ClientContext(round, client_id, x_t, broadcast, record.strategy, lr, job.steps, gradient, embed,
-                                               self.cfg.gradient_accumulation_steps, **self.group_fields()))
-        result = self.loop.train(job, StepDriver(hooks, self.params, self.max_grad_norm, on_step))
-        update = dict(result.update) if hooks.rewrites_update else result.update
-        extras, client_state = hooks.finish(self.params, update)
+        local = self.begin(hooks, ClientContext(round, client_id, x_t, broadcast, record.strategy, lr, job.steps, gradient,
+                                                embed, self.cfg.gradient_accumulation_steps, **self.group_fields()), on_step)
+        result = self.loop.train(job, local.driver)
+        update, extras, client_state = self.finish(local, result.update)
         weight = 1.0 if self.strategy.uniform_weights else float(result.num_samples)
         new_record = ClientRecord(result.optimizer_state or {}, client_state or {}, record.codecs)
         return Upload(update, extras, weight, new_record, result)
+
+    # ---- the two halves of a local round, for a loop that runs its own steps (the Trainer callback) ----
+    def hooks(self, client_id: int, round: int) -> ClientHooks:
+        return self.strategy.client_hooks(round, client_id) or ClientHooks()
+
+    def begin(self, hooks: ClientHooks, ctx: ClientContext, on_step: Callable[[], None] | None = None) -> "LocalRound":
+        """The strategy's hooks begin the round; the returned driver steps the loop (StepDriver)."""
+        hooks.begin(self.params, ctx)
+        return LocalRound(hooks, StepDriver(hooks, self.params, self.max_grad_norm, on_step))
+
+    def finish(self, local: "LocalRound", update: Mapping) -> tuple[Mapping, State, State | None]:
+        """The hooks end the round: (the update as they left it, the strategy's extras, the client's new strategy state)."""
+        update = dict(update) if local.hooks.rewrites_update else update
+        extras, client_state = local.hooks.finish(self.params, update)
+        return update, extras, client_state
+
+
+@dataclass
+class LocalRound:
+    """A client's round between `Client.begin` and `Client.finish`."""
+
+    hooks: ClientHooks
+    driver: StepDriver

@@ -59,15 +59,17 @@ from transformers import Trainer, TrainerCallback
 
 from fedllm import zero
 from fedllm.channel import Channel
+from fedllm.client import Client
 from fedllm.distributed import (
     Reducer, all_gather_rows, barrier, broadcast_state_, gather_trainable, is_distributed, scatter_trainable_,
 )
 from fedllm.loops.trainer import ReplayLastBatch
 from fedllm.metrics import rejection_code
+from fedllm.recipe import ClientConfig
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
 from fedllm.server import ClientRow, Server, gather_rows
-from fedllm.strategies.base import ClientContext, ClientHooks, RunInfo, split_prefix, with_prefix
-from fedllm.training import REGRAD, StepDriver, lacking, load_optimizer_state, optimizer_state_to_tensors
+from fedllm.strategies.base import ClientContext, RunInfo, split_prefix, with_prefix
+from fedllm.training import REGRAD, lacking, load_optimizer_state, optimizer_state_to_tensors
 from fedllm.wire import WireContext
 
 log = logging.getLogger("fedllm")
@@ -170,6 +172,9 @@ class FederatedCallback(TrainerCallback):
             self.num_samples = len(dataset) if hasattr(dataset, "__len__") else 1
         self.strategy.setup(self.run_info(args, state))  # before init, as the engine: e.g. DP's noise level
         self.params = self.adapter.trainable(model)
+        # the Trainer trains; the Client drives the strategy's hooks around its steps (begin / finish)
+        self.client = Client(model, self.params, self.adapter, self.strategy, None,
+                             ClientConfig(max_grad_norm=self.max_grad_norm or None), [], None, self.device, self.seed)
         self.reducer = Reducer(self.device)
         self.regrad = ReplayLastBatch(model, self.params, args)
         self.resumed_lr = None
@@ -187,7 +192,7 @@ class FederatedCallback(TrainerCallback):
         self.begin_round()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.driver.before_optimizer(self.regrad)
+        self.local.driver.before_optimizer(self.regrad)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.local_steps == 0:
@@ -211,13 +216,12 @@ class FederatedCallback(TrainerCallback):
         down = self.channel.down(self.global_state, self.strategy.broadcast(self.server_state), self.device,
                                  WireContext(self.round, self.client_id, self.seed))
         self.x_t, broadcast, self.bytes_down = down.x_t, down.broadcast, down.bytes_for(self.client_id)
-        self.hooks = self.strategy.client_hooks(self.round, self.client_id) or ClientHooks()
-        self.driver = StepDriver(self.hooks, self.params, self.max_grad_norm)
+        hooks = self.client.hooks(self.client_id, self.round)
         # the lr of the round's first step (a resume mid-round brings back the round's own)
         lr = self.resumed_lr if self.resumed_lr is not None else self.trainer.optimizer.param_groups[0]["lr"]
         self.resumed_lr = None
-        ctx = ClientContext(self.round, self.client_id, self.x_t, broadcast, self.client_state, lr, self.local_steps)
-        self.hooks.begin(self.params, ctx)
+        self.local = self.client.begin(hooks, ClientContext(self.round, self.client_id, self.x_t, broadcast,
+                                                            self.client_state, lr, self.local_steps))
         self.lr = lr
 
     @torch.no_grad()
@@ -226,7 +230,7 @@ class FederatedCallback(TrainerCallback):
         round tail, as every driver's); returns its metrics."""
         local = self.adapter_weights()
         update = {k: t.detach().float() - self.x_t[k].float().to(t.device) for k, t in local.items()}
-        extras, client_state = self.hooks.finish(self.params, update)
+        update, extras, client_state = self.client.finish(self.local, update)
         if client_state is not None:
             self.client_state = {k: t.detach().cpu() for k, t in client_state.items()}
         message, bytes_up = self.channel.up(update, extras, WireContext(self.round, self.client_id, self.seed), {})
