@@ -1,5 +1,7 @@
 """Behaviour must not change across a refactor: runs a fixed set of recipes (CPU, one
-thread, 3 rounds each, plus a 2-rank torchrun quickstart) and compares the sha256 of every
+thread, 3 rounds each, plus a 2-rank torchrun quickstart), a transformers Trainer with
+FederatedCallback (bench/trainer_run.py) and a deployed run through the ServerApp's entry
+point with a stand-in Flower Grid (bench/deployed_run.py), and compares the sha256 of every
 `final/*.safetensors`, of `metrics.jsonl` (timings removed) and of `ledger.jsonl` with a
 reference recorded on an earlier commit.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TIMING_KEYS = {"seconds", "time", "wall_seconds"}  # keys of a metrics row that measure time, not results
 
-RUNS = {  # name -> (recipe, extra overrides, ranks)
+RECIPE_RUNS = {  # name -> (recipe, extra overrides, ranks)
     "quickstart": ("quickstart.yaml", [], 1),
     "ferret_quickstart": ("ferret_quickstart.yaml", [], 1),
     "wara_quickstart": ("wara_quickstart.yaml", [], 1),
@@ -35,8 +37,15 @@ RUNS = {  # name -> (recipe, extra overrides, ranks)
     "dp_fedavg": ("dp_fedavg.yaml", ["privacy.noise_seed=1234"], 1),
     "fedzip": ("fedzip.yaml", [], 1),
     "byzantine_quickstart": ("byzantine_quickstart.yaml", [], 1),
+    "async": ("async_quickstart.yaml", [], 1),
+    "buffered": ("buffered_quickstart.yaml", [], 1),
     "quickstart_2ranks": ("quickstart.yaml", [], 2),
 }
+SCRIPT_RUNS = {  # name -> a bench script that takes the run's output directory (its own fixed setting)
+    "trainer_callback": "trainer_run.py",
+    "deployed": "deployed_run.py",
+}
+RUNS = [*RECIPE_RUNS, *SCRIPT_RUNS]
 
 
 def sha256(data: bytes) -> str:
@@ -60,17 +69,21 @@ def digest_run(run_dir: Path) -> dict[str, str]:
     return out
 
 
-def run_one(name: str, scratch: Path) -> dict[str, str]:
-    recipe, extra, ranks = RUNS[name]
-    args = [str(ROOT / "recipes" / recipe), "federation.rounds=3", f"output.dir={scratch}", f"output.name={name}",
-            "output.progress=false", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def command(name: str, out: Path) -> list[str]:
+    if name in SCRIPT_RUNS:
+        return [sys.executable, str(ROOT / "bench" / SCRIPT_RUNS[name]), str(out)]
+    recipe, extra, ranks = RECIPE_RUNS[name]
+    args = [str(ROOT / "recipes" / recipe), "federation.rounds=3", f"output.dir={out.parent}",
+            f"output.name={out.name}", "output.progress=false", *extra]
     if ranks == 1:
-        cmd = [sys.executable, "-m", "fedllm", "run", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29533",
-               str(ROOT / "scripts" / "train.py"), *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        return [sys.executable, "-m", "fedllm", "run", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29533",
+            str(ROOT / "scripts" / "train.py"), *args]
+
+
+def run_one(name: str, scratch: Path) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command(name, scratch / name), cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return digest_run(scratch / name)
