@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from fedllm.adapters.base import Adapter
-from fedllm.loops.zo import SeededDelta, Shapes, decode_seeded, is_seeded
+from fedllm.codecs.seeded import SeededDelta, Shapes, decode_seeded, is_seeded
 from fedllm.state import State
 from fedllm.strategies.base import Update
 from fedllm.wire import (
@@ -32,7 +32,7 @@ class Downlink:
 
 class Channel:
     """`shapes`: the names and shapes of the global state, which the server needs to rebuild
-    a zeroth-order client's (seed, scalar) upload (fedllm.loops.zo); None: no such uploads."""
+    a (seed, scalar) upload (fedllm.codecs.seeded); None: no such uploads."""
 
     def __init__(self, adapter: Adapter, codecs: list, shapes: Shapes | None = None):
         self.adapter, self.codecs, self.shapes = adapter, list(codecs), shapes

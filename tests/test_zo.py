@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fedllm.capabilities import check_pairings
+from fedllm.codecs.seeded import SeededDelta, direction
 from fedllm.engine import Federation
-from fedllm.loops.zo import SEEDS, SeededDelta, direction, two_point
+from fedllm.loops.zo import two_point
 from fedllm.recipe import recipe_from_dict
 from fedllm.registry import RecipeError
 from fedllm.state import ClientRecord
@@ -90,7 +91,7 @@ def test_the_seed_scalar_upload_rebuilds_the_clients_update_exactly(zo_fed):
 def test_a_zo_round_runs_through_the_engine_with_uploads_of_a_few_hundred_bytes(zo_fed):
     fed = zo_fed
     first = fed.run_round(0)
-    assert all(s["accepted"] for s in first.stats) and all(s["bytes_up"] < 600 for s in first.stats)
+    assert all(s.accepted for s in first.stats) and all(s.bytes_up < 600 for s in first.stats)
 
 
 def test_pairings_refuse_gradient_hooks_and_own_wire_formats(tmp_path):

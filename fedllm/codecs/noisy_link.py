@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import fedllm.codecs.framing as framing
 from fedllm.codecs.base import Codec
 from fedllm.registry import CODECS, RecipeError
 from fedllm.seeds import derive
@@ -98,6 +99,10 @@ class NoisyLink(Codec):
         return message  # the link acts on what is received: see decode
 
     def decode(self, message: Message, ctx) -> Message:
+        # the noise is drawn per float entry: an upload past the caller's bound gets none
+        limit = framing.max_elements(ctx)
+        floats = sum(t.numel() for t in message.tensors.values() if is_float(t))
+        framing.check(floats <= limit, "noisy_link", None, f"the message decodes to more than {limit} elements")
         rng = self.rng(ctx, ctx.client_id)
         self.messages += 1
         if rng.random() < self.erasure:  # drawn first, so the noise does not depend on it

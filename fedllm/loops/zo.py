@@ -14,12 +14,9 @@ z_k from its seed. The client accumulates its update D = Σ c_k z_k with exactly
 arithmetic the server's `reconstruct` uses (fp32, CPU, the same order), and trains at
 θ = x^t + D, so what the server rebuilds IS the client's update, bit for bit.
 
-Directions reuse Ferret's seeded bases (fedllm.adapters.ferret.projections.generate: a
-dedicated generator per (seed, block), never the global RNG): block b is the b-th trainable
-tensor by name, its entries are N(0,1) truncated to ±1/√d_b and divided by that law's
-standard deviation, so E[z zᵀ] = I and E[g z] = ∇L exactly on a quadratic (the truncated
-normal is symmetric with independent coordinates) — MeZO's Gaussian z, with a law every
-party regenerates identically on any device (generated on the CPU).
+Directions, the shared arithmetic and the pairs' wire form are fedllm.codecs.seeded's (the
+channel rebuilds a seeded upload without this loop): z(s) has unit-variance independent
+coordinates, E[z zᵀ] = I, so E[g z] = ∇L exactly on a quadratic.
 
 Defaults: ε = `client.zo_eps` 1e-3 (MeZO's), one direction per step (MeZO's n = 1), the
 batch of a step is `per_device_train_batch_size × gradient_accumulation_steps` examples,
@@ -36,86 +33,18 @@ subspace), which per-round seeds do not give. A faithful form needs a small shar
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import torch
 
-from fedllm.adapters.ferret.projections import generate, truncated_normal_variance, truncation
+from fedllm.codecs.seeded import SeededDelta, add_scaled, direction
 from fedllm.data import collate
 from fedllm.seeds import derive
 from fedllm.training import VARIABLE_STEPS, LocalJob, LocalLoop, LocalResult, StepDriver, micro_batches
-from fedllm.wire import MalformedMessage, Message
-
-SEEDS, COEFFS, KIND = "zo/seeds", "zo/coeffs", "zo-seeded"
-MAX_PAIRS = 2**20  # pairs one upload may carry (a server-side limit on untrusted input)
-
-Shapes = dict[str, tuple[int, ...]]
-
-
-def direction(seed: int, shapes: Shapes) -> dict[str, torch.Tensor]:
-    """z of `seed` over the tensors of `shapes` (fp32, CPU): unit-variance coordinates."""
-    out = {}
-    for block, name in enumerate(sorted(shapes)):
-        d = int(np.prod(shapes[name], dtype=np.int64))
-        scale = float(np.float32(truncated_normal_variance(truncation(d)) ** -0.5))
-        out[name] = generate([seed], block, d)[0].mul_(scale).view(shapes[name])
-    return out
-
-
-def add_scaled(total: dict[str, torch.Tensor], z: dict[str, torch.Tensor], coeff: float) -> None:
-    """total += coeff·z, in place — the one arithmetic of both client and server."""
-    for name, t in z.items():
-        total[name].add_(t, alpha=coeff)
-
-
-def reconstruct(seeds: list[int], coeffs: list[float], shapes: Shapes) -> dict[str, torch.Tensor]:
-    total = {k: torch.zeros(s, dtype=torch.float32) for k, s in shapes.items()}
-    for seed, coeff in zip(seeds, coeffs):
-        add_scaled(total, direction(seed, shapes), coeff)
-    return total
 
 
 def two_point(loss_at, z: dict[str, torch.Tensor], eps: float) -> float:
     """(L(θ + εz) − L(θ − εz)) / (2ε); `loss_at(z, s)` evaluates L at θ + s·z."""
     return (loss_at(z, eps) - loss_at(z, -eps)) / (2 * eps)
-
-
-class SeededDelta(Mapping):
-    """A zeroth-order client's update: Σ_k c_k z(s_k) by name, and its wire form — the pairs."""
-
-    def __init__(self, total: dict[str, torch.Tensor], seeds: list[int], coeffs: list[float]):
-        self.total, self.seeds, self.coeffs = total, seeds, coeffs
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.total[name]
-
-    def __iter__(self):
-        return iter(self.total)
-
-    def __len__(self) -> int:
-        return len(self.total)
-
-    def message(self) -> Message:
-        return Message({SEEDS: torch.tensor(self.seeds, dtype=torch.int64),
-                        COEFFS: torch.tensor(self.coeffs, dtype=torch.float32)}, {"update": KIND})
-
-
-def is_seeded(message: Message) -> bool:
-    return message.meta.get("update") == KIND
-
-
-def decode_seeded(tensors: dict[str, torch.Tensor], shapes: Shapes | None) -> dict[str, torch.Tensor]:
-    """The server's half: Δ rebuilt from the pairs, shaped by what it expects (never the message)."""
-    if shapes is None:
-        raise MalformedMessage("a (seed, scalar) upload reached a channel that was not given the update's shapes")
-    seeds, coeffs = tensors.get(SEEDS), tensors.get(COEFFS)
-    if seeds is None or coeffs is None or seeds.dtype != torch.int64 or not coeffs.is_floating_point():
-        raise MalformedMessage("zo: a seeded upload needs int64 zo/seeds and float zo/coeffs")
-    if seeds.dim() != 1 or seeds.shape != coeffs.shape or len(seeds) > MAX_PAIRS:
-        raise MalformedMessage(f"zo: {tuple(seeds.shape)} seeds and {tuple(coeffs.shape)} scalars do not pair up "
-                               f"(at most {MAX_PAIRS})")
-    return reconstruct(seeds.tolist(), coeffs.float().tolist(), shapes)
 
 
 class ZOLoop(LocalLoop):

@@ -1,5 +1,5 @@
 """The adapter contract, one row per plugin × shared checks (peft's test_custom_models.py
-pattern): a new adapter needs only a new row in CASES. Only the public Adapter API and the
+pattern): a new adapter needs only a new row in CASES, and fails here until it has one. Only the public Adapter API and the
 engine's run/resume entry points are used, so the checks survive a rewrite of the engine."""
 import copy
 import json
@@ -66,6 +66,11 @@ def noise(state, seed, scale=0.01):
 
 def plus(state, delta):
     return {k: state[k] + delta[k] for k in state}
+
+
+def test_every_registered_adapter_has_a_row():
+    assert all(name == row["adapter"]["name"] for name, row in CASES)
+    assert sorted(name for name, _ in CASES) == ADAPTERS.names()
 
 
 @rows

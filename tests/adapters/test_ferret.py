@@ -12,8 +12,8 @@ import torch
 import fedllm.adapters.ferret  # noqa: F401  registers "ferret"
 import fedllm.adapters.full  # noqa: F401  registers "full"
 from fedllm import engine
-from fedllm.adapters.ferret import projections
-from fedllm.adapters.ferret.projections import generate, truncated_normal_variance
+from fedllm.codecs import seeded
+from fedllm.codecs.seeded import generate, truncated_normal_variance
 from fedllm.models import byte_tokenizer, load_model
 from fedllm.recipe import ModelConfig, load_recipe, recipe_from_dict
 from fedllm.registry import ADAPTERS
@@ -66,7 +66,7 @@ def test_two_fresh_processes_regenerate_identical_bases():
     # the module alone (torch only, no peft/transformers import), loaded from its file
     code = (
         "import hashlib, importlib.util, torch; torch.manual_seed(99); torch.rand(7)\n"  # a used global RNG must not matter
-        f"spec = importlib.util.spec_from_file_location('projections', {str(Path(projections.__file__))!r})\n"
+        f"spec = importlib.util.spec_from_file_location('seeded', {str(Path(seeded.__file__))!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(hashlib.sha256(m.generate([0, 1, 2, 3, 4], 7, 4096).numpy().tobytes()).hexdigest())"
     )
@@ -242,7 +242,7 @@ def two_rounds(tmp_path, name, adapter, compact=True, rounds=2):
                       federation={"rounds": rounds, "num_clients": 4, "clients_per_round": 3})
     fed = engine.Federation(recipe_from_dict({**raw, "adapter": {"name": "ferret", "k": 6, **adapter}}), tmp_path / name)
     if not compact:  # the generic path: every client decoded, the strategy's own collector
-        fed.own_aggregation = None
+        fed.server.own_aggregation = None
     return fed
 
 

@@ -9,7 +9,9 @@ import torch
 
 from fedllm.codecs.rqm import RQM, bracket, level_values, output_pmf, renyi_per_coordinate
 from fedllm.privacy.accountant import ORDERS
+from fedllm.registry import CODECS
 from fedllm.wire import Message, WireContext, deserialize, serialize
+from tests.codecs.test_contract import round_trip, update
 
 C, EXT, Q = 1.0, 0.5, 0.4
 
@@ -40,6 +42,14 @@ def test_the_codec_is_unbiased_and_clips_to_c():
     ])
     assert set(draws.unique().tolist()) <= set(torch.from_numpy(level_values(C, EXT, 5)).float().tolist())
     assert (draws.mean(0) - x.clamp(-C, C)).abs().max() < 4 * (C + EXT) / 1500**0.5
+
+
+def test_options_build_through_the_registry_and_only_float_coordinates_count():
+    assert CODECS.build({"name": "rqm", "clip": 0.1, "levels": 4}).width == 2
+    floats, ints = update()
+    codec = CODECS.build({"name": "rqm", "clip": 0.5})
+    round_trip(codec, Message({**floats, **ints}), {})
+    assert codec.dimension == sum(t.numel() for t in floats.values())
 
 
 @pytest.mark.parametrize("m", [2, 5, 16])

@@ -113,7 +113,7 @@ def test_the_engine_sends_the_clipped_update_not_the_raw_one(recipe_file, tmp_pa
     path = recipe_file(strategy={"name": "dp_fedavg", "clip_norm": 1e-3}, privacy={"noise_multiplier": 1.0},
                        federation={"rounds": 1, "num_clients": 3, "clients_per_round": 3})
     fed = Federation(load_recipe(path), tmp_path / "run")
-    down = fed.downlink(0)
+    down = fed.server.downlink(0, fed.device, fed.participation.last_round)
     x_t = down.x_t
     upload = fed.client.run(1, 0, x_t, down.broadcast, ClientRecord(), lr=0.01)
     message, _ = fed.channel.up(upload.update, upload.extras, WireContext(0, 1, fed.recipe.seed), upload.record.codecs)

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from fedllm.adapters.ferret.aggregate import CompactRounds, CoordinateSum
-from fedllm.adapters.ferret.projections import Bases, generate, truncated_normal_variance, truncation
+from fedllm.adapters.ferret.projections import Bases
 from fedllm.adapters.full import FullParameters
+from fedllm.codecs.seeded import generate, truncated_normal_variance, truncation
 from fedllm.registry import ADAPTERS, RecipeError
 from fedllm.seeds import derive
 from fedllm.strategies.base import PLAIN_MEAN, Strategy
@@ -232,18 +233,21 @@ class Ferret(FullParameters):
 
     # ---- aggregation in coordinate space (see aggregate.py) ------------------------------
     def aggregation(self, strategy: Strategy, seed: int) -> CompactRounds | None:
-        """Coordinate-space rounds under a plain-mean strategy where the pool allows it."""
-        if strategy.needs != PLAIN_MEAN or self.coordinate_sum(WireContext(0, -1, seed)) is None:
+        """Coordinate-space rounds under a plain-mean strategy where the pool allows it (known
+        from the options alone: check_pairings asks before the adapter is attached)."""
+        if strategy.needs != PLAIN_MEAN or not self.sums_coordinates:
             return None
         return CompactRounds(self, seed)
 
+    @property
+    def sums_coordinates(self) -> bool:
+        """Whether reconstruction is one fixed linear map of the pool (not under official budgets
+        with orthogonalised bases: the basis set depends on each client's chosen subset)."""
+        return not (self.orthogonalize and self.scaling == "official")
+
     def coordinate_sum(self, ctx: WireContext):
-        """An accumulator of the round's coordinates, or None where reconstruction is not one
-        fixed linear map of the pool (official budgets with orthogonalised bases: the basis
-        set depends on each client's chosen subset)."""
-        if self.orthogonalize and self.scaling == "official":
-            return None
-        return CoordinateSum(self, ctx)
+        """An accumulator of the round's coordinates, or None where the pool does not allow one."""
+        return CoordinateSum(self, ctx) if self.sums_coordinates else None
 
     def wire_fields(self, t: dict[str, torch.Tensor], ctx: WireContext) -> tuple[list[int], list[int], list[int], torch.Tensor]:
         """A wire message as (its seed pool, coordinates per block, pool index of each

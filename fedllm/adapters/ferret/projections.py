@@ -1,47 +1,16 @@
-"""Shared-randomness projections for Ferret (Shu et al., arXiv 2409.06277, §3.2): a basis
-v ∈ R^d with entries ~ N(0,1) truncated to [−1/√d, 1/√d] is a pure function of
-(seed, block, d, generator device type), so a party that knows the seeds regenerates it
-instead of receiving it. Coordinates γ = c·V Δ and reconstructions Σ_k γ_k v_k are computed
+"""Shared-randomness projections for Ferret (Shu et al., arXiv 2409.06277, §3.2): the bases
+are fedllm.codecs.seeded's, which a party that knows the seeds regenerates instead of
+receiving them. Coordinates γ = c·V Δ and reconstructions Σ_k γ_k v_k are computed
 a chunk of bases at a time, so memory stays at one chunk whatever K is."""
 from __future__ import annotations
 
-import math
 from typing import Iterator, Sequence
 
 import torch
 
-from fedllm.seeds import derive
+from fedllm.codecs.seeded import generate
 
 CHUNK_ELEMENTS = 2**22  # bases held at once while projecting or reconstructing (16 MiB in fp32)
-
-
-def truncation(d: int) -> float:
-    return d**-0.5
-
-
-def truncated_normal_variance(a: float) -> float:
-    """Variance of N(0,1) truncated to [−a, a]: 1 − 2aφ(a)/(2Φ(a)−1)."""
-    if a < 0.05:
-        # the closed form cancels catastrophically for small a; this series is exact to ~1e-8
-        return a * a / 3 * (1 - 2 * a * a / 15)
-    phi = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
-    return 1 - 2 * a * phi / math.erf(a / math.sqrt(2))
-
-
-def generate(seeds: Sequence[int], block: int, d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The bases of `seeds` for a block of `d` entries, one row each, in fp32."""
-    a = truncation(d)
-    edge = math.erf(a / math.sqrt(2))
-    out = torch.empty(len(seeds), d, dtype=torch.float32, device=device)
-    for row, seed in zip(out, seeds):
-        # one dedicated generator per (seed, block), never the global RNG: whatever ran before,
-        # on whichever rank, the same (seed, block) gives the same basis
-        generator = torch.Generator(device=device).manual_seed(derive(seed, block, tag="ferret"))
-        row.uniform_(-edge, edge, generator=generator)
-    # inverse-CDF sampling, u ~ U(2Φ(−a)−1, 2Φ(a)−1) ↦ √2·erf⁻¹(u), written out rather than
-    # torch.nn.init.trunc_normal_ (the official code's call): that one changed algorithm across
-    # torch versions (rejection sampling in 2.13), which would silently change every basis
-    return out.erfinv_().mul_(math.sqrt(2)).clamp_(-a, a)
 
 
 def orthonormal(rows: torch.Tensor) -> torch.Tensor:
