@@ -1,6 +1,7 @@
 """The package's layering (DESIGN §10): no import cycle between fedllm modules, nothing
-imports upward, and no function takes the untyped federation object `fed`. Checked on the
-source with `ast`, so nothing is imported and every import counts, also inside functions."""
+imports upward, the wire loads no training loop, and no function takes the untyped
+federation object `fed`. Checked on the source with `ast`, so nothing is imported and every
+import counts, also inside functions."""
 import ast
 from pathlib import Path
 
@@ -10,12 +11,13 @@ LAYERS = {
     "fedllm.wire": 0, "fedllm.state": 0, "fedllm.distributed": 0, "fedllm.metrics": 0, "fedllm.seeds": 0,
     "fedllm.rundir": 0, "fedllm.threads": 0, "fedllm.summary": 0, "fedllm.lazy": 0, "fedllm.balance": 0,
     "fedllm.registry": 1, "fedllm.recipe": 1, "fedllm.errors": 1,
-    "fedllm.data": 2, "fedllm.models": 2, "fedllm.placement": 2, "fedllm.zero": 2,
+    "fedllm.data": 2, "fedllm.models": 2, "fedllm.placement": 2, "fedllm.zero": 2, "fedllm.base_layout": 2,
     "fedllm.strategies": 3, "fedllm.codecs": 3, "fedllm.privacy": 3, "fedllm.samplers": 3, "fedllm.attacks": 3,
     "fedllm.training": 3, "fedllm.devices": 3,
     "fedllm.adapters": 4,
-    "fedllm.client": 5, "fedllm.channel": 5, "fedllm.collectors": 5, "fedllm.loops": 5,
-    "fedllm.engine": 6, "fedllm.asynchrony": 6, "fedllm.evaluation": 6, "fedllm.export": 6, "fedllm.capabilities": 6,
+    "fedllm.client": 5, "fedllm.server": 5, "fedllm.channel": 5, "fedllm.collectors": 5, "fedllm.loops": 5,
+    "fedllm.engine": 6, "fedllm.fleet": 6, "fedllm.asynchrony": 6, "fedllm.evaluation": 6,
+    "fedllm.export": 6, "fedllm.capabilities": 6,
     "fedllm.cli": 7, "fedllm.launcher": 7, "fedllm.eval_cli": 7, "fedllm.integrations": 7, "fedllm.deploy": 7, "fedllm.__main__": 7, "fedllm": 7,
 }
 PACKAGE = Path(__file__).parents[1] / "fedllm"
@@ -60,6 +62,26 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
             for alias in node.names:  # `from pkg import sub` imports the submodule pkg.sub
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return {m for m in found if m in known and m != name}
+
+
+def parents(name: str) -> set[str]:
+    """pkg.sub.a -> {pkg.sub, pkg}: the packages whose __init__ runs before the module."""
+    return {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}
+
+
+def loaded_by(names: list[str], root: Path) -> dict[str, list[str]]:
+    """Every package module that importing `names` runs, each with one chain of imports that
+    leads to it. Unlike the layering's edges, a parent package's __init__ counts here: Python
+    runs it on the way to any of its submodules."""
+    mods = modules(root)
+    graph = {m: imports(m, p, set(mods)) | parents(m) for m, p in mods.items()}
+    chains, frontier = {name: [name] for name in names}, list(names)
+    while frontier:  # breadth first: each chain is a shortest one
+        v = frontier.pop(0)
+        for w in sorted(graph[v] - set(chains)):
+            chains[w] = chains[v] + [w]
+            frontier.append(w)
+    return chains
 
 
 def layer(name: str, layers: dict[str, int]):
@@ -132,6 +154,42 @@ def test_fedllm_imports_only_downward_without_cycles_and_no_function_takes_fed()
     assert not found, f"{len(found)} layering problems:\n" + "\n".join(found)
 
 
+def test_the_wire_loads_no_training_loop():
+    """A seeded (seed, scalar) message is a wire concept (fedllm.codecs.seeded): the wire and
+    the channel decode every upload without a local loop, not even through a package's __init__."""
+    chains = loaded_by(["fedllm.wire", "fedllm.channel"], PACKAGE)
+    found = [" -> ".join(chains[m]) for m in chains if m == "fedllm.loops" or m.startswith("fedllm.loops.")]
+    assert not found, "\n".join(found)
+
+
+def classes_deriving(root: Path, base: str) -> list[str]:
+    """Every class of the package that names `base` among its bases."""
+    found = []
+    for name, path in modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(getattr(b, "id", getattr(b, "attr", None)) == base for b in node.bases):
+                found.append(f"{name}.{node.name}")
+    return found
+
+
+def builders_of(root: Path, callee: str) -> set[str]:
+    """The package modules that call `callee(...)` (by its bare or dotted name)."""
+    out = set()
+    for name, path in modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == callee:
+                out.add(name)
+    return out
+
+
+def test_every_driver_composes_the_federation_and_the_round_tail_is_written_once():
+    """Sync, async, deployed and Trainer-callback rounds reach the server half through
+    fedllm.server (DESIGN §12): nothing derives from Federation, and only the server builds
+    the RoundInfo an aggregation is handed (a second round tail would build its own)."""
+    assert classes_deriving(PACKAGE, "Federation") == []
+    assert builders_of(PACKAGE, "RoundInfo") == {"fedllm.server"}
+
+
 # ---- the checker itself, on a synthetic package ----------------------------------------
 def package(tmp_path, files: dict[str, str]) -> Path:
     for name, text in files.items():
@@ -141,6 +199,15 @@ def package(tmp_path, files: dict[str, str]) -> Path:
 
 
 TOY = {"pkg": 2, "pkg.low": 0, "pkg.sub": 1, "pkg.high": 2}
+
+
+def test_the_composition_checks_find_a_subclass_and_a_second_round_tail(tmp_path):
+    root = package(tmp_path, {"__init__.py": "", "engine.py": "class Federation:\n    pass\n",
+                              "server.py": "RoundInfo(0, [], 0.0, 1)\n",
+                              "deployed.py": "from pkg import engine\nclass Deployed(engine.Federation):\n    pass\n"
+                                             "def tail():\n    return RoundInfo(1, [], 0.0, 1)\n"})
+    assert classes_deriving(root, "Federation") == ["pkg.deployed.Deployed"]
+    assert builders_of(root, "RoundInfo") == {"pkg.server", "pkg.deployed"}
 
 
 def test_checker_passes_a_clean_package(tmp_path):
@@ -164,6 +231,18 @@ def test_checker_finds_a_cycle_an_upward_import_an_unmapped_module_and_fed(tmp_p
         "import cycle: pkg.sub.a -> pkg.sub.b -> pkg.sub.a",
         "pkg/high.py:1 run takes `fed`",
     ])
+
+
+def test_loaded_by_follows_imports_and_the_init_of_each_parent_package(tmp_path):
+    root = package(tmp_path, {
+        "__init__.py": "", "low.py": "from pkg.sub import a\n", "sub/__init__.py": "from pkg import high\n",
+        "sub/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import stray\n",
+        "high.py": "", "stray.py": "",
+    })
+    assert loaded_by(["pkg.low"], root) == {
+        "pkg.low": ["pkg.low"], "pkg": ["pkg.low", "pkg"], "pkg.sub.a": ["pkg.low", "pkg.sub.a"],
+        "pkg.sub": ["pkg.low", "pkg.sub.a", "pkg.sub"], "pkg.high": ["pkg.low", "pkg.sub.a", "pkg.sub", "pkg.high"],
+    }
 
 
 def test_only_the_entry_point_imports_the_cli():
