@@ -1,8 +1,8 @@
 """Where a round's clients run (after Flower's Strategy/Grid split: the `Server` decides, a
 fleet carries out). `LocalFleet`: the simulation's clients on this process's resident model,
-spread over ranks and client groups. A Flower deployment's parties are
-fedllm.deploy.flower.fleet.FlowerFleet. A fleet hands each upload to the round's `admit` as
-it arrives and returns the round's `ClientRow`s; the `Server` closes the round."""
+spread over ranks and client groups. A deployment's parties: fedllm.deploy.fleet.PartiesFleet
+over a transport (Flower's Grid). A fleet hands each upload to the round's `admit` as it
+arrives and returns the round's `ClientRow`s; the `Server` closes the round."""
 from __future__ import annotations
 
 from typing import Callable, Protocol

@@ -167,7 +167,7 @@ def test_a_tampered_upload_is_rejected_and_the_round_goes_on(recipe_file, tmp_pa
     fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs)
     kinds = ["wrong shape", "extra key", "nan", "100x too large", "not a message"]
     for t, how in enumerate(kinds):
-        fed.fleet.grid.how = how
+        fed.fleet.transport.grid.how = how
         before = {k: v.clone() for k, v in fed.global_state.items()}
         with caplog.at_level(logging.WARNING, logger="fedllm"):
             result = fed.run_round(t)
@@ -185,7 +185,7 @@ def test_a_silent_party_is_recorded_missing_and_too_few_answers_stop_the_run_aft
         recipe_file, tmp_path, monkeypatch, certs):
     fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, round_timeout_s=0.5, join_timeout_s=1.0,
                               round_retries=2)
-    fed.fleet.grid.how = "silent"
+    fed.fleet.transport.grid.how = "silent"
     result = fed.run_round(0)  # min_clients=1: party 0's answer is enough, no retry
     assert [(s.client, s.accepted, s.missing) for s in result.stats] == [
         (0, True, None), (1, False, "no answer within federation.round_timeout_s=0.5")]
@@ -195,7 +195,7 @@ def test_a_silent_party_is_recorded_missing_and_too_few_answers_stop_the_run_aft
                                           "federation.min_clients=2; the run stopped at its last checkpoint"):
         fed.run_round(1)
     assert time.time() - began >= 3 * 0.5  # the round waited round_timeout_s three times: once and 2 retries
-    assert fed.fleet.grid.pushed[11] == 2  # a silent party is not sent the round twice: its message is still out
+    assert fed.fleet.transport.grid.pushed[11] == 2  # a silent party is not sent the round twice: its message is still out
 
 
 @pytest.mark.slow
@@ -203,23 +203,23 @@ def test_a_round_short_of_min_clients_is_retried_and_takes_a_late_or_failed_part
                                                                                   certs, caplog):
     fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs, round_timeout_s=1.0, join_timeout_s=1.0,
                               min_clients=2, round_retries=1)
-    fed.fleet.grid.how = "late"  # answers 1.5 s after its download: past round_timeout_s, within the retry
+    fed.fleet.transport.grid.how = "late"  # answers 1.5 s after its download: past round_timeout_s, within the retry
     with caplog.at_level(logging.WARNING, logger="fedllm"):
         result = fed.run_round(0)
     assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
     assert "1 of the 2 sampled parties answered, fewer than federation.min_clients=2" in caplog.text
     fed.global_state, fed.server_state = result.global_state, result.server_state
-    fed.fleet.grid.how = "fails once"  # its first answer is an error (worker down): the retry sends it the round again
+    fed.fleet.transport.grid.how = "fails once"  # its first answer is an error (worker down): the retry sends it the round again
     result = fed.run_round(1)
     assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
-    assert fed.fleet.grid.pushed[11] == 3 and fed.fleet.state_round(1) == 1
+    assert fed.fleet.transport.grid.pushed[11] == 3 and fed.fleet.state_round(1) == 1
     fed.global_state, fed.server_state = result.global_state, result.server_state
     fed.recipe.federation.min_clients, fed.recipe.federation.round_timeout_s = 1, 30.0
-    fed.fleet.grid.how = "unavailable once"  # Flower could not deliver it: sent again within the round, no retry needed
+    fed.fleet.transport.grid.how = "unavailable once"  # Flower could not deliver it: sent again within the round, no retry needed
     began = time.time()
     result = fed.run_round(2)
     assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
-    assert fed.fleet.grid.pushed[11] == 5 and time.time() - began < 30
+    assert fed.fleet.transport.grid.pushed[11] == 5 and time.time() - began < 30
 
 
 @pytest.mark.slow
@@ -232,15 +232,15 @@ def test_a_party_acts_only_as_the_client_id_its_key_is_bound_to(recipe_file, tmp
     assert [(s.client, s.accepted, s.missing) for s in result.stats] == [
         (0, True, None), (1, False, "not connected")]
     assert "node 11's key is bound to no client id" in caplog.text
-    assert fed.fleet.nodes == {0: 10} and fed.fleet.grid.pushed[11] == 0  # it got no download
+    assert fed.fleet.transport.nodes == {0: 10} and fed.fleet.transport.grid.pushed[11] == 0  # it got no download
     # the keys swapped: each node gets the round of the client its key is bound to, and its party
     # (which is the other client) refuses it: both recorded missing, nothing aggregated
-    fed.fleet.grid.keys = {10: fed.fleet.grid.keys[10], 11: public_key_pem(certs / "party_0.pub").encode()}
-    fed.fleet.grid.keys[10] = public_key_pem(certs / "party_1.pub").encode()
+    fed.fleet.transport.grid.keys = {10: fed.fleet.transport.grid.keys[10], 11: public_key_pem(certs / "party_0.pub").encode()}
+    fed.fleet.transport.grid.keys[10] = public_key_pem(certs / "party_1.pub").encode()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fedllm"), pytest.raises(RecipeError, match="0 of the 2 sampled"):
         fed.run_round(1)
-    assert fed.fleet.nodes == {0: 11, 1: 10}
+    assert fed.fleet.transport.nodes == {0: 11, 1: 10}
     assert "client 1 dropped out: the server sent client 1's round to client 0" in caplog.text
 
 
@@ -323,7 +323,7 @@ def test_federated_eval_is_the_token_weighted_mean_of_the_parties_own_evals(reci
     result = fed.run_round(0)
     fed.global_state, fed.server_state = result.global_state, result.server_state
     row = fed.round_eval(1)
-    by_hand = [local_eval(fed.fleet.grid.parties[10 + i], fed.global_state, fed.recipe.eval) for i in (0, 1)]
+    by_hand = [local_eval(fed.fleet.transport.grid.parties[10 + i], fed.global_state, fed.recipe.eval) for i in (0, 1)]
     assert all(tokens > 0 for _, tokens, _ in by_hand) and by_hand[0][0] != by_hand[1][0]
     tokens = sum(t for _, t, _ in by_hand)
     assert row["eval_loss"] == pytest.approx(sum(loss * t for loss, t, _ in by_hand) / tokens, rel=1e-5)
@@ -334,7 +334,7 @@ def test_federated_eval_is_the_token_weighted_mean_of_the_parties_own_evals(reci
     assert [c["tokens"] for c in clients] == [t for _, t, _ in by_hand]
     assert [c["eval_loss"] for c in clients] == pytest.approx([loss for loss, _, _ in by_hand], rel=1e-5)
     fed.recipe.eval.per_client = False
-    fed.fleet.grid.how = "silent evaluate"  # party 1 does not answer its eval: left out, logged
+    fed.fleet.transport.grid.how = "silent evaluate"  # party 1 does not answer its eval: left out, logged
     with caplog.at_level(logging.WARNING, logger="fedllm"):
         row = fed.round_eval(1)
     assert row["eval_loss"] == pytest.approx(by_hand[0][0], rel=1e-5) and row["eval_missing_clients"] == [1]
@@ -383,13 +383,13 @@ def test_a_party_weighs_what_its_reported_size_gives_whatever_weight_it_claims(r
                                                                               certs):
     fed = stand_in_federation(recipe_file, tmp_path, monkeypatch, certs)
     sizes, weights = fed.run_info().client_sizes, spy_weights(fed, monkeypatch)
-    fed.fleet.grid.forged = {"weight": 1e300}  # before: party 1 was the whole mean
+    fed.fleet.transport.grid.forged = {"weight": 1e300}  # before: party 1 was the whole mean
     result = fed.run_round(0)
     assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)]
     assert weights == {0: sizes[0], 1: sizes[1]}  # as the simulation weighs them: their sample counts
     fed.global_state, fed.server_state = result.global_state, result.server_state
     # the largest finite weight on an update of 1e6: before, Σ w·u overflowed to inf and the run "finished"
-    fed.fleet.grid.forged, fed.fleet.grid.how = {"weight": 1.7e308}, "all 1e6"
+    fed.fleet.transport.grid.forged, fed.fleet.transport.grid.how = {"weight": 1.7e308}, "all 1e6"
     before = {k: v.clone() for k, v in fed.global_state.items()}
     result = fed.run_round(1)
     assert [(s.client, s.accepted) for s in result.stats] == [(0, True), (1, True)] and weights[1] == sizes[1]
@@ -410,7 +410,7 @@ def test_a_reply_with_numbers_a_party_cannot_have_is_refused_and_the_run_goes_on
     forged = [("steps", math.inf), ("num_samples", math.nan), ("train_loss", math.nan), ("weight", -1.0),
               ("split_bytes_up", 2**62), ("num_samples", fed.run_info().client_sizes[1] + 1)]
     for t, (field, value) in enumerate(forged):
-        fed.fleet.grid.forged = {field: value}
+        fed.fleet.transport.grid.forged = {field: value}
         before = {k: v.clone() for k, v in fed.global_state.items()}
         with caplog.at_level(logging.WARNING, logger="fedllm"):
             result = fed.run_round(t)  # before: `steps: Infinity` stopped the server (cannot convert float infinity)
@@ -426,7 +426,7 @@ def test_a_reply_with_numbers_a_party_cannot_have_is_refused_and_the_run_goes_on
         caplog.clear()
     assert "NaN" not in (fed.run_dir / "metrics.jsonl").read_text()
     assert fed.fleet.state_round(1) == -1
-    fed.fleet.grid.forged = {}
+    fed.fleet.transport.grid.forged = {}
     assert all(s.accepted for s in fed.run_round(len(forged)).stats)
 
 

@@ -1,7 +1,8 @@
 """The ServerApp: fedllm's Federation — its `Server` (strategy, collectors, the codecs' server
 side, the one round tail), metrics, ledger, checkpoints and resume — with its clients behind
-Flower's Grid (fleet.FlowerFleet), composed, not derived: `Federation(recipe, run_dir,
-fleet=FlowerFleet(...))`. A round whose aggregate is not finite is refused as in every mode."""
+Flower's Grid (deploy.fleet.PartiesFleet over flower.fleet.GridTransport), composed, not
+derived: `Federation(recipe, run_dir, fleet=flower_fleet(...))`. A round whose aggregate is not
+finite is refused as in every mode."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.capabilities import check_pairings
-from fedllm.deploy.flower.fleet import FlowerFleet, normal_key
+from fedllm.deploy.flower.fleet import flower_fleet, normal_key
 from fedllm.deploy.launch import PARTIES, SERVER_EVAL
 from fedllm.engine import Federation
 from fedllm.recipe import load_recipe
@@ -24,7 +25,7 @@ OUTCOME = "flower/outcome.json"  # how the ServerApp ended, for `fedllm serve`
 
 def deployed_federation(recipe, run_dir: Path, grid: Grid, eval_data: str | None = None) -> Federation:
     """The run's Federation with the parties behind `grid` as its fleet (asks them for their sizes)."""
-    return Federation(recipe, run_dir, fleet=FlowerFleet(recipe, run_dir, grid, bound_keys(run_dir), eval_data))
+    return Federation(recipe, run_dir, fleet=flower_fleet(recipe, run_dir, grid, bound_keys(run_dir), eval_data))
 
 
 def bound_keys(run_dir: Path) -> dict[int, bytes]:
