@@ -202,8 +202,11 @@ def measure_rank(spec: dict, imported: float, imported_cpu: float, engine, clien
     import torch
 
     split = Split()
-    split.wrap(engine, "build_model", "model")
-    split.wrap(engine, "prepare_data_once" if hasattr(engine, "prepare_data_once") else "prepare_data", "data")  # before: each rank
+    import fedllm.base_layout as layout
+    import fedllm.fleet as fleet
+
+    split.wrap(layout, "build_model", "model")
+    split.wrap(fleet, "prepare_data_once", "data")
     split.wrap(client.Client, "run", "train")
     for name in ("all_reduce_sum_", "all_gather_rows", "broadcast_int", "broadcast_state_", "barrier"):
         split.wrap(dist_mod, name, "collectives")

@@ -1,16 +1,19 @@
-"""Plugin pairings checked when a recipe loads, before any model is built: what the
-strategy's client hooks need of the local loop (fedllm.training.CAPABILITIES) and what the
-strategy needs of the federation's shape. A pairing that cannot run fails here, in one
-line naming both plugins and what to change — never mid-run. (A privacy wrapper refuses
-an inner strategy it would break in its own constructor, which also runs here.)"""
+"""Plugin pairings checked when a recipe loads, before any data is prepared or model built:
+what the strategy's client hooks need of the local loop (fedllm.training.CAPABILITIES), what
+the strategy needs of the federation's shape, and what the federation's mode (async,
+buffered, deployed) allows. A pairing that cannot run fails here, in one line naming both
+things and what to change — never mid-run. (A privacy wrapper refuses an inner strategy it
+would break in its own constructor, which also runs here.)"""
 from __future__ import annotations
 
 import importlib.util
 import logging
 
+from fedllm.distributed import launched_world_size
 from fedllm.loops import loop_for
 from fedllm.recipe import Recipe
 from fedllm.registry import ADAPTERS, CODECS, STRATEGIES, RecipeError
+from fedllm.strategies.base import ALL
 from fedllm.training import GROUP, PER_EXAMPLE, LocalLoop, lacking
 
 log = logging.getLogger("fedllm")
@@ -21,7 +24,9 @@ def local_loop(recipe: Recipe, adapter) -> LocalLoop:
     return adapter.local_loop() or loop_for(recipe.client.trainer, recipe.client.optim)
 
 
-def check_pairings(recipe: Recipe) -> None:
+def check_pairings(recipe: Recipe, deployed: bool = False, world_size: int | None = None) -> None:
+    """`deployed`: the recipe is served to parties over Flower (fedllm serve). `world_size`: the
+    ranks that will run it (default: those of this launch)."""
     strategy = STRATEGIES.build(recipe.strategy, "strategy")
     adapter = ADAPTERS.build(recipe.adapter, "adapter")
     loop = local_loop(recipe, adapter)
@@ -38,7 +43,40 @@ def check_pairings(recipe: Recipe) -> None:
     check_groups(recipe, strategy, loop)
     if recipe.client.optim == "zo":
         check_zeroth_order(recipe, strategy, adapter)
+    if deployed:
+        check_deployment(recipe)
+    if recipe.federation.mode != "sync":
+        check_asynchrony(recipe, strategy, adapter, launched_world_size() if world_size is None else world_size)
     check_local_optimizer(recipe, strategy)
+
+
+def check_asynchrony(recipe: Recipe, strategy, adapter, world_size: int) -> None:
+    """federation.mode=async|buffered: one simulated clock in one process, updates through the
+    strategy's collector, no simulated attack; async applies each arrival alone."""
+    mode, name = recipe.federation.mode, recipe.strategy["name"]
+    if world_size > 1:
+        raise RecipeError(f"federation.mode={mode} runs in one process, and this launch starts {world_size}: launch one "
+                          "process (no torchrun, accelerate launch or --processes), or use federation.mode=sync")
+    if recipe.byzantine is not None:
+        raise RecipeError(f"byzantine '{recipe.byzantine['name']}' simulates an attack, which federation.mode={mode} does "
+                          "not: remove byzantine, or use federation.mode=sync")
+    if adapter.aggregation(strategy, recipe.seed) is not None:
+        raise RecipeError(f"adapter '{recipe.adapter['name']}' aggregates in its own way under strategy '{name}', and "
+                          f"federation.mode={mode} applies updates through the strategy's plain collector: use "
+                          "federation.mode=sync")
+    if mode == "async" and strategy.needs == ALL:
+        raise RecipeError(f"strategy '{name}' needs every update of a round, and federation.mode=async applies each "
+                          "arrival alone: use federation.mode=buffered (over each buffer of K) or sync")
+
+
+def check_deployment(recipe: Recipe) -> None:
+    """A Flower deployment has real devices and real parties: nothing of them is simulated."""
+    if recipe.federation.devices is not None:
+        raise RecipeError("federation.devices simulates client devices, and a Flower deployment (fedllm serve) has "
+                          "real ones: remove federation.devices, or use `fedllm run` (simulation)")
+    if recipe.byzantine is not None:
+        raise RecipeError(f"byzantine '{recipe.byzantine['name']}' simulates attackers, and a Flower deployment "
+                          "(fedllm serve) has real parties: remove byzantine, or use `fedllm run` (simulation)")
 
 
 def check_groups(recipe: Recipe, strategy, loop: LocalLoop) -> None:

@@ -184,7 +184,7 @@ def launch_ranks(args) -> int:
     from fedllm.recipe import load_recipe
 
     if args.command == "run":
-        check_pairings(load_recipe(args.recipe, args.overrides))
+        check_pairings(load_recipe(args.recipe, args.overrides), world_size=args.processes)
     processes, args.processes = args.processes, 1
     return fork_ranks(processes, lambda: execute(args))
 

@@ -3,6 +3,7 @@ Tensors only: nothing is pickled between processes."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,6 +23,14 @@ def process_state(timeout_s: float | None = None) -> PartialState:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def launched_world_size() -> int:
+    """How many ranks this launch started, known before the process group exists: torchrun,
+    accelerate launch and `fedllm run --processes` set WORLD_SIZE in every rank's environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE") or 1)
 
 
 def all_reduce_sum_(flat: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:

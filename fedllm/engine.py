@@ -3,7 +3,6 @@ over accelerate / torch.distributed ranks, atomic checkpoints and exact resume. 
 (`Federation.run_round`) is sample → down → clients → up → collect → aggregate."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -17,19 +16,17 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedllm.asynchrony import AsyncRounds, SyncClock
+from fedllm.base_layout import base_split, build_for_group, resident_bytes, zero_whole_base
 from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel
 from fedllm.client import Client
 from fedllm.devices import Devices
-from fedllm.distributed import (
-    ClientGroup, Reducer, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state, shard_base,
-)
+from fedllm.distributed import Reducer, barrier, broadcast_int, broadcast_state_, client_groups, is_distributed, process_state
 from fedllm.evaluation import evaluate
 from fedllm.evaluation.per_client import evaluate_per_client
 from fedllm.export import write_export
 from fedllm.fleet import Fleet, LocalFleet
 from fedllm.metrics import MetricsLog, check_writable, show_progress, truncate_jsonl, write_atomically
-from fedllm.models import build_model
 from fedllm.recipe import Recipe, check_resume_overrides, dump_recipe, load_recipe, refuse_remote_code
 from fedllm.registry import ATTACKS, CODECS, SAMPLERS, STRATEGIES, RecipeError
 from fedllm.rundir import refuse_planted_links
@@ -68,28 +65,6 @@ def new_run_dir(recipe: Recipe, recipe_name: str, device) -> Path:
     stamp = broadcast_int(int(time.time()), device)
     when = datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H-%M-%S")
     return Path(recipe.output.dir) / f"{recipe_name}-{when}"
-
-
-def base_split(recipe: Recipe, group: ClientGroup) -> str | None:
-    """How the base is split over the client group: "fsdp", "zero3", or None (whole on every rank:
-    one rank per client, or ddp)."""
-    parallel = recipe.federation.group_parallel
-    return parallel if group.size > 1 and parallel in ("fsdp", "zero3") else None
-
-
-def build_for_group(recipe: Recipe, group: ClientGroup, device):
-    """Tokenizer, model and adapter of this rank (build_model); under group_parallel=fsdp the
-    base sharded over the group, and with fsdp_load=leader built for real by the leader alone;
-    under zero3 partitioned over the group by DeepSpeed while it is built (models.load_model)."""
-    split = base_split(recipe, group)
-    lean = split == "fsdp" and recipe.federation.fsdp_load == "leader"
-    tokenizer, model, adapter = build_model(recipe, None if lean else device, empty=lean and not group.leader,
-                                            zero_group=group if split == "zero3" else None)
-    if split == "fsdp":
-        shard_base(model, adapter.trainable(model), group, device, from_leader=lean)
-    elif split == "zero3":
-        zero_partition_base(model, adapter.trainable(model), group, device)
-    return tokenizer, model, adapter
 
 
 class Federation:
@@ -381,29 +356,6 @@ class Federation:
             if self.is_main:
                 write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final", fmt)
         barrier()
-
-
-def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters this rank holds (an FSDP-sharded tensor counts its local shard, a
-    released ZeRO-3 weight its partition)."""
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731  (a DTensor's shard)
-    partition = lambda p: p.ds_tensor if p.numel() == 0 and hasattr(p, "ds_tensor") else p  # noqa: E731  (ZeRO-3's)
-    return sum(partition(local(p)).numel() * p.element_size() for p in model.parameters())
-
-
-def zero_partition_base(*args) -> None:
-    from fedllm.zero import partition_base  # DeepSpeed, imported only when chosen
-
-    partition_base(*args)
-
-
-def zero_whole_base(model: torch.nn.Module, enabled: bool):
-    """Merged weights need the whole base: under zero3 each rank of a group gathers its partitions."""
-    if not enabled:
-        return contextlib.nullcontext()
-    from fedllm.zero import whole_base
-
-    return whole_base(model)
 
 
 def run_recipe(path: str, overrides: list[str] = ()) -> Path:

@@ -233,7 +233,8 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
 def build_model(recipe, device=None, empty: bool = False, zero_group=None):
     """Tokenizer, base model and attached adapter: a pure function of the recipe. `empty`:
     the base and the adapter on the meta device, to be filled by a client group's leader.
-    `zero_group`: the base partitioned over that group while it is built (load_model)."""
+    `zero_group`: the base partitioned over that group while it is built (load_model); both
+    as fedllm.base_layout decides."""
     check_quantization(recipe.model)
     adapter = ADAPTERS.build(recipe.adapter, "adapter")
     owner = recipe.adapter["name"]
@@ -241,8 +242,6 @@ def build_model(recipe, device=None, empty: bool = False, zero_group=None):
         raise RecipeError(f"adapter.name={owner} cannot train through a base placed by model.device_map (it reads or "
                           "trains base weights outside their layers' forward): drop model.device_map or use lora")
     tokenizer = load_tokenizer(recipe.model)
-    if not adapter.trains_through_offload:  # it reads base weights at attach: built whole, partitioned after
-        zero_group = None
     base = load_model(recipe.model, tokenizer, recipe.seed, device, empty, zero_group)
     if recipe.client.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

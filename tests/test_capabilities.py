@@ -3,7 +3,7 @@ plugins and what to change, exit code 2, before any model is built."""
 import pytest
 import yaml
 
-import fedllm.engine
+import fedllm.base_layout
 from fedllm.capabilities import check_pairings
 from fedllm.cli import main
 from fedllm.recipe import recipe_from_dict
@@ -28,7 +28,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the pairing was checked")
 
-    monkeypatch.setattr(fedllm.engine, "build_model", refuse)
+    monkeypatch.setattr(fedllm.base_layout, "build_model", refuse)
 
 
 @pytest.mark.parametrize("case, fragments", [

@@ -110,7 +110,7 @@ def prepare_run(recipe_path: str, overrides: list[str]) -> Path:
     from fedllm.engine import new_run_dir
 
     recipe = load_recipe(recipe_path, overrides)
-    check_pairings(recipe)
+    check_pairings(recipe, deployed=True)
     run_dir = new_run_dir(recipe, Path(recipe_path).stem, None)
     refuse_planted_links(run_dir)
     if (run_dir / "recipe.yaml").exists():

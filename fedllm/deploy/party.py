@@ -61,7 +61,7 @@ class Party:
 
     def __init__(self, recipe: Recipe, data_path: str, client_id: int, state_dir: Path, device=None,
                  eval_path: str | None = None):
-        check_pairings(recipe)
+        check_pairings(recipe, deployed=True)
         self.recipe, self.client_id, self.state_dir = recipe, client_id, Path(state_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer, self.model, self.adapter = build_model(recipe, self.device)

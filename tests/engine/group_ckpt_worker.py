@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fedllm.base_layout import build_for_group
 from fedllm.distributed import client_groups, process_state
-from fedllm.engine import build_for_group
 from fedllm.recipe import load_recipe
 
 

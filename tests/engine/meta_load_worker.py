@@ -1,4 +1,4 @@
-"""One rank of a client group loading its base (fedllm.engine.build_for_group), launched by
+"""One rank of a client group loading its base (fedllm.base_layout.build_for_group), launched by
 torch.distributed.run; used by tests/engine/test_meta_groups.py and bench/meta_load.py.
 
     meta_load_worker.py memory OUT RECIPE        peak RSS while this rank loads RECIPE's base
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from fedllm.base_layout import build_for_group
 from fedllm.distributed import client_groups, process_state
-from fedllm.engine import build_for_group
 from fedllm.models import INIT_RANGE, build_model, byte_tokenizer
 from fedllm.recipe import load_recipe
 

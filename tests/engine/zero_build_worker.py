@@ -1,4 +1,4 @@
-"""One rank of a DeepSpeed ZeRO-3 client group building its base (fedllm.engine.build_for_group),
+"""One rank of a DeepSpeed ZeRO-3 client group building its base (fedllm.base_layout.build_for_group),
 launched by torch.distributed.run; used by tests/engine/test_zero_build.py.
 
     zero_build_worker.py OUT BIG RECIPE...   the peak RSS while this rank builds BIG's base; then
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-import fedllm.engine
+import fedllm.base_layout
+from fedllm.base_layout import build_for_group, resident_bytes
 from fedllm.distributed import client_groups, process_state
-from fedllm.engine import build_for_group, resident_bytes
 from fedllm.models import build_model
 from fedllm.recipe import load_recipe
 from meta_load_worker import reset_peak, status_kib  # beside this script: its folder is on sys.path
@@ -26,18 +26,18 @@ def partitioned_at_build(recipe, group, device) -> tuple:
     """(the group's rank 0 held this many parameter bytes when build_model returned, of this many
     whole): build_for_group, with the base's ZeRO-3 state read before partition_base runs."""
     seen = {}
-    real = fedllm.engine.build_model
+    real = fedllm.base_layout.build_model
 
     def spy(*args, **kwargs):
         tokenizer, model, adapter = real(*args, **kwargs)
         seen["held"], seen["whole"] = resident_bytes(model), whole_bytes(model)
         return tokenizer, model, adapter
 
-    fedllm.engine.build_model = spy
+    fedllm.base_layout.build_model = spy
     try:
         built = build_for_group(recipe, group, device)
     finally:
-        fedllm.engine.build_model = real
+        fedllm.base_layout.build_model = real
     return built, seen["held"], seen["whole"]
 
 
