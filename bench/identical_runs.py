@@ -52,11 +52,17 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def same_number(value):
+    """A whole float as the int it equals: the values are compared, not their JSON spelling (a
+    byte count logged as 9248.0 by one version and 9248 by another is the same result)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def metrics_digest(path: Path) -> str:
     rows = []
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        rows.append({k: v for k, v in row.items() if k not in TIMING_KEYS})
+        rows.append({k: same_number(v) for k, v in row.items() if k not in TIMING_KEYS})
     return sha256(json.dumps(rows, sort_keys=True).encode())
 
 
