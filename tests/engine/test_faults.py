@@ -13,6 +13,7 @@ import fedllm.state as state_module
 from fedllm.cli import main
 from fedllm.codecs.base import Codec
 from fedllm.engine import resume_run, run_recipe
+from fedllm.fleet import LocalFleet
 from fedllm.metrics import MetricsLog
 from fedllm.registry import CODECS
 from fedllm.wire import Message
@@ -223,7 +224,7 @@ def test_a_kill_at_each_stage_of_a_checkpoint_write_resumes_bit_exactly(referenc
 
 FIRST_ROUND_STAGES = {  # (class, method) -> when the kill lands, all before the first checkpoint
     "after the run directory is set up": (engine.Federation, "start", lambda self: True),
-    "after the first client's state is stored": (engine.Federation, "keep_record", lambda self, *a: True),
+    "after the first client's state is stored": (LocalFleet, "keep_record", lambda self, *a: True),
     "after the round is aggregated": (engine.Federation, "run_round", lambda self, *a, **k: True),
     "after the round is logged": (MetricsLog, "log_round", lambda self, *a: True),
 }
