@@ -50,6 +50,9 @@ class LocalFleet:
 
     def __init__(self, group: ClientGroup, device):
         self.group, self.device = group, device
+        # a sync round's clients' records before it (held until `settle`); None outside one, e.g. in
+        # an asynchronous run, whose uploads wait in flight (residual: there a record advances at dispatch)
+        self.replaced: dict[int, dict | None] | None = None
 
     def load_data(self, recipe, tokenizer, run_dir, device) -> PreparedData:
         # one rank per machine prepares the data, the machine's other ranks map its copy (fedllm.data.shared)
@@ -62,6 +65,7 @@ class LocalFleet:
 
     def run_round(self, t: int, round: Round, lr: float, progress=None) -> list[ClientRow]:
         """Round t on this group's share of the sampled clients; `progress` (a tqdm bar) counts local steps."""
+        self.replaced = {}  # client id -> its record before this round, until the round is settled
         mine = self.my_clients(t)
         down = self.server.downlink(t, self.device, self.participation.last_round)
         rows = []
@@ -84,14 +88,15 @@ class LocalFleet:
     def client_round(self, t: int, cid: int, down: Downlink, admit: Admit, lr: float, progress=None) -> ClientRow | None:
         """One client's round, from x^t to `admit`: its row; None on a client group's other
         ranks, which train with the leader but send and store nothing."""
-        upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(self.store.get(cid)), lr,
+        before = self.store.get(cid)
+        upload = self.client.run(cid, t, down.x_t, down.broadcast, ClientRecord.from_flat(before), lr,
                                  on_step=progress.update if progress is not None else None)
         if not self.group.leader:
             return None
         message, size = self.send(t, cid, upload)
         rejection = admit(cid, message, upload.weight)
         del message  # summed: it must not stay alive through the next client's training
-        self.keep_record(cid, upload.record, rejection is None)
+        self.keep_record(cid, upload.record, rejection is None, before)
         r = upload.result
         return ClientRow(cid, r.num_samples, r.train_loss, size + r.split_bytes_up, down.bytes_for(cid) + r.split_bytes_down,
                          rejection is None, r.steps, r.split_bytes_up, r.split_bytes_down,
@@ -105,13 +110,23 @@ class LocalFleet:
         except MalformedMessage as err:
             return err, err.bytes
 
-    def keep_record(self, client_id: int, record: ClientRecord, accepted: bool) -> None:
+    def keep_record(self, client_id: int, record: ClientRecord, accepted: bool, before: dict | None = None) -> None:
         flat = record.to_flat()
         if accepted and flat:  # a rejected client's state does not advance either
+            if self.replaced is not None:
+                self.replaced[client_id] = before
             self.store.put(client_id, flat)
 
     def settle(self, t: int, rows: list[ClientRow]) -> None:
-        pass  # a client's record was kept as its upload was admitted
+        """A client whose upload was admitted but whose round's aggregate was refused keeps the
+        record it had before the round: its state advances only with an applied round."""
+        refused = {r.client for r in rows if not r.accepted}
+        for client_id, before in self.replaced.items():
+            if client_id in refused and before:
+                self.store.put(client_id, before)
+            elif client_id in refused:
+                self.store.discard(client_id)
+        self.replaced = None
 
     def evaluate(self, rounds_done: int, here: Callable[[], dict]) -> dict:
         return here()

@@ -244,10 +244,13 @@ def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> State:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, flat: State) -> None:
+    """A copy of `flat` as the optimizer's state: its steps update the copy in place, never the
+    client's stored record (on the CPU torch would alias the tensors), so a client whose upload
+    is rejected keeps the moments it had."""
     state: dict[int, dict] = {}
     for name, tensor in flat.items():
         index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
+        state.setdefault(int(index), {})[key] = tensor.clone()
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 

@@ -1,4 +1,5 @@
-"""Local-round arithmetic (fedllm.training): how many steps an epoch is."""
+"""Local-round arithmetic and state (fedllm.training): how many steps an epoch is, and a loaded
+optimizer state is a copy of the client's record."""
 from types import SimpleNamespace
 
 from fedllm.training import default_steps, num_micro_batches
@@ -24,3 +25,21 @@ def test_a_client_group_counts_its_epoch_in_micro_batches_of_g_times_b():
 
 def test_max_steps_is_steps_whatever_the_group():
     assert default_steps(client(2, max_steps=5), 1000, group_size=4) == 5
+
+
+def test_a_loaded_optimizer_state_is_a_copy_the_steps_never_write_back_into():
+    import torch
+
+    from fedllm.training import load_optimizer_state, optimizer_state_to_tensors
+
+    w = torch.nn.Parameter(torch.ones(3))
+    first = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.ones(3)
+    first.step()
+    stored = {k: t.clone() for k, t in optimizer_state_to_tensors(first).items()}  # a client's record
+    again = torch.optim.AdamW([w], lr=0.1)
+    load_optimizer_state(again, stored)
+    kept = {k: t.clone() for k, t in stored.items()}
+    again.step()  # on the CPU torch would step the record's own tensors in place
+    assert all(torch.equal(stored[k], kept[k]) for k in kept)
+    assert not torch.equal(optimizer_state_to_tensors(again)["0.exp_avg_sq"], kept["0.exp_avg_sq"])

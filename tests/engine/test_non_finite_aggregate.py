@@ -59,6 +59,23 @@ def test_sync_rounds_that_overflow_keep_the_global_state_and_record_the_clients_
     assert all(torch.isfinite(t).all() for t in final.values())
 
 
+def test_a_refused_round_leaves_its_clients_stored_state_as_it_was(recipe_file, tmp_path):
+    """Each client's optimizer moments advance only with a round that applied its upload: a
+    round whose aggregate is refused puts back what the clients held before it."""
+    path = recipe_file(client={"keep_optimizer_state": True}, federation={"rounds": 2})
+    fed = Federation(load_recipe(path), tmp_path / "run")
+    fed.start()
+    fed.run_round(0)  # an applied round: the sampled clients now hold moments
+    held = {c: {k: t.clone() for k, t in fed.store.get(c).items()} for c in fed.store.ids()}
+    assert held
+    fed.strategy.server_lr = 1e39  # the next aggregate overflows and is refused
+    rows = fed.run_round(1).stats
+    assert rows and not any(r.accepted for r in rows)
+    assert set(fed.store.ids()) == set(held)  # a client first sampled now stores nothing
+    for c, state in held.items():
+        assert same(fed.store.get(c), state), c
+
+
 @pytest.mark.parametrize("mode", ["async", "buffered"])
 def test_asynchronous_events_that_overflow_make_no_server_version(recipe_file, tmp_path, caplog, mode):
     federation = {"rounds": 2, "num_clients": 4, "clients_per_round": 2, "mode": mode, "max_concurrency": 2,
