@@ -13,7 +13,7 @@ LAYERS = {
     "fedllm.registry": 1, "fedllm.recipe": 1, "fedllm.errors": 1,
     "fedllm.data": 2, "fedllm.models": 2, "fedllm.placement": 2, "fedllm.zero": 2, "fedllm.base_layout": 2,
     "fedllm.strategies": 3, "fedllm.codecs": 3, "fedllm.privacy": 3, "fedllm.samplers": 3, "fedllm.attacks": 3,
-    "fedllm.training": 3, "fedllm.devices": 3,
+    "fedllm.training": 3, "fedllm.devices": 3, "fedllm.secagg": 3,
     "fedllm.adapters": 4,
     "fedllm.client": 5, "fedllm.server": 5, "fedllm.channel": 5, "fedllm.collectors": 5, "fedllm.loops": 5,
     "fedllm.engine": 6, "fedllm.fleet": 6, "fedllm.asynchrony": 6, "fedllm.evaluation": 6,
