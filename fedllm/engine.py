@@ -276,7 +276,8 @@ class Federation:
             if problem is None:
                 return path, parts, meta
             log.warning("checkpoint %s is damaged: %s; falling back to the one before it", path, problem)
-        raise RecipeError(f"no intact checkpoint in {self.run_dir} (see the warnings above): start again with `fedllm run`")
+        raise RecipeError(f"no intact checkpoint in {self.run_dir} (see the warnings above): start the run again in a "
+                          f"new directory, `fedllm run {self.run_dir / 'recipe.yaml'} output.name={self.run_dir.name}-new`")
 
     def misfit(self, parts: dict, meta: dict) -> str | None:
         """Why a checkpoint's contents cannot be this run's, or None."""
@@ -285,8 +286,10 @@ class Federation:
             return "its global state has other tensors than this model's adapter"
         if bad := next((k for k, t in stored.items() if t.shape != self.global_state[k].shape), None):
             return f"its tensor {bad} has shape {tuple(stored[bad].shape)}, the model's is {tuple(self.global_state[bad].shape)}"
-        if "rng" not in parts or not isinstance(meta.get("round"), int) or meta["round"] < 1:
+        if "rng" not in parts or not isinstance(meta.get("round"), int):
             return "its RNG state or round number is missing"
+        if not 1 <= meta["round"] <= self.recipe.federation.rounds:
+            return f"its round {meta['round']} is not one of this run's rounds 1..{self.recipe.federation.rounds}"
         if lacking := next((name for name in self.checkpointed() if name in LACKING and name not in parts), None):
             return f"it lacks {LACKING[lacking]}"
         if self.server_state and not parts.get("server_state"):
@@ -303,10 +306,11 @@ class Federation:
             try:
                 cost = write_checkpoint(self.run_dir, rounds_done, parts, self.store, meta, self.recipe.output.keep_last)
             except OSError as err:
-                if err.errno == errno.ENOSPC:  # say where, and how much the last checkpoint took
+                if err.errno == errno.ENOSPC:  # say where, and how much the last checkpoint took (if one was written)
+                    last = (f" (the last one wrote {self.last_checkpoint_bytes:,} bytes)" if self.last_checkpoint_bytes
+                            else " (its first)")
                     raise OSError(errno.ENOSPC, f"no space left on the device of {self.run_dir / 'checkpoints'} for the "
-                                  f"checkpoint of round {rounds_done} (the last one wrote {self.last_checkpoint_bytes:,} "
-                                  "bytes)", err.filename) from err
+                                  f"checkpoint of round {rounds_done}{last}", err.filename) from err
                 raise
             self.last_checkpoint_bytes = cost.bytes_written
             log.debug("checkpoint %s: %d bytes written, %d client files linked", cost.path, cost.bytes_written,

@@ -53,6 +53,10 @@ class Adapter:
         if params.keys() != state.keys():
             missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
             raise ValueError(f"adapter state does not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        bad = next((name for name, p in params.items() if tuple(p.shape) != tuple(state[name].shape)), None)
+        if bad is not None:  # copy_ would broadcast e.g. [1, 8] into [4, 8] without a word
+            raise ValueError(f"adapter state does not fit the model: {bad} has shape {tuple(state[bad].shape)}, "
+                             f"the model's is {tuple(params[bad].shape)}")
         for name, p in params.items():
             p.copy_(state[name])
 

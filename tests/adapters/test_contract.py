@@ -102,6 +102,17 @@ def test_state_and_load_round_trip_exactly(base, name, row):
 
 
 @rows
+def test_a_state_of_the_wrong_shape_is_refused_not_broadcast(base, name, row):
+    adapter, model = build(base, row)
+    kept = adapter.state(model)
+    key = next(k for k, t in kept.items() if t.dim() >= 1 and t.shape[0] > 1)
+    wrong = {**kept, key: kept[key][:1].clone()}  # [1, ...] would broadcast into [n, ...]
+    with pytest.raises(ValueError, match=f"{key} has shape"):
+        adapter.load(model, wrong)
+    assert same(adapter.state(model), kept)
+
+
+@rows
 def test_an_update_survives_the_real_wire(base, name, row):
     client, model = build(base, row)
     server, _ = build(base, row)  # its own instance: decoding may use only the bytes

@@ -84,11 +84,31 @@ def test_a_missing_client_file_is_damage_not_a_reset(reference, tmp_path, caplog
     assert same(final_adapter(run_dir), expected)
 
 
-def test_no_intact_checkpoint_is_a_one_line_error(recipe_file, capsys):
+def test_no_intact_checkpoint_is_a_one_line_error_naming_a_command_that_works(recipe_file, capsys):
     run_dir = run_recipe(str(recipe_file(federation={"rounds": 1})))
     (run_dir / "checkpoints" / "round_1" / "global.safetensors").write_bytes(b"not a tensor file")
     assert main(["resume", str(run_dir)]) == 2
-    assert "no intact checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no intact checkpoint" in err
+    command = err.split("`")[1].split()  # before: `fedllm run`, which refuses that directory and points back
+    assert command[:2] == ["fedllm", "run"] and main(command[1:]) == 0
+    assert (run_dir.parent / f"{run_dir.name}-new" / "final").is_dir()
+
+
+def test_a_checkpoint_claiming_a_round_past_the_run_is_damage(reference, caplog):
+    from fedllm.state import file_digest
+
+    path, expected = reference
+    run_dir = run_recipe(str(path), ["output.name=far", "output.checkpoint_every=1", "output.keep_last=3"])
+    newest = run_dir / "checkpoints" / "round_3"
+    (newest / "meta.json").write_text(json.dumps({"round": 1_000_000, "saved_at": 0.0}))
+    manifest = json.loads((newest / "manifest.json").read_text())  # recomputed: the manifest vouches for it
+    manifest["meta.json"] = {"bytes": (newest / "meta.json").stat().st_size, "sha256": file_digest(newest / "meta.json")}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(run_dir / "final")
+    resume_run(str(run_dir))  # before: "finished" at once and exported the adapter of round 3 as if of round 10^6
+    assert "round_3 is damaged: its round 1000000 is not one of this run's rounds 1..3" in caplog.text
+    assert same(final_adapter(run_dir), expected) and rounds(run_dir) == [1, 2, 3]
 
 
 def test_a_half_written_last_log_line_is_dropped_on_resume(reference, tmp_path, caplog):
@@ -300,3 +320,15 @@ def test_a_full_disk_during_a_checkpoint_names_the_directory_the_size_and_the_fi
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "checkpoints for the checkpoint of round 2 (the last one wrote" in err and "fedllm resume" in err
+
+
+def test_a_full_disk_at_the_first_checkpoint_does_not_claim_a_last_one(recipe_file, monkeypatch, capsys):
+    import errno
+
+    def full_disk(state, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(state_module, "save_state", full_disk)
+    assert main(["run", str(recipe_file(federation={"rounds": 1}))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "for the checkpoint of round 1 (its first)" in err and "the last one wrote" not in err  # before: "wrote 0 bytes"
