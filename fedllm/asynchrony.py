@@ -251,7 +251,7 @@ class AsyncRounds:
     def fill(self, t: int, progress=None) -> None:
         """Dispatches online clients into the free slots, now: each downloads the current
         version and its broadcast, trains, and is scheduled to arrive when its upload ends."""
-        down = None
+        down = dispatch = None
         lr = round_learning_rate(self.client_cfg, t, self.rounds)
         while len(self.flights) < self.concurrency:
             picked = self.next_client()
@@ -259,13 +259,13 @@ class AsyncRounds:
                 return
             client, wave = picked
             if down is None:
-                self.server.open(t, lr, version=self.version)  # fixes what a decoded upload must look like
+                dispatch = self.server.open(t, lr, version=self.version)  # what a decoded upload must look like
                 down = self.server.channel.down(self.server.global_state,
                                                 self.server.strategy.broadcast(self.server.server_state), self.device)
                 if self.mode == "async":
                     self.versions.setdefault(self.version, self.server.global_state)
             hold = Hold()
-            row = self.clients.client_round(wave, client, down, lambda c, m, w: self.server.admit(t, c, m, w, hold), lr,
+            row = self.clients.client_round(wave, client, down, lambda c, m, w: dispatch.admit(c, m, w, sink=hold), lr,
                                             progress)
             finish = self.now + self.devices.duration(client, row.bytes_down, row.bytes_up)
             heapq.heappush(self.flights, Flight(finish, self.seq, client, wave, self.version, t, self.now, row,

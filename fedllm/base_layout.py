@@ -54,12 +54,6 @@ def base_layout(recipe: Recipe, group: ClientGroup) -> BaseLayout:
     )
 
 
-def base_split(recipe: Recipe, group: ClientGroup) -> str | None:
-    """How the base is split over the client group: "fsdp", "zero3", or None (whole on every rank:
-    one rank per client, or ddp)."""
-    return base_layout(recipe, group).split
-
-
 def build_for_group(recipe: Recipe, group: ClientGroup, device):
     """Tokenizer, model and adapter of this rank (models.build_model), with the base where
     base_layout puts it: sharded over the group under fsdp (built for real by the leader alone

@@ -16,7 +16,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedllm.asynchrony import AsyncRounds, SyncClock
-from fedllm.base_layout import base_split, build_for_group, resident_bytes, zero_whole_base
+from fedllm.base_layout import base_layout, build_for_group, resident_bytes, zero_whole_base
 from fedllm.capabilities import check_pairings, local_loop
 from fedllm.channel import Channel
 from fedllm.client import Client
@@ -79,7 +79,8 @@ class Federation:
         self.is_main = self.state.is_main_process
         self.reducer = Reducer(self.device)
         self.group = client_groups(recipe.federation.group_size)  # G ranks train each client together
-        self.sharded = base_split(recipe, self.group) is not None
+        self.layout = base_layout(recipe, self.group)  # where this rank's base lives
+        self.sharded = self.layout.split is not None
         self.tokenizer, self.model, self.adapter = build_for_group(recipe, self.group, self.device)
         set_threads(recipe.client.threads, self.model)
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -356,7 +357,7 @@ class Federation:
     def export_final(self) -> None:
         # the adapter's preferred format: a PEFT adapter where the update is one, else merged weights
         fmt = self.adapter.export_formats[0]
-        with zero_whole_base(self.model, fmt == "merged" and base_split(self.recipe, self.group) == "zero3"):
+        with zero_whole_base(self.model, fmt == "merged" and self.layout.gather_for_merge):
             if self.is_main:
                 write_export(self.adapter, self.model, self.tokenizer, self.global_state, self.run_dir / "final", fmt)
         barrier()

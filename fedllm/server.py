@@ -98,7 +98,6 @@ class Server:
         self.own_aggregation, self.attack, self.byzantine = own_aggregation, attack, frozenset(byzantine)
         # a decoded upload holds at most Δ and extras the size of the state (SCAFFOLD's Δc), plus small fields
         self.max_elements = 2 * sum(t.numel() for t in global_state.values()) + 2**20
-        self.expected: Update | None = None
 
     def downlink(self, t: int, device, last_round: Callable[[int, int], int]) -> Downlink:
         """x^t and the broadcast as clients hold them: one real message, or the adapter's own
@@ -118,32 +117,14 @@ class Server:
         return WireContext(t, client_id, self.seed, max_elements=self.max_elements)
 
     def open(self, t: int, lr: float, version: int | None = None) -> "Round":
-        """Round t's collector (`version`: the aggregation's index where it differs from the
-        logged round, as in asynchronous runs)."""
+        """Round t's collector and what a decoded upload must look like (`version`: the
+        aggregation's index where it differs from the logged round, as in asynchronous runs)."""
         version = t if version is None else version
-        if self.own_aggregation is not None:
-            self.expected = None  # the adapter checks its own wire format
-            return Round(self, t, version, lr, self.own_aggregation.collector(version))
-        self.expected = message_template(self.strategy, self.global_state)
-        expected = self.expected
-        return Round(self, t, version, lr, default_collector(self.strategy, lambda: expected, version, self.attack,
-                                                             self.byzantine))
-
-    def admit(self, t: int, client_id: int, message, weight: float, sink) -> str | None:
-        """An untrusted upload enters `sink` (a collector) only if it decoded, with the expected
-        keys, shapes and kinds and finite values; else why not (one of metrics.REJECTIONS)."""
-        if isinstance(message, Erased):
-            log.info("round %d: client %d's upload was lost on the simulated link", t + 1, client_id)
-            return "erased"
-        if isinstance(message, MalformedMessage):
-            problem = str(message)
-        else:
-            problem = misfit(message, self.expected) if self.expected is not None else None
-        if problem is None and sink.add(client_id, message, weight):
-            return None
-        what = f"a malformed update ({problem})" if problem else "a non-finite update (NaN/Inf)"
-        log.warning("round %d: client %d sent %s; dropped from the round", t + 1, client_id, what)
-        return "malformed" if problem else "non_finite"
+        if self.own_aggregation is not None:  # the adapter checks its own wire format
+            return Round(self, t, version, lr, self.own_aggregation.collector(version), expected=None)
+        expected = message_template(self.strategy, self.global_state)
+        collect = default_collector(self.strategy, lambda: expected, version, self.attack, self.byzantine)
+        return Round(self, t, version, lr, collect, expected)
 
     def parts(self) -> dict:
         """What a checkpoint keeps of the server."""
@@ -151,13 +132,28 @@ class Server:
 
 
 class Round:
-    """One aggregation: uploads admitted into its collector, then `close` once."""
+    """One aggregation: uploads admitted into its collector, then `close` once. `expected`: the
+    keys, shapes and kinds a decoded upload must have (None: an adapter's own wire format)."""
 
-    def __init__(self, server: Server, t: int, version: int, lr: float, collect):
-        self.server, self.t, self.version, self.lr, self.collect = server, t, version, lr, collect
+    def __init__(self, server: Server, t: int, version: int, lr: float, collect, expected: Update | None):
+        self.server, self.t, self.version, self.lr, self.collect, self.expected = server, t, version, lr, collect, expected
 
-    def admit(self, client_id: int, message, weight: float) -> str | None:
-        return self.server.admit(self.t, client_id, message, weight, self.collect)
+    def admit(self, client_id: int, message, weight: float, sink=None) -> str | None:
+        """An untrusted upload enters the collector (or `sink`, e.g. an asynchronous upload held
+        until it arrives) only if it decoded, with the expected keys, shapes and kinds and finite
+        values; else why not (one of metrics.REJECTIONS)."""
+        if isinstance(message, Erased):
+            log.info("round %d: client %d's upload was lost on the simulated link", self.t + 1, client_id)
+            return "erased"
+        if isinstance(message, MalformedMessage):
+            problem = str(message)
+        else:
+            problem = misfit(message, self.expected) if self.expected is not None else None
+        if problem is None and (sink or self.collect).add(client_id, message, weight):
+            return None
+        what = f"a malformed update ({problem})" if problem else "a non-finite update (NaN/Inf)"
+        log.warning("round %d: client %d sent %s; dropped from the round", self.t + 1, client_id, what)
+        return "malformed" if problem else "non_finite"
 
     def close(self, rows: list[ClientRow], where: str | None = None) -> bool:
         """The round's tail: the accepted uploads of `rows` become the server's new state, unless

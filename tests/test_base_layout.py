@@ -3,7 +3,7 @@ client group, checked on a table of recipes; and a lone rank's build is build_mo
 import pytest
 import torch
 
-from fedllm.base_layout import BaseLayout, base_layout, base_split, build_for_group
+from fedllm.base_layout import BaseLayout, base_layout, build_for_group
 from fedllm.distributed import ClientGroup
 from fedllm.models import build_model
 from fedllm.recipe import recipe_from_dict
@@ -45,7 +45,6 @@ CASES = [  # (id, recipe sections, group, decision)
 def test_the_decision_for_each_recipe(sections, group, expected):
     recipe = recipe_from_dict(sections)
     assert base_layout(recipe, group) == expected
-    assert base_split(recipe, group) == expected.split
 
 
 def test_only_a_leader_filled_base_is_built_off_the_device():

@@ -14,6 +14,7 @@ entry of the unmasked sum is within n·2c/T of the exact sum (`sum_bound`)."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -128,7 +129,7 @@ def run_workflow(grid, node_ids: list[int], options: SecAggOptions, round: int) 
 
     _set_task_identity()
     got = {}
-    strategy = _Shim(node_ids, got, FitIns(Parameters([], ""), {}))
+    strategy = _shim_class()(node_ids, got, FitIns(Parameters([], ""), {}))
     context = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             strategy=strategy)
     context.state.config_records["config"] = ConfigRecord({"current_round": round + 1})
@@ -152,7 +153,9 @@ def secure_sum(vectors: dict[int, Vector], options: SecAggOptions, round: int = 
     return run_workflow(InProcessGrid(party_app(vectors.__getitem__), nodes, drop), nodes, options, round)
 
 
+@functools.cache
 def _shim_class():
+    """The proxy and strategy classes, built once on first use (flwr is imported only when needed)."""
     from flwr.server.client_proxy import ClientProxy
     from flwr.server.strategy import Strategy
 
@@ -196,6 +199,3 @@ def _shim_class():
 
     return Shim
 
-
-def _Shim(node_ids, got, fit_ins):  # noqa: N802  (built on first use: flwr is imported only when needed)
-    return _shim_class()(node_ids, got, fit_ins)

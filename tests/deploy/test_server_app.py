@@ -368,13 +368,15 @@ def test_ferret_deploys_and_trains_what_the_simulation_trains(recipe_file, tmp_p
 
 def spy_weights(fed, monkeypatch) -> dict:
     """Client id -> the weight its last upload was offered to the round's aggregate with."""
-    seen, admit = {}, fed.server.admit
+    from fedllm.server import Round
 
-    def spy(t, cid, message, weight, sink):
+    seen, admit = {}, Round.admit
+
+    def spy(round, cid, message, weight, sink=None):
         seen[cid] = weight
-        return admit(t, cid, message, weight, sink)
+        return admit(round, cid, message, weight, sink)
 
-    monkeypatch.setattr(fed.server, "admit", spy)
+    monkeypatch.setattr(Round, "admit", spy)
     return seen
 
 

@@ -15,6 +15,7 @@ from fedllm.collectors import AGGREGATE_NOT_FINITE, finite_or_previous
 from fedllm.engine import Federation
 from fedllm.metrics import rejection_code
 from fedllm.recipe import load_recipe
+from tests.conftest import lora_for_trainer, train_with, trainable_copy
 
 OVERFLOW = {"name": "fedavg", "server_lr": 1e39}
 REFUSED = rejection_code(AGGREGATE_NOT_FINITE)
@@ -94,34 +95,21 @@ def test_asynchronous_events_that_overflow_make_no_server_version(recipe_file, t
 
 
 def test_the_trainer_callback_keeps_the_global_state_of_an_overflowing_round(tmp_path, caplog):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
-    from fedllm.adapters.lora import LoRA
-    from fedllm.data import collate, prepare_data
     from fedllm.integrations import FederatedCallback
-    from fedllm.models import byte_tokenizer, load_model
-    from fedllm.recipe import DataConfig, ModelConfig
 
-    tokenizer = byte_tokenizer()
-    data = prepare_data(DataConfig(max_samples=60, max_length=64, eval_fraction=0.1), tokenizer, 1, seed=0)
-    model = LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]).attach(
-        load_model(ModelConfig(), tokenizer, seed=0), seed=0)
-    trainable = lambda: {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}  # noqa: E731
-    start, synced = trainable(), []
+    model, tokenizer, rows = lora_for_trainer()
+    start, synced = trainable_copy(model), []
 
     class AfterSync(TrainerCallback):  # runs after the FederatedCallback's on_step_end
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % 2 == 0:
-                synced.append(trainable())
+                synced.append(trainable_copy(model))
 
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=4,
-                             learning_rate=1e-2, use_cpu=True, report_to=[], disable_tqdm=True, logging_steps=1, seed=0,
-                             save_strategy="no", lr_scheduler_type="constant", dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data.clients[0],
-                      callbacks=[FederatedCallback(strategy=OVERFLOW, local_steps=2), AfterSync()],
-                      data_collator=lambda batch: collate(batch, tokenizer.pad_token_id))
     with caplog.at_level(logging.WARNING, logger="fedllm"):
-        trainer.train()
+        trainer = train_with(tmp_path, model, tokenizer, rows,
+                             [FederatedCallback(strategy=OVERFLOW, local_steps=2), AfterSync()])
     assert len(synced) == 2 and all(same(s, start) for s in synced)  # each round's local steps undone, nothing applied
     rounds = [row for row in trainer.state.log_history if "fed/round" in row]
     assert [(r["fed/round"], r["fed/clients"], r["fed/rejected"]) for r in rounds] == [(1, 0, 1), (2, 0, 1)]

@@ -4,7 +4,7 @@ import inspect
 
 from fedllm.engine import Federation
 from fedllm.fleet import LocalFleet
-from fedllm.server import Round, Server
+from fedllm.server import Round
 
 
 def test_the_round_fits_on_one_screen_and_calls_each_role():
@@ -16,6 +16,6 @@ def test_the_round_fits_on_one_screen_and_calls_each_role():
     fleet += inspect.getsource(LocalFleet.my_clients)  # the sampled clients, split over the client groups
     for role in ("self.participation.sampled(", "self.server.downlink(", "self.client.run(", "self.send(", "admit("):
         assert role in fleet, role
-    server = inspect.getsource(Server.admit) + inspect.getsource(Round.close)
-    for role in ("misfit(", "sink.add(", "collect.finish(", "finite_or_previous("):
+    server = inspect.getsource(Round.admit) + inspect.getsource(Round.close)
+    for role in ("misfit(", ".add(client_id", "collect.finish(", "finite_or_previous("):
         assert role in server, role

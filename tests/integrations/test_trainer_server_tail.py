@@ -9,10 +9,11 @@ import torch
 
 from fedllm.registry import STRATEGIES
 from fedllm.strategies.base import RoundInfo, RunInfo, Update
+from tests.conftest import lora_for_trainer, train_with, trainable_copy
 
 DP = {"name": "dp_fedavg", "clip_norm": 0.05}
 PRIVACY = {"noise_multiplier": 1.0, "noise_seed": 1234}
-LOCAL_STEPS, MAX_STEPS, BATCH = 2, 4, 4
+LOCAL_STEPS, MAX_STEPS, BATCH = 2, 4, 4  # BATCH: train_with's
 
 
 def engine_empty_rounds(start: dict, clients: int, rounds: int) -> list[tuple[dict, dict]]:
@@ -33,20 +34,12 @@ def engine_empty_rounds(start: dict, clients: int, rounds: int) -> list[tuple[di
 
 
 def test_a_round_with_every_update_rejected_adds_the_noise_and_spends_epsilon_as_the_engine(tmp_path, caplog):
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
-    from fedllm.adapters.lora import LoRA
-    from fedllm.data import collate, prepare_data
     from fedllm.integrations import FederatedCallback
-    from fedllm.models import byte_tokenizer, load_model
-    from fedllm.recipe import DataConfig, ModelConfig
 
-    tokenizer = byte_tokenizer()
-    data = prepare_data(DataConfig(max_samples=60, max_length=64, eval_fraction=0.1), tokenizer, 1, seed=0)
-    model = LoRA(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]).attach(
-        load_model(ModelConfig(), tokenizer, seed=0), seed=0)
-    trainable = lambda: {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}  # noqa: E731
-    start, synced = trainable(), []
+    model, tokenizer, rows = lora_for_trainer()
+    start, synced = trainable_copy(model), []
 
     class PoisonBeforeSync(TrainerCallback):  # runs before the FederatedCallback's on_step_end: a NaN update
         def on_step_end(self, args, state, control, **kwargs):
@@ -57,20 +50,15 @@ def test_a_round_with_every_update_rejected_adds_the_noise_and_spends_epsilon_as
     class AfterSync(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step % LOCAL_STEPS == 0:
-                synced.append(trainable())
+                synced.append(trainable_copy(model))
 
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, max_steps=MAX_STEPS,
-                             learning_rate=1e-2, use_cpu=True, report_to=[], disable_tqdm=True, logging_steps=1, seed=0,
-                             save_strategy="no", lr_scheduler_type="constant", dataloader_num_workers=0)
     fed = FederatedCallback(strategy=DP, local_steps=LOCAL_STEPS, privacy=PRIVACY)
-    trainer = Trainer(model=model, args=args, train_dataset=data.clients[0], callbacks=[PoisonBeforeSync(), fed, AfterSync()],
-                      data_collator=lambda batch: collate(batch, tokenizer.pad_token_id))
     with caplog.at_level(logging.WARNING, logger="fedllm"):
-        trainer.train()
+        trainer = train_with(tmp_path, model, tokenizer, rows, [PoisonBeforeSync(), fed, AfterSync()], MAX_STEPS)
     rounds = [row for row in trainer.state.log_history if "fed/round" in row]
     assert [(r["fed/round"], r["fed/clients"], r["fed/rejected"]) for r in rounds] == [(1, 0, 1), (2, 0, 1)]
     assert "client 0 sent a non-finite update" in caplog.text
-    expected = engine_empty_rounds(start, len(data.clients[0]), MAX_STEPS // LOCAL_STEPS)
+    expected = engine_empty_rounds(start, len(rows), MAX_STEPS // LOCAL_STEPS)
     assert len(synced) == len(expected) == 2
     for got, (want, metrics), logged in zip(synced, expected, rounds):
         assert all(torch.equal(got[k], want[k]) for k in want)  # the noise, bit for bit
